@@ -1,0 +1,36 @@
+"""What a lowering must provide to be a backend. A vendor's backend is one
+class like these in its own package, announced through the
+``kernelforge.backends`` entry point group (see registry.py)."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+
+class Backend:
+    #: unique name, used by ``backend=`` and KERNELFORGE_BACKEND
+    name: str = ""
+    #: one line for ``kernelforge ops`` and ``explain``
+    description: str = ""
+
+    def default_priority(self, device: torch.device) -> tuple[int | None, str]:
+        """How much this backend wants to be the default for ``device``
+        (higher wins), or None with the reason it is not a default there."""
+        raise NotImplementedError
+
+    def can_run(self, device: torch.device) -> tuple[bool, str]:
+        """Whether an explicit request for this backend can run on ``device``."""
+        raise NotImplementedError
+
+    def schedule_key(self) -> tuple:
+        """Knobs that change generated code; part of every cache key."""
+        return ()
+
+    def source(self, kernel) -> str:
+        """The generated module for a specialised kernel (``kernelforge show``)."""
+        raise NotImplementedError
+
+    def build(self, kernel, device: torch.device) -> Callable[..., None]:
+        """A callable taking the kernel's arguments in declaration order."""
+        raise NotImplementedError

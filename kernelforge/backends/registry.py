@@ -1,0 +1,106 @@
+"""Backend registry and per-call selection.
+
+Built-in backends and plug-ins are found the same way: an entry in the
+``kernelforge.backends`` entry point group naming a zero-argument factory
+that returns a Backend (or None when it cannot work on this host). A broken
+plug-in is reported and skipped, never fatal. Selection is per call, from
+the tensors' device: an explicit ``backend=`` wins, then
+KERNELFORGE_BACKEND, then the backend with the highest default priority for
+that device.
+"""
+from __future__ import annotations
+
+import importlib
+import warnings
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+
+import torch
+
+from .. import config
+from .base import Backend
+
+_BUILTIN = {
+    "eager": "kernelforge.backends.eager:EagerBackend",
+    "inductor": "kernelforge.backends.inductor:InductorBackend",
+    "triton": "kernelforge.backends.triton:TritonBackend",
+}
+_backends: dict[str, Backend] | None = None
+_defaults: dict[tuple, "Decision"] = {}
+
+
+def _load(spec: str):
+    mod, _, attr = spec.partition(":")
+    return getattr(importlib.import_module(mod), attr)
+
+
+def backends() -> dict[str, Backend]:
+    global _backends
+    if _backends is None:
+        found: dict[str, Backend] = {}
+        for name, spec in _BUILTIN.items():
+            found[name] = _load(spec)()
+        for ep in entry_points(group="kernelforge.backends"):
+            if ep.value in _BUILTIN.values():
+                continue
+            try:
+                b = ep.load()()
+            except Exception as e:   # fault isolation: a broken plug-in is skipped
+                warnings.warn(f"kernelforge: backend plug-in {ep.name!r} failed to load: {e}")
+                continue
+            if b is not None:
+                found[b.name] = b
+        _backends = found
+    return _backends
+
+
+def register(backend: Backend) -> None:
+    """Add a backend at run time (tests, notebooks); plug-ins use the entry point."""
+    backends()[backend.name] = backend
+    _defaults.clear()
+
+
+@dataclass
+class Decision:
+    backend: Backend
+    reason: str
+    candidates: list[tuple[str, int | None, str]] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"backend: {self.backend.name} ({self.reason})"]
+        for name, prio, why in self.candidates:
+            lines.append(f"  {name:<10} {'-' if prio is None else prio:>4}  {why}")
+        return "\n".join(lines)
+
+
+def select(device: torch.device, explicit: str | None = None) -> Decision:
+    if explicit is not None:
+        return _forced(device, explicit, "backend= argument")
+    env = config.env_backend()
+    if env is not None:
+        return _forced(device, env, "KERNELFORGE_BACKEND environment variable")
+    key = (device.type, device.index)
+    hit = _defaults.get(key)
+    if hit is None:
+        cands = []
+        for b in backends().values():
+            prio, why = b.default_priority(device)
+            cands.append((b.name, prio, why))
+        ranked = sorted((c for c in cands if c[1] is not None), key=lambda c: -c[1])
+        best = backends()[ranked[0][0]]
+        hit = _defaults[key] = Decision(best, f"highest default priority for {device.type} "
+                                              "tensors", cands)
+    return hit
+
+
+def _forced(device, name: str, source: str) -> Decision:
+    bs = backends()
+    if not isinstance(name, str) or name not in bs:
+        raise ValueError(f"backend: expected one of {sorted(bs)} (from the {source}), "
+                         f"got {name!r}")
+    b = bs[name]
+    ok, why = b.can_run(device)
+    if not ok:
+        raise ValueError(f"backend: {name!r} (from the {source}) cannot run on "
+                         f"{device.type} tensors: {why}")
+    return Decision(b, f"requested by the {source}; {why}")

@@ -1,0 +1,100 @@
+"""Two cache layers.
+
+* On disk: generated modules, named by the SHA-256 of their text, written
+  atomically (temp file + rename) and checked on every load; a corrupt or
+  truncated entry is rebuilt, never imported.
+* In memory: compiled callables keyed by what specialises them (kernel,
+  lowering, device, dtypes, static sizes, schedule). Rows and tokens are not
+  part of any key, so a new batch size never recompiles. ``stats`` counts
+  builds so tests can prove it.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import sys
+import tempfile
+import threading
+import warnings
+from collections import Counter
+
+from . import config
+
+_TAG = "# kernelforge-sha256: "
+stats: Counter = Counter()           # (kernel name, backend) -> number of builds
+_memory: dict[tuple, object] = {}
+_lock = threading.Lock()
+
+
+def digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def source_path(kind: str, name: str, source: str) -> str:
+    return os.path.join(config.cache_dir(), f"{kind}_{name}_{digest(source)[:20]}.py")
+
+
+def write_source(kind: str, name: str, source: str) -> str:
+    """Store ``source`` and return its path; reuse a valid entry, replace a corrupt one."""
+    path = source_path(kind, name, source)
+    if os.path.exists(path):
+        if _valid(path, source):
+            return path
+        warnings.warn(f"kernelforge: corrupt cache entry {path}; rebuilding it", RuntimeWarning)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(source + "\n" + _TAG + digest(source) + "\n")
+        os.replace(tmp, path)        # atomic: readers see the old file or the whole new one
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _valid(path: str, source: str) -> bool:
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError:
+        return False
+    body, sep, tag = text.rpartition("\n" + _TAG)
+    return bool(sep) and tag.strip() == digest(body) == digest(source)
+
+
+def load_module(kind: str, name: str, source: str, before_exec=None):
+    """Write (or reuse) the module file and import it from disk, so tracebacks,
+    ``inspect`` and Triton's JIT all see real source lines."""
+    path = write_source(kind, name, source)
+    if config.dump():
+        print(f"# ---- kernelforge {kind} module for `{name}` ({path}) ----\n{source}",
+              file=sys.stderr)
+    modname = f"kernelforge_generated.{kind}_{name}_{digest(source)[:20]}"
+    spec = importlib.util.spec_from_file_location(modname, path)
+    mod = importlib.util.module_from_spec(spec)
+    if before_exec is not None:
+        with before_exec():
+            spec.loader.exec_module(mod)
+    else:
+        spec.loader.exec_module(mod)
+    return mod
+
+
+def get_or_build(key: tuple, build):
+    fn = _memory.get(key)
+    if fn is not None:
+        return fn
+    with _lock:
+        fn = _memory.get(key)
+        if fn is None:
+            fn = build()
+            stats[(key[0], key[1])] += 1
+            _memory[key] = fn
+    return fn
+
+
+def clear_memory() -> None:
+    _memory.clear()

@@ -1,0 +1,367 @@
+"""The kernel language: what a kernel author writes ops with.
+
+Example:
+    >>> import kernelforge.lang as kl
+    >>> @kl.kernel(static=("N",))
+    ... def scale_rows(x: kl.In("M", "N"), out: kl.Out("M", "N"), s: kl.f32):
+    ...     m, n = kl.parallel("M"), kl.tile("N")
+    ...     kl.store(out[m, n], (kl.load(x[m, n]).to(kl.f32) * s).to(out.dtype))
+    >>> print(scale_rows)            # the IR, specialised to f32 by default
+
+Axes are named; a value varies along a subset of the kernel's axes and
+operands broadcast by name. Tiles (``parallel``, ``tile``, ``seq_for``)
+carry the logical extent of their axis, so loads, stores and reductions are
+masked implicitly and with the right identity. Composite helpers written in
+this language (softmax, online softmax, ...) live in ``kernelforge.ir.lib``.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Callable
+
+from .ir import dtypes as _dt
+from .ir.builder import as_node, caller_loc, node, trace, tracer
+from .ir.dtypes import DType, bf16, bool_, f16, f32, f64, i32, i64, u32  # noqa: F401
+from .ir.errors import KernelError
+from .ir.nodes import Axis, Loop, Node, Op, Param, SrcLoc
+from .ir.value import TensorArg, TensorRef, Value, elementwise
+
+__all__ = [
+    "kernel", "In", "Out", "parallel", "tile", "seq_for", "load", "store", "full", "zeros",
+    "size", "where", "maximum", "minimum", "exp", "exp2", "log", "log2", "sqrt", "rsqrt", "sin",
+    "cos", "tanh", "sigmoid", "abs", "floor", "mulhi", "sum", "max", "min", "argmax", "argmin",
+    "dot", "cumsum", "cummax", "sort", "topk", "f32", "f16", "bf16", "f64", "i32", "i64", "u32",
+    "bool_", "KernelError",
+]
+
+
+# -- kernel signature ---------------------------------------------------------
+
+class In:
+    """A tensor the kernel reads, with one axis name per dim: ``In("M", "N")``."""
+    kind = "in"
+
+    def __init__(self, *axes: str):
+        self.axes = axes
+
+
+class Out(In):
+    """A tensor the kernel writes (it may alias an input: in-place ops)."""
+    kind = "out"
+
+
+class KernelDef:
+    """A kernel as written. ``specialize`` traces it for concrete tensor
+    dtypes and static axis sizes (the cache key); the result is verified IR."""
+
+    def __init__(self, fn: Callable, static: tuple[str, ...] = ()):
+        self.fn, self.name, self.static = fn, fn.__name__, tuple(static)
+        self.loc = SrcLoc(fn.__code__.co_filename, fn.__code__.co_firstlineno,
+                          inspect.getsourcelines(fn)[0][0].rstrip() if _has_source(fn) else "")
+        self.signature: list[tuple[str, object]] = []
+        axes: list[str] = []
+        for name, p in inspect.signature(fn).parameters.items():
+            ann = p.annotation
+            if not isinstance(ann, (In, DType)):
+                raise KernelError(f"parameter `{name}` of kernel `{self.name}` needs an "
+                                  "annotation: kl.In(axes...), kl.Out(axes...) or a dtype "
+                                  "such as kl.f32 for a scalar", self.loc)
+            self.signature.append((name, ann))
+            for a in getattr(ann, "axes", ()):
+                if a not in axes:
+                    axes.append(a)
+        self.axis_names = tuple(axes)
+        for s in self.static:
+            if s not in axes:
+                raise KernelError(f"static axis `{s}` is not an axis of any parameter "
+                                  f"of `{self.name}` (axes: {axes})", self.loc)
+        self._cache: dict[tuple, object] = {}
+
+    @property
+    def tensor_params(self) -> list[str]:
+        return [n for n, a in self.signature if isinstance(a, In)]
+
+    def specialize(self, dtypes: dict[str, DType] | None = None,
+                   sizes: dict[str, int] | None = None):
+        """Trace and verify for ``dtypes`` (tensor param -> dtype; default f32)
+        and ``sizes`` (static axis -> extent)."""
+        from .ir.verify import verify
+        dtypes, sizes = dtypes or {}, sizes or {}
+        key = (tuple(sorted((k, v.name) for k, v in dtypes.items())), tuple(sorted(sizes.items())))
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        params = []
+        for name, ann in self.signature:
+            if isinstance(ann, In):
+                params.append(Param(name, ann.kind, dtypes.get(name, f32), tuple(ann.axes)))
+            else:
+                params.append(Param(name, "scalar", ann))
+        axes = {a: Axis(a, sizes.get(a) if a in self.static else None) for a in self.axis_names}
+        k = trace(self.fn, self.name, tuple(params), axes, self.loc)
+        verify(k)
+        self._cache[key] = k
+        return k
+
+    def __call__(self, *a, **kw):
+        raise TypeError(f"kernel `{self.name}` is IR, not a callable op: launch it through "
+                        "kernelforge.launch(...) or an op in kernelforge.ops")
+
+    def __str__(self) -> str:
+        return str(self.specialize())
+
+
+def _has_source(fn) -> bool:
+    try:
+        inspect.getsourcelines(fn)
+        return True
+    except (OSError, TypeError):
+        return False
+
+
+def kernel(fn: Callable | None = None, *, static: tuple[str, ...] = ()):
+    """Declare a kernel. ``static`` names the axes whose extent is part of the
+    specialisation (hidden size, head size); all other axes are runtime sizes."""
+    if fn is None:
+        return lambda f: KernelDef(f, static)
+    return KernelDef(fn, static)
+
+
+# -- tiles and loops ----------------------------------------------------------
+
+def _axis(name: str) -> Axis:
+    k = tracer().k
+    if name not in k.axes:
+        raise KernelError(f"unknown axis `{name}`; this kernel's axes are {list(k.axes)}",
+                          caller_loc())
+    return k.axes[name]
+
+
+def parallel(axis: str, block: int = 1) -> Value:
+    """The launch grid: one program per ``block`` indices of ``axis``.
+
+    Args:
+        axis: an axis of the kernel.
+        block: indices per program (power of two); 1 makes the index a scalar.
+    Returns:
+        the tile of indices this program owns.
+    """
+    _axis(axis)
+    t = tracer()
+    if t.loops:
+        raise KernelError("parallel() must be called at kernel level, not inside seq_for",
+                          caller_loc())
+    if any(g.arg[0] == axis for g in t.k.grid):
+        raise KernelError(f"axis `{axis}` is already parallel", caller_loc())
+    if block < 1 or block & (block - 1):
+        raise KernelError(f"parallel block must be a power of two >= 1, got {block}", caller_loc())
+    n = Node(Op.RANGE, i32, (axis,), (), (axis, "parallel", block), caller_loc())
+    t.k.grid.append(n)
+    return Value(n)
+
+
+def tile(axis: str) -> Value:
+    """The whole axis as one tile (padded to a power-of-two block by the
+    Triton lowering). The axis must be static; use ``seq_for`` otherwise."""
+    a = _axis(axis)
+    return Value(Node(Op.RANGE, i32, (a.name,), (), (a.name, "full", None), caller_loc()))
+
+
+def seq_for(axis: str, body: Callable, init=()):
+    """A sequential loop over tiles of ``axis`` with loop-carried values.
+
+    Args:
+        axis: the axis to walk; each iteration sees one tile of it.
+        body: ``body(tile, *carried) -> new carried`` (a value or a tuple).
+        init: initial carried values; each keeps its dtype and axes.
+    Returns:
+        the carried values after the last iteration (a tuple), or None.
+
+    Lowerings choose the tile size: Triton loops over power-of-two chunks,
+    the torch lowerings run one iteration over the whole axis.
+    """
+    a = _axis(axis)
+    t = tracer()
+    loc = caller_loc()
+    loop = Loop(a.name, loc, parent=t.loops[-1] if t.loops else None)
+    single = not isinstance(init, (tuple, list))
+    init_nodes = tuple(as_node(v) for v in ((init,) if single else init))
+    loop.range = Node(Op.RANGE, i32, (a.name,), (), (a.name, "seq", loop.id), loc)
+    loop.carries = tuple(Node(Op.CARRY, n.dtype, n.axes, (), (loop.id, i), loc)
+                         for i, n in enumerate(init_nodes))
+    t.loops.append(loop)
+    try:
+        out = body(Value(loop.range), *[Value(c) for c in loop.carries])
+    finally:
+        t.loops.pop()
+    out = () if out is None else (out if isinstance(out, (tuple, list)) else (out,))
+    if len(out) != len(init_nodes):
+        raise KernelError(f"seq_for body returned {len(out)} values for {len(init_nodes)} "
+                          "carried values", loc)
+    loop.yields = tuple(as_node(o, c) for o, c in zip(out, loop.carries))
+    sf = Node(Op.SEQ_FOR, None, (), init_nodes, loop, loc)
+    t.stmts.append(sf)
+    res = tuple(Value(t.k.graph.node(Op.LOOP_OUT, c.dtype, c.axes, (sf,), i, loc))
+                for i, c in enumerate(loop.carries))
+    if not res:
+        return None
+    return res[0] if single else res
+
+
+# -- memory -------------------------------------------------------------------
+
+def load(ref: TensorRef) -> Value:
+    """Load ``x[index]``. Lanes outside the logical extent read 0."""
+    if not isinstance(ref, TensorRef):
+        raise KernelError("load() expects a tensor indexed by tiles, e.g. load(x[m, n])",
+                          caller_loc())
+    axes = tuple(a for i in ref.index for a in i.axes)
+    return Value(node(Op.LOAD, ref.tensor.dtype, axes, (ref.tensor.node, *ref.index)))
+
+
+def store(ref: TensorRef, value) -> None:
+    """Store ``value`` into ``x[index]``; lanes outside the extent are skipped."""
+    if not isinstance(ref, TensorRef):
+        raise KernelError("store() expects a tensor indexed by tiles, e.g. store(out[m, n], v)",
+                          caller_loc())
+    v = as_node(value)
+    axes = tuple(a for i in ref.index for a in i.axes)
+    t = tracer()
+    n = node(Op.STORE, None, axes, (ref.tensor.node, v, *ref.index))
+    t.stmts.append(n)
+
+
+# -- creation -------------------------------------------------------------------
+
+def full(value, dtype: DType, *axes: str) -> Value:
+    """A block holding ``value`` that varies along ``axes`` (by their current tile)."""
+    v = float(value) if dtype.is_float else (bool(value) if dtype == bool_ else int(value))
+    return Value(node(Op.FULL, dtype, axes, tuple(_active_tile(a) for a in axes), v))
+
+
+def _active_tile(axis: str) -> Node:
+    """The tile an axis has at this program point: the innermost enclosing
+    seq_for over it, else its parallel tile, else the whole axis."""
+    _axis(axis)
+    t = tracer()
+    for loop in reversed(t.loops):
+        if loop.axis == axis:
+            return loop.range
+    for g in t.k.grid:
+        if g.arg[0] == axis:
+            return g
+    full_tiles = t.k.__dict__.setdefault("_full_tiles", {})
+    if axis not in full_tiles:
+        full_tiles[axis] = tile(axis).node
+    return full_tiles[axis]
+
+
+def zeros(dtype: DType, *axes: str) -> Value:
+    return full(0, dtype, *axes)
+
+
+def size(axis: str) -> Value:
+    """The extent of ``axis`` as an i32: a literal when static, else a runtime value."""
+    a = _axis(axis)
+    if a.size is not None:
+        return Value(node(Op.CONST, i32, (), (), a.size))
+    return Value(node(Op.SIZE, i32, (), (), a.name))
+
+
+# -- elementwise ------------------------------------------------------------------
+
+def where(cond, a, b) -> Value:
+    """``a`` where ``cond`` holds, else ``b``."""
+    like = next((x for x in (a, b) if isinstance(x, Value)), None)
+    return elementwise(Op.WHERE, cond, a if isinstance(a, Value) else as_node(a, like and like.node),
+                       b if isinstance(b, Value) else as_node(b, like and like.node))
+
+
+def _unary(op: Op, doc: str):
+    def f(x) -> Value:
+        return elementwise(op, x)
+    f.__name__, f.__doc__ = op.name.lower(), doc
+    return f
+
+
+exp = _unary(Op.EXP, "e**x")
+exp2 = _unary(Op.EXP2, "2**x")
+log = _unary(Op.LOG, "natural log")
+log2 = _unary(Op.LOG2, "log base 2")
+sqrt = _unary(Op.SQRT, "square root")
+rsqrt = _unary(Op.RSQRT, "1/sqrt(x)")
+sin = _unary(Op.SIN, "sine")
+cos = _unary(Op.COS, "cosine")
+tanh = _unary(Op.TANH, "hyperbolic tangent")
+sigmoid = _unary(Op.SIGMOID, "1/(1+e**-x)")
+abs = _unary(Op.ABS, "absolute value")  # noqa: A001
+floor = _unary(Op.FLOOR, "round toward -inf")
+
+
+def maximum(a, b) -> Value:
+    return elementwise(Op.MAX, a, b)
+
+
+def minimum(a, b) -> Value:
+    return elementwise(Op.MIN, a, b)
+
+
+def mulhi(a, b) -> Value:
+    """High 32 bits of the 64-bit product of two u32 values (Philox rounds)."""
+    return elementwise(Op.MULHI, a, b)
+
+
+# -- reductions, contraction, ordering ------------------------------------------
+
+def _reduce(kind: str):
+    def f(x: Value, axis: str) -> Value:
+        x = x if isinstance(x, Value) else Value(as_node(x))
+        out = i32 if kind.startswith("arg") else x.dtype
+        return Value(node(Op.REDUCE, out, tuple(a for a in x.axes if a != axis), (x.node,),
+                          (axis, kind)))
+    f.__name__ = kind
+    f.__doc__ = (f"{kind} of ``x`` along ``axis`` (removing it). Padded lanes hold the "
+                 f"identity of {kind}, so they never change the result.")
+    return f
+
+
+sum = _reduce("sum")  # noqa: A001
+max = _reduce("max")  # noqa: A001
+min = _reduce("min")  # noqa: A001
+argmax = _reduce("argmax")
+argmin = _reduce("argmin")
+
+
+def dot(a: Value, b: Value, axis: str, acc: DType = f32) -> Value:
+    """Contract ``a`` and ``b`` over ``axis`` (a matrix product by axis name),
+    accumulating in ``acc``. Operands must share a dtype."""
+    axes = tuple(x for x in a.axes + b.axes if x != axis)
+    return Value(node(Op.DOT, acc, axes, (a.node, b.node), axis))
+
+
+def _scan(kind: str):
+    def f(x: Value, axis: str) -> Value:
+        return Value(node(Op.SCAN, x.dtype, x.axes, (x.node,), (axis, kind)))
+    f.__name__ = f"cum{kind}"
+    f.__doc__ = f"Inclusive prefix {kind} along ``axis``."
+    return f
+
+
+cumsum = _scan("sum")
+cummax = _scan("max")
+
+
+def sort(x: Value, axis: str, descending: bool = False) -> Value:
+    """Values of ``x`` sorted along ``axis``."""
+    return Value(node(Op.SORT, x.dtype, x.axes, (x.node,), (axis, bool(descending))))
+
+
+def topk(x: Value, axis: str, k: int, new_axis: str) -> Value:
+    """The ``k`` largest values of ``x`` along ``axis``, in descending order,
+    along a new axis ``new_axis`` of static extent ``k``."""
+    t = tracer()
+    if new_axis in t.k.axes:
+        raise KernelError(f"topk new_axis `{new_axis}` already exists", caller_loc())
+    t.k.axes[new_axis] = Axis(new_axis, int(k))
+    axes = tuple(new_axis if a == axis else a for a in x.axes)
+    return Value(node(Op.TOPK, x.dtype, axes, (x.node,), (axis, int(k), new_axis)))

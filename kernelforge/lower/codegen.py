@@ -1,0 +1,64 @@
+"""Shared pieces of the source printers: an indented line buffer that
+stamps each block of generated lines with the kernel source line that
+produced it, and literal formatting."""
+from __future__ import annotations
+
+import math
+
+
+class Lines:
+    def __init__(self, indent: int = 1):
+        self.lines: list[str] = []
+        self.depth = indent
+        self._last_loc = None
+
+    def src(self, loc) -> None:
+        """Comment the author's line once, when it changes."""
+        if loc is None or loc == self._last_loc:
+            return
+        self._last_loc = loc
+        text = f": {loc.text.strip()}" if loc.text else ""
+        self.line(f"# {loc.short()}{text}")
+
+    def line(self, text: str) -> None:
+        self.lines.append("    " * self.depth + text)
+
+    def indent(self) -> None:
+        self.depth += 1
+
+    def dedent(self) -> None:
+        self.depth -= 1
+        self._last_loc = None
+
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
+def literal(v) -> str:
+    if isinstance(v, bool):
+        return repr(v)
+    if isinstance(v, float):
+        if math.isinf(v):
+            return "float('inf')" if v > 0 else "float('-inf')"
+        if math.isnan(v):
+            return "float('nan')"
+        return repr(v)
+    return repr(v)
+
+
+def expand(name: str, have: tuple[str, ...], want: tuple[str, ...]) -> str:
+    """Index ``name`` (dims ``have``) with None for the axes of ``want`` it
+    lacks, so it broadcasts by axis name. Leading Nones are left to
+    right-aligned broadcasting."""
+    if have == want or not have:
+        return name
+    parts = [":" if a in have else "None" for a in want]
+    while parts and parts[0] == "None":
+        parts.pop(0)
+    if all(p == ":" for p in parts):
+        return name
+    return f"{name}[{', '.join(parts)}]"
+
+
+def next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()

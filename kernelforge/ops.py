@@ -1,0 +1,11 @@
+"""The public ops, ``kernelforge.ops.NAME(..., backend=None)``. Each is also
+a torch.library custom op, ``torch.ops.kernelforge.NAME``."""
+from .kernels.rmsnorm import fused_add_rms_norm, rms_norm  # noqa: F401
+
+#: op name -> the IR kernels it launches (for `kernelforge ops`, `show`, `aot-check`)
+from .kernels import rmsnorm as _rmsnorm
+
+KERNELS = {
+    "rms_norm": (_rmsnorm.rms_norm_fwd,),
+    "fused_add_rms_norm": (_rmsnorm.fused_add_rms_norm_fwd,),
+}
