@@ -10,4 +10,4 @@ __version__ = "0.1.0"
 
 from . import ops  # noqa: E402,F401  (registers torch.ops.kernelforge.*)
 from .explain import explain  # noqa: E402,F401
-from .launch import launch  # noqa: E402,F401
+from .dispatch import launch  # noqa: E402,F401

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from . import cache, launch
+from . import cache, dispatch as launch
 from .backends import registry
 
 

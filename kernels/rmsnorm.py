@@ -20,7 +20,7 @@ import torch
 import kernelforge.lang as kl
 from kernelforge import checks
 from kernelforge.backends import registry
-from kernelforge.launch import launch
+from kernelforge.dispatch import launch
 
 
 @kl.kernel(static=("N",))

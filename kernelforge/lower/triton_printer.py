@@ -90,6 +90,22 @@ def _argmin_combine(v1, i1, v2, i2):
     return tl.where(take1, v1, v2), tl.where(take1, i1, i2)''',
 }
 
+_TO_BF16 = '''# True while this module runs under the Triton interpreter (read at import).
+_INTERPRET = tl.constexpr(triton.knobs.runtime.interpret)
+
+
+@triton.jit
+def _to_bf16(x):
+    # GPUs round f32 -> bf16 to nearest even (cvt.rn); the Triton interpreter
+    # truncates, so it gets the same rounding spelled out in integer ops.
+    if _INTERPRET:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + (((bits >> 16) & 1) + 0x7FFF)
+        y = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return tl.where(x != x, x.to(tl.bfloat16), y)
+    else:
+        return x.to(tl.bfloat16)'''
+
 _TABLE = {
     Op.NEG: "-{0}", Op.ABS: "tl.abs({0})", Op.EXP: "tl.exp({0})", Op.EXP2: "tl.exp2({0})",
     Op.LOG: "tl.log({0})", Op.LOG2: "tl.log2({0})", Op.SQRT: "tl.sqrt_rn({0})",
@@ -335,7 +351,12 @@ class _Printer:
             shape = ", ".join(str(self.block(self.an.tiles(n)[a])) for a in want)
             return f"tl.full([{shape}], {literal(n.arg)}, {n.dtype.triton})"
         if op == Op.CAST:
-            return f"tl.cast({self.name(n.src[0])}, {n.dtype.triton})"
+            x = n.src[0]
+            if n.dtype == dt.bf16 and x.dtype.is_float:
+                self.helpers.add(_TO_BF16)
+                e = self.name(x) if x.dtype == dt.f32 else f"tl.cast({self.name(x)}, tl.float32)"
+                return f"_to_bf16({e})"
+            return f"tl.cast({self.name(x)}, {n.dtype.triton})"
         if op == Op.BITCAST:
             return f"{self.name(n.src[0])}.to({n.dtype.triton}, bitcast=True)"
         if op == Op.REDUCE:

@@ -1,0 +1,126 @@
+"""The ``kernelforge`` command.
+
+    kernelforge ops                         ops and the backends available here
+    kernelforge show OP --backend triton    generated code (also: ir, inductor, eager)
+    kernelforge aot-check [--targets ...]   compile every kernel for GPU targets
+    kernelforge demo                        the RMSNorm family on every backend
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+_DTYPES = {"f32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+           "bfloat16": torch.bfloat16, "f16": torch.float16, "float16": torch.float16}
+
+
+def cmd_ops(args) -> int:
+    from .backends import registry
+    from .ops import KERNELS
+    dev = torch.device("cpu")
+    print("backends on this machine (cpu tensors):")
+    for name, b in registry.backends().items():
+        ok, why = b.can_run(dev)
+        prio, _ = b.default_priority(dev)
+        star = " (default)" if registry.select(dev).backend is b and \
+            not registry.config.env_backend() else ""
+        print(f"  {name:<9} {'yes' if ok else 'no ':<4} {b.description}{star}")
+        if not ok:
+            print(f"            {why}")
+    if torch.cuda.is_available():
+        print(f"GPU: {torch.cuda.get_device_name()} -> default "
+              f"{registry.select(torch.device('cuda')).backend.name}")
+    print("ops:")
+    for op, kdefs in KERNELS.items():
+        print(f"  {op:<20} kernels: {', '.join(k.name for k in kdefs)}   "
+              f"torch.ops.kernelforge.{op}")
+    return 0
+
+
+def example_args(kdef, dtype: torch.dtype, hidden: int, rows: int = 4):
+    """Tensors and scalars that specialise ``kdef`` like a real call would."""
+    args = []
+    for name, ann in kdef.signature:
+        if hasattr(ann, "axes"):
+            shape = [hidden if a in kdef.static else rows for a in ann.axes]
+            args.append(torch.zeros(shape, dtype=dtype))
+        else:
+            args.append(0.0)
+    return args
+
+
+def cmd_show(args) -> int:
+    from . import dispatch as launch
+    from .ops import KERNELS
+    if args.op not in KERNELS:
+        print(f"show: unknown op {args.op!r}; ops: {', '.join(KERNELS)}", file=sys.stderr)
+        return 2
+    for kdef in KERNELS[args.op]:
+        ex = example_args(kdef, _DTYPES[args.dtype], args.hidden)
+        if args.backend == "ir":
+            dtypes, sizes = launch.specialization(kdef, ex)
+            print(kdef.specialize(dtypes, sizes))
+        else:
+            print(launch.source(kdef, ex, args.backend))
+    return 0
+
+
+def cmd_aot(args) -> int:
+    from . import aot
+    from .backends.triton import triton_import_error
+    if triton_import_error():
+        print(f"aot-check: triton is not importable: {triton_import_error()}", file=sys.stderr)
+        return 2
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    bad = [t for t in targets if t not in aot.TARGETS]
+    if bad:
+        print(f"aot-check: unknown target(s) {bad}; known: {', '.join(aot.TARGETS)}",
+              file=sys.stderr)
+        return 2
+    results = aot.check(targets, ops=args.op or None)
+    rows: dict[tuple, dict] = {}
+    for r in results:
+        rows.setdefault((r.op, r.kernel, r.spec), {})[r.target] = r
+    w = max(len(f"{op} [{spec}]") for op, _, spec in rows) + 2
+    print(f"{'op [specialisation]':<{w}}" + "".join(f"{t:<20}" for t in targets))
+    for (op, _, spec), cells in rows.items():
+        line = f"{f'{op} [{spec}]':<{w}}"
+        for t in targets:
+            r = cells[t]
+            line += f"{('ok ' + r.detail) if r.ok else 'FAIL':<20}"
+        print(line)
+    failed = [r for r in results if not r.ok]
+    for r in failed:
+        print(f"FAILED {r.op} {r.kernel} [{r.spec}] {r.target}: {r.detail}", file=sys.stderr)
+    print(f"{len(results) - len(failed)}/{len(results)} compiled")
+    return 1 if failed else 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="kernelforge", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("ops", help="ops and the backends available here")
+    s = sub.add_parser("show", help="print the IR or the generated code of an op")
+    s.add_argument("op")
+    s.add_argument("--backend", default="triton",
+                   choices=["ir", "triton", "inductor", "eager"])
+    s.add_argument("--dtype", default="bf16", choices=sorted(_DTYPES))
+    s.add_argument("--hidden", type=int, default=4096, help="size of the static axes")
+    a = sub.add_parser("aot-check", help="compile every kernel for GPU targets")
+    a.add_argument("--targets", default="sm_80,sm_90,gfx942")
+    a.add_argument("--op", action="append", help="limit to these ops")
+    d = sub.add_parser("demo", help="run the RMSNorm family on every backend")
+    d.add_argument("--rows", type=int, default=64)
+    d.add_argument("--hidden", type=int, default=4096)
+    args = p.parse_args(argv)
+    if args.cmd == "demo":
+        from .demo import main as demo
+        return demo(args.rows, args.hidden)
+    return {"ops": cmd_ops, "show": cmd_show, "aot-check": cmd_aot}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
