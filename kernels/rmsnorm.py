@@ -174,6 +174,12 @@ def _fused_impl(x, residual, weight, eps, offset, inplace, backend):
         res_out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     (x2, _), (r2, _) = checks.rows(x), checks.rows(residual)
     (o2, o_copied), (ro2, ro_copied) = checks.rows(out), checks.rows(res_out)
+    if inplace:
+        # Pass the very same tensor objects for aliased arguments: torch.compile
+        # sees the aliasing (distinct views of one buffer would look independent
+        # and let Inductor reorder a write before a read).
+        o2 = x2 if not o_copied else o2
+        ro2 = r2 if not ro_copied else ro2
     if x2.shape[0]:
         launch(fused_add_rms_norm_fwd, x2, r2, weight, o2, ro2, float(eps), float(offset),
                backend=backend)

@@ -1,0 +1,29 @@
+"""Shared test set-up: hypothesis profiles, one kernel cache for the whole
+session (so each specialisation compiles once per run), the device."""
+import os
+import tempfile
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+# One generated-source cache for the session, outside the user's own.
+os.environ.setdefault("KERNELFORGE_CACHE_DIR", tempfile.mkdtemp(prefix="kernelforge-test-cache-"))
+# Small Triton chunks, so the interpreter exercises chunked loops on small rows.
+os.environ.setdefault("KERNELFORGE_TRITON_MAX_BLOCK", "1024")
+
+settings.register_profile(
+    "ci", max_examples=12, deadline=None, derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile(
+    "dev", max_examples=40, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+BACKENDS = ("eager", "inductor", "triton")
+
+
+@pytest.fixture
+def device():
+    return DEVICE
