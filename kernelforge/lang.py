@@ -54,8 +54,9 @@ class KernelDef:
     """A kernel as written. ``specialize`` traces it for concrete tensor
     dtypes and static axis sizes (the cache key); the result is verified IR."""
 
-    def __init__(self, fn: Callable, static: tuple[str, ...] = ()):
+    def __init__(self, fn: Callable, static: tuple[str, ...] = (), derived=None):
         self.fn, self.name, self.static = fn, fn.__name__, tuple(static)
+        self.derived = dict(derived or {})
         self.loc = SrcLoc(fn.__code__.co_filename, fn.__code__.co_firstlineno,
                           inspect.getsourcelines(fn)[0][0].rstrip() if _has_source(fn) else "")
         self.signature: list[tuple[str, object]] = []
@@ -70,6 +71,7 @@ class KernelDef:
             for a in getattr(ann, "axes", ()):
                 if a not in axes:
                     axes.append(a)
+        axes.extend(a for a in self.derived if a not in axes)
         self.axis_names = tuple(axes)
         for s in self.static:
             if s not in axes:
@@ -98,6 +100,12 @@ class KernelDef:
             else:
                 params.append(Param(name, "scalar", ann))
         axes = {a: Axis(a, sizes.get(a) if a in self.static else None) for a in self.axis_names}
+        for a, rule in self.derived.items():
+            known = {n: ax.size for n, ax in axes.items() if ax.size is not None}
+            try:
+                axes[a] = Axis(a, int(rule(known)))
+            except KeyError:   # printing an unspecialised kernel: sizes unknown
+                axes[a] = Axis(a, None)
         k = trace(self.fn, self.name, tuple(params), axes, self.loc)
         verify(k)
         self._cache[key] = k
@@ -119,12 +127,18 @@ def _has_source(fn) -> bool:
         return False
 
 
-def kernel(fn: Callable | None = None, *, static: tuple[str, ...] = ()):
-    """Declare a kernel. ``static`` names the axes whose extent is part of the
-    specialisation (hidden size, head size); all other axes are runtime sizes."""
+def kernel(fn: Callable | None = None, *, static: tuple[str, ...] = (), derived=None):
+    """Declare a kernel.
+
+    Args:
+        static: axes whose extent is part of the specialisation (hidden size,
+            head size); all other axes are runtime sizes that never recompile.
+        derived: extra static axes computed from the static sizes, e.g.
+            ``{"H": lambda s: s["N"] // 2}`` for half a row.
+    """
     if fn is None:
-        return lambda f: KernelDef(f, static)
-    return KernelDef(fn, static)
+        return lambda f: KernelDef(f, static, derived)
+    return KernelDef(fn, static, derived)
 
 
 # -- tiles and loops ----------------------------------------------------------
@@ -360,8 +374,11 @@ def topk(x: Value, axis: str, k: int, new_axis: str) -> Value:
     """The ``k`` largest values of ``x`` along ``axis``, in descending order,
     along a new axis ``new_axis`` of static extent ``k``."""
     t = tracer()
-    if new_axis in t.k.axes:
-        raise KernelError(f"topk new_axis `{new_axis}` already exists", caller_loc())
-    t.k.axes[new_axis] = Axis(new_axis, int(k))
+    have = t.k.axes.get(new_axis)
+    if have is None:
+        t.k.axes[new_axis] = Axis(new_axis, int(k))
+    elif have.size != int(k):
+        raise KernelError(f"topk into axis `{new_axis}` of extent {have.size}, but k={k}; "
+                          "declare the axis static with extent k", caller_loc())
     axes = tuple(new_axis if a == axis else a for a in x.axes)
     return Value(node(Op.TOPK, x.dtype, axes, (x.node,), (axis, int(k), new_axis)))

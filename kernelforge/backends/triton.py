@@ -23,6 +23,22 @@ def triton_import_error() -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def _interpreter_compat() -> None:
+    """Triton 3.6's interpreter keeps scalar kernel arguments as 1-element
+    arrays and converts them with ``int(array)``, which NumPy 2 rejects, so
+    any loop bounded by a runtime size (``tl.range(0, N, ...)``) fails to
+    run under the interpreter. Take the single element explicitly."""
+    import triton.runtime.interpreter as interp
+    original = interp._patch_lang_tensor
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interp._patch_lang_tensor = patched
+
+
 @contextlib.contextmanager
 def _interpret(on: bool):
     from triton import knobs
@@ -72,4 +88,7 @@ class TritonBackend(Backend):
                                  before_exec=lambda: _interpret(interpret))
 
     def build(self, kernel, device):
-        return self.load(kernel, interpret=device.type == "cpu").launch
+        interpret = device.type == "cpu"
+        if interpret:
+            _interpreter_compat()
+        return self.load(kernel, interpret=interpret).launch

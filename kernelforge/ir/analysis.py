@@ -101,7 +101,15 @@ class Analysis:
 
 def _same_tile(a: Node, b: Node) -> bool:
     # two whole-axis tiles of the same axis are interchangeable
-    return (a.op == b.op == Op.RANGE and a.arg[1] == b.arg[1] == "full" and a.arg[0] == b.arg[0])
+    return _whole_axis(a) is not None and _whole_axis(a) == _whole_axis(b)
+
+
+def _whole_axis(t: Node):
+    if t.op == Op.RANGE and t.arg[1] == "full":
+        return t.arg[0]
+    if t.op == Op.TOPK:
+        return t.arg[2]
+    return None
 
 
 def topo(roots, stop=lambda n: False) -> list[Node]:

@@ -9,9 +9,27 @@ from .errors import KernelError
 from .nodes import COMPARE, Node, Op, Param
 
 
+def _idiv(a: int, b: int) -> int:
+    q = abs(a) // abs(b)
+    return q if (a >= 0) == (b >= 0) else -q
+
+
+# Integer ops on literals fold at trace time (exact; e.g. a static size // 2).
+_FOLD = {
+    Op.ADD: lambda a, b: a + b, Op.SUB: lambda a, b: a - b, Op.MUL: lambda a, b: a * b,
+    Op.IDIV: _idiv, Op.MOD: lambda a, b: a - b * _idiv(a, b), Op.MAX: max, Op.MIN: min,
+    Op.AND: lambda a, b: a & b, Op.OR: lambda a, b: a | b, Op.XOR: lambda a, b: a ^ b,
+    Op.SHL: lambda a, b: a << b, Op.SHR: lambda a, b: a >> b,
+}
+
+
 def elementwise(op: Op, *xs) -> "Value":
     like = next((x.node for x in xs if isinstance(x, Value)), None)
     srcs = tuple(as_node(x, like) for x in xs)
+    if (op in _FOLD and all(s.op == Op.CONST and s.dtype == srcs[0].dtype and
+                            s.dtype in (dt.i32, dt.i64) for s in srcs)
+            and not (op in (Op.IDIV, Op.MOD) and srcs[1].arg == 0)):
+        return Value(node(Op.CONST, srcs[0].dtype, (), (), _FOLD[op](*(s.arg for s in srcs))))
     axes = tuple(a for s in srcs for a in s.axes)
     if op in COMPARE:
         dtype = dt.bool_

@@ -27,6 +27,12 @@ import torch
 _U32 = 0xFFFFFFFF
 
 
+def _idiv(a, b):
+    # C-style integer division (toward zero) on Python ints
+    q = abs(a) // abs(b)
+    return q if (a >= 0) == (b >= 0) else -q
+
+
 def _mulhi_u32(a, b):
     # high 32 bits of a 32x32-bit product, from 16-bit halves so int64 never overflows
     al, ah, bl, bh = a & 0xFFFF, a >> 16, b & 0xFFFF, b >> 16
@@ -59,6 +65,7 @@ _PY_TABLE = {
     Op.EXP: "math.exp({0})", Op.LOG: "math.log({0})", Op.SQRT: "math.sqrt({0})",
     Op.RSQRT: "(1.0 / math.sqrt({0}))", Op.MAX: "max({0}, {1})", Op.MIN: "min({0}, {1})",
     Op.ABS: "abs({0})", Op.WHERE: "({1} if {0} else {2})", Op.NOT: "(not {0})",
+    Op.IDIV: "_idiv({0}, {1})", Op.MOD: "({0} - {1} * _idiv({0}, {1}))",
 }
 _WRAPS = {Op.ADD, Op.SUB, Op.MUL, Op.SHL}  # u32 is held in int64: wrap after these
 
@@ -134,6 +141,9 @@ class _Printer:
                 bound.add(a)
                 size = k.axes[a].size
                 o.line(f"{a} = {size}" if size is not None else f"{a} = {p.name}.shape[{i}]")
+        for a, ax in k.axes.items():
+            if a not in bound and ax.size is not None:   # derived and top-k axes
+                o.line(f"{a} = {ax.size}")
         for ev, n in linearize(k, self.an):
             getattr(self, "ev_" + ev)(n)
 

@@ -199,6 +199,9 @@ class _Printer:
         if n.op == Op.PARAM:
             return n.arg.name
         if n.op == Op.CONST:
+            if n.dtype in (dt.u32, dt.i64) or (n.dtype.is_float and n.dtype != dt.f32):
+                # Python literals are i32/i64/f32 in Triton: give other types explicitly
+                return f"tl.full([], {literal(n.arg)}, {n.dtype.triton})"
             return literal(n.arg)
         if n.op == Op.SIZE:
             return n.arg

@@ -1,0 +1,187 @@
+"""Shared state for the CPU benchmark suite (bench/test_rmsnorm_bench.py).
+
+* ``copy_bandwidth``: this machine's memory bandwidth in GB/s (1e9 bytes/s),
+  from a large ``dst.copy_(src)``. The copy benchmark in the suite sets it from
+  its own median; when that case is deselected (``-k smoke``) the fixture
+  measures a shorter copy itself, so every case can still report the fraction.
+* ``record_case``: each RMSNorm case hands its median, byte count and labels
+  here; ``pytest_terminal_summary`` prints one table from them at the end,
+  with the ratios that are goals (all from medians of this same run).
+
+Bandwidth model: bytes moved = what the op must read plus what it must
+write, once each (rms_norm: x + out + weight; fused: x + residual + out +
+residual_out + weight; copy: src + dst). An implementation that moves more
+than that (a second read of x, a temporary) shows as a lower GB/s.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+
+import pytest
+import torch
+
+# generated sources go to a private directory for the run, not the user's cache
+os.environ.setdefault("KERNELFORGE_CACHE_DIR", tempfile.mkdtemp(prefix="kernelforge-bench-cache-"))
+
+COPY_MIB = 256                       # fp32 source of the copy benchmark (and as much again written)
+
+# goals, checked (reported, not asserted) by the summary
+GOAL_VS_EAGER = 3.0                  # kf inductor at least 3x faster than eager F.rms_norm
+GOAL_VS_COMPILE = 0.95               # kf inductor within 5% of a hand-written torch.compile
+GOAL_COPY_FRACTION = 0.50            # kf inductor reaches half of the copy bandwidth
+
+_STATE: dict = {"copy": None, "cases": []}
+
+
+def copy_bytes(numel: int, elsize: int = 4) -> int:
+    return 2 * numel * elsize        # read src + write dst
+
+
+def set_copy_result(median_s: float, nbytes: int, source: str) -> float:
+    gbps = nbytes / median_s / 1e9
+    _STATE["copy"] = {"median_s": median_s, "bytes": nbytes, "gbps": gbps, "source": source}
+    return gbps
+
+
+def _measure_copy_fallback() -> float:
+    """A short, untabled copy measurement for runs that deselect the copy benchmark."""
+    n = COPY_MIB * 1024 * 1024 // 4
+    src = torch.randn(n)
+    dst = torch.empty_like(src)
+    for _ in range(2):
+        dst.copy_(src)
+    times = []
+    for _ in range(7):
+        t = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - t)
+    times.sort()
+    return set_copy_result(times[len(times) // 2], copy_bytes(n), "fixture fallback (7 copies)")
+
+
+@pytest.fixture(scope="session")
+def bench_state() -> dict:
+    """The suite's shared dict: ``copy`` (bandwidth result) and ``cases``."""
+    return _STATE
+
+
+@pytest.fixture
+def copy_bandwidth() -> float:
+    """GB/s of a large fp32 copy on this machine, measured in this run."""
+    if _STATE["copy"] is None:
+        _measure_copy_fallback()
+    return _STATE["copy"]["gbps"]
+
+
+@pytest.fixture
+def record_copy():
+    """``record_copy(benchmark, nbytes)`` after the copy benchmark: its median
+    becomes the bandwidth every later case reports a fraction of."""
+
+    def record(benchmark, nbytes: int) -> None:
+        stats = getattr(benchmark, "stats", None)
+        if not stats:
+            return
+        gbps = set_copy_result(stats.stats.median, nbytes, "copy benchmark, this run")
+        benchmark.extra_info.update({"bytes": nbytes, "gbps": round(gbps, 3),
+                                     "fraction_of_copy_bw": 1.0})
+
+    return record
+
+
+@pytest.fixture
+def record_case():
+    """``record_case(benchmark, group=, impl=, nbytes=)`` after the timed call:
+    fills ``benchmark.extra_info`` and remembers the case for the summary."""
+
+    def record(benchmark, *, group: str, impl: str, nbytes: int) -> None:
+        stats = getattr(benchmark, "stats", None)
+        if not stats:                # --benchmark-disable: nothing was timed
+            return
+        median = stats.stats.median
+        copy = _STATE["copy"] or {"gbps": float("nan")}
+        gbps = nbytes / median / 1e9
+        benchmark.extra_info.update({
+            "bytes": nbytes, "gbps": round(gbps, 3),
+            "copy_gbps": round(copy["gbps"], 3),
+            "fraction_of_copy_bw": round(gbps / copy["gbps"], 4),
+        })
+        _STATE["cases"].append({"group": group, "impl": impl, "median_s": median,
+                                "bytes": nbytes, "gbps": gbps})
+
+    return record
+
+
+# -- the summary table ------------------------------------------------------------
+
+IMPL_ORDER = ("kf_inductor", "kf_eager", "torch_F_rms_norm", "torch_add_F_rms_norm",
+              "eager_formula", "compiled_formula")
+
+
+def _fmt_time(s: float) -> str:
+    return f"{s * 1e3:9.3f} ms" if s >= 1e-3 else f"{s * 1e6:9.1f} us"
+
+
+def _goal(value: float, goal: float, fmt: str) -> str:
+    if value != value:
+        return "n/a"
+    return f"{fmt.format(value)} (goal >= {fmt.format(goal)}: {'met' if value >= goal else 'MISSED'})"
+
+
+def summary_lines() -> list[str]:
+    cases, copy = _STATE["cases"], _STATE["copy"]
+    if not cases and copy is None:
+        return []
+    copy_gbps = copy["gbps"] if copy else float("nan")
+    lines = []
+    if copy:
+        lines.append(f"copy bandwidth: {copy_gbps:.2f} GB/s  ({copy['bytes'] / 2**20:.0f} MiB moved "
+                     f"per copy, median {_fmt_time(copy['median_s']).strip()}; {copy['source']})")
+    if not cases:
+        return lines
+    w = max(len(c["group"]) + len(c["impl"]) + 3 for c in cases)
+    lines.append(f"{'case':<{w}} {'median':>12} {'GB/s':>8} {'% copy bw':>10}")
+    groups: dict[str, dict] = {}
+    for c in cases:
+        groups.setdefault(c["group"], {})[c["impl"]] = c
+    for g, impls in groups.items():
+        for impl in sorted(impls, key=lambda i: IMPL_ORDER.index(i) if i in IMPL_ORDER else 99):
+            c = impls[impl]
+            lines.append(f"{g + ' | ' + impl:<{w}} {_fmt_time(c['median_s']):>12} "
+                         f"{c['gbps']:8.2f} {100 * c['gbps'] / copy_gbps:9.1f}%")
+    lines.append("")
+    lines.append("goals (kf_inductor = kernelforge backend='inductor'; ratios of medians, this run):")
+    for g, impls in groups.items():
+        ind = impls.get("kf_inductor")
+        if ind is None:
+            continue
+        eager_peer = impls.get("torch_F_rms_norm") or impls.get("torch_add_F_rms_norm")
+        comp = impls.get("compiled_formula")
+        parts = []
+        if eager_peer:
+            parts.append("vs eager " + eager_peer["impl"] + ": "
+                         + _goal(eager_peer["median_s"] / ind["median_s"], GOAL_VS_EAGER, "{:.2f}x"))
+        if comp:
+            parts.append("vs hand torch.compile: "
+                         + _goal(comp["median_s"] / ind["median_s"], GOAL_VS_COMPILE, "{:.2f}x"))
+        parts.append("of copy bw: " + _goal(ind["gbps"] / copy_gbps, GOAL_COPY_FRACTION, "{:.0%}"))
+        if "kf_eager" in impls:
+            parts.append(f"vs kf eager: {impls['kf_eager']['median_s'] / ind['median_s']:.2f}x")
+        lines.append(f"  {g}:")
+        lines.extend(f"      {p}" for p in parts)
+    return lines
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    # after pytest-benchmark's own table, and even when it reports a regression
+    try:
+        return (yield)
+    finally:
+        lines = summary_lines()
+        if lines:
+            terminalreporter.section("kernelforge RMSNorm benchmark summary", sep="-")
+            for line in lines:
+                terminalreporter.write_line(line)

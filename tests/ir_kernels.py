@@ -1,0 +1,91 @@
+"""Small kernels that exercise what later ops need from the IR: loop-carried
+online softmax, dot (flash attention), scans, sort/top-k, argmax, gathers
+and a counter-based RNG built from integer ops."""
+import kernelforge.lang as kl
+from kernelforge.ir import lib
+
+
+@kl.kernel(static=("N",))
+def softmax_online(x: kl.In("M", "N"), out: kl.Out("M", "N")):
+    m = kl.parallel("M")
+
+    def stats(n, m_i, l_i):
+        m_new, l_new, _, _ = lib.online_softmax_step(m_i, l_i, kl.load(x[m, n]).to(kl.f32), "N")
+        return m_new, l_new
+
+    m_i, l_i = kl.seq_for("N", stats, init=(kl.full(float("-inf"), kl.f32, "M"),
+                                           kl.zeros(kl.f32, "M")))
+
+    def write(n):
+        s = kl.load(x[m, n]).to(kl.f32)
+        kl.store(out[m, n], (kl.exp(s - m_i) / l_i).to(out.dtype))
+
+    kl.seq_for("N", write)
+
+
+@kl.kernel(static=("D",))
+def flash_attention(q: kl.In("M", "D"), k: kl.In("N", "D"), v: kl.In("N", "D"),
+                    o: kl.Out("M", "D"), scale: kl.f32):
+    m = kl.parallel("M", block=16)
+    d = kl.tile("D")
+    qt = kl.load(q[m, d]).to(kl.f32)
+
+    def step(n, m_i, l_i, acc):
+        s = kl.dot(qt, kl.load(k[n, d]).to(kl.f32), "D") * scale
+        m_new, l_new, p, alpha = lib.online_softmax_step(m_i, l_i, s, "N")
+        acc = acc * alpha + kl.dot(p, kl.load(v[n, d]).to(kl.f32), "N")
+        return m_new, l_new, acc
+
+    init = (kl.full(float("-inf"), kl.f32, "M"), kl.zeros(kl.f32, "M"),
+            kl.zeros(kl.f32, "M", "D"))
+    _, l_i, acc = kl.seq_for("N", step, init=init)
+    kl.store(o[m, d], (acc / l_i).to(o.dtype))
+
+
+@kl.kernel(static=("N",))
+def cumsum_argmax(x: kl.In("M", "N"), cs: kl.Out("M", "N"), am: kl.Out("M"),
+                  mx: kl.Out("M")):
+    m, n = kl.parallel("M"), kl.tile("N")
+    v = kl.load(x[m, n]).to(kl.f32)
+    kl.store(cs[m, n], kl.cumsum(v, "N").to(cs.dtype))
+    kl.store(am[m], kl.argmax(v, "N"))
+    kl.store(mx[m], kl.max(v, "N").to(mx.dtype))
+
+
+@kl.kernel(static=("N", "K"))
+def sort_topk(x: kl.In("M", "N"), srt: kl.Out("M", "N"), top: kl.Out("M", "K")):
+    m, n = kl.parallel("M"), kl.tile("N")
+    v = kl.load(x[m, n])
+    kl.store(srt[m, n], kl.sort(v, "N", descending=True))
+    kl.store(top[m, kl.tile("K")], kl.topk(v, "N", 4, "K"))
+
+
+@kl.kernel(static=("N",))
+def gather_rows(table: kl.In("V", "N"), ids: kl.In("M"), out: kl.Out("M", "N")):
+    m, n = kl.parallel("M"), kl.tile("N")
+    row = kl.load(ids[m])                          # a gathered index
+    kl.store(out[m, n], kl.load(table[row, n]))
+
+
+@kl.kernel(static=("N",), derived={"H": lambda s: s["N"] // 2})
+def rotate_halves(x: kl.In("M", "N"), out: kl.Out("M", "N")):
+    """out = [x2, x1] for x = [x1, x2]: loads at an offset tile (RoPE's rotate-half)."""
+    m = kl.parallel("M")
+
+    def body(h):
+        half = kl.size("N") // 2
+        kl.store(out[m, h], kl.load(x[m, h + half]))
+        kl.store(out[m, h + half], kl.load(x[m, h]))
+
+    kl.seq_for("H", body)
+
+
+@kl.kernel()
+def philox(counter: kl.In("M"), seed: kl.In("S"), out: kl.Out("M", "W")):
+    m = kl.parallel("M", block=32)
+    c0 = kl.load(counter[m])
+    k0, k1 = kl.load(seed[0]), kl.load(seed[1])
+    zero = c0 * 0
+    r = lib.philox4x32(c0, zero, zero, zero, k0, k1)
+    for i, word in enumerate(r):
+        kl.store(out[m, i], word)

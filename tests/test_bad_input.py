@@ -1,0 +1,85 @@
+"""Bad input: a clear error naming the argument, what was expected and what
+was given (issue: point 7)."""
+import pytest
+import torch
+
+import kernelforge
+from kernelforge.checks import OpArgError
+
+X = torch.randn(4, 64)
+W = torch.randn(64)
+
+
+def _err(fn, *words):
+    with pytest.raises((OpArgError, ValueError, TypeError)) as e:
+        fn()
+    msg = str(e.value)
+    for w in words:
+        assert w in msg, f"{w!r} not in {msg!r}"
+    return msg
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.uint8, torch.bool])
+def test_integer_dtype(dtype):
+    _err(lambda: kernelforge.ops.rms_norm(X.to(dtype), W), "`x`", "float32, bfloat16 or float16",
+         str(dtype))
+    _err(lambda: kernelforge.ops.rms_norm(X, W.to(dtype)), "`weight`", str(dtype))
+    _err(lambda: kernelforge.ops.fused_add_rms_norm(X, X.to(dtype), W), "`residual`", str(dtype))
+
+
+def test_weight_of_wrong_size():
+    _err(lambda: kernelforge.ops.rms_norm(X, torch.randn(63)), "`weight`", "[64]", "[63]")
+    _err(lambda: kernelforge.ops.rms_norm(X, torch.randn(1, 64)), "`weight`", "[1, 64]")
+    _err(lambda: kernelforge.ops.fused_add_rms_norm(X, X, torch.randn(65)), "`weight`", "[65]")
+
+
+def test_residual_shape_and_dtype():
+    _err(lambda: kernelforge.ops.fused_add_rms_norm(X, torch.randn(3, 64), W), "`residual`",
+         "[4, 64]", "[3, 64]")
+    _err(lambda: kernelforge.ops.fused_add_rms_norm(X, X.half(), W), "`residual`",
+         "torch.float32", "torch.float16")
+
+
+def test_tensors_on_different_devices():
+    meta = torch.empty(64, device="meta")
+    _err(lambda: kernelforge.ops.rms_norm(X, meta), "`weight`", "cpu", "meta")
+    _err(lambda: kernelforge.ops.fused_add_rms_norm(X, X.to("meta"), W), "`residual`", "meta")
+    _err(lambda: kernelforge.ops.rms_norm(X, W, out=torch.empty(4, 64, device="meta")),
+         "`out`", "meta")
+
+
+def test_non_contiguous_last_dimension():
+    xt = torch.randn(64, 4).t()       # [4, 64] with stride (1, 4)
+    _err(lambda: kernelforge.ops.rms_norm(xt, W), "`x`", "contiguous last dimension", "stride 4")
+    _err(lambda: kernelforge.ops.rms_norm(X, torch.randn(64, 2)[:, 0]), "`weight`", "stride 2")
+    _err(lambda: kernelforge.ops.fused_add_rms_norm(X, xt, W), "`residual`", "stride 4")
+
+
+@pytest.mark.parametrize("eps", [0.0, -1e-6, float("nan"), "1e-6", None])
+def test_eps_must_be_positive(eps):
+    _err(lambda: kernelforge.ops.rms_norm(X, W, eps), "`eps`", "> 0", repr(eps))
+
+
+def test_unknown_backend():
+    msg = _err(lambda: kernelforge.ops.rms_norm(X, W, backend="cuda-fast"), "backend",
+               "'cuda-fast'")
+    for name in ("eager", "inductor", "triton"):
+        assert name in msg
+    # even when there is no row to compute
+    _err(lambda: kernelforge.ops.rms_norm(X[:0], W, backend="nope"), "backend", "'nope'")
+
+
+def test_unknown_backend_from_environment(monkeypatch):
+    monkeypatch.setenv("KERNELFORGE_BACKEND", "tpu-magic")
+    _err(lambda: kernelforge.ops.rms_norm(X, W), "KERNELFORGE_BACKEND", "'tpu-magic'")
+
+
+def test_out_of_wrong_shape_or_dtype():
+    _err(lambda: kernelforge.ops.rms_norm(X, W, out=torch.empty(4, 63)), "`out`", "[4, 63]")
+    _err(lambda: kernelforge.ops.rms_norm(X, W, out=torch.empty(4, 64, dtype=torch.half)),
+         "`out`", "torch.float16")
+
+
+def test_not_a_tensor_and_zero_dim():
+    _err(lambda: kernelforge.ops.rms_norm([1.0, 2.0], W), "`x`", "torch.Tensor", "list")
+    _err(lambda: kernelforge.ops.rms_norm(torch.tensor(1.0), torch.ones(1)), "`x`", "0-d")

@@ -1,0 +1,118 @@
+"""The IR already expresses what the next ops need; each kernel here runs on
+every backend and is checked against torch's own ops in float64."""
+import numpy as np
+import pytest
+import torch
+
+import kernelforge
+from kernelforge.tolerance import assert_close
+from conftest import DEVICE
+import ir_kernels as K
+
+CPU_INTERP = DEVICE.type == "cpu"
+
+
+def run(kdef, *args, backend):
+    kernelforge.launch(kdef, *args, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["eager", "inductor", "triton"])
+@pytest.mark.parametrize("n", [7, 1000, 2500])
+def test_online_softmax_with_loop_carried_state(backend, n):
+    if backend == "inductor" and n != 1000:
+        pytest.skip("one Inductor compile is enough: the torch source is the eager one")
+    x = torch.randn(3, n, device=DEVICE) * 4
+    out = torch.empty_like(x)
+    run(K.softmax_online, x, out, backend=backend)
+    assert_close(out, torch.softmax(x.double(), -1), torch.float32, f"softmax {backend}")
+
+
+@pytest.mark.parametrize("backend", ["eager", "inductor", "triton"])
+@pytest.mark.parametrize("m,n", [(1, 1), (17, 100), (40, 130)])
+def test_flash_attention_dot_and_online_softmax(backend, m, n):
+    if backend == "inductor" and (m, n) != (17, 100):
+        pytest.skip("one Inductor compile is enough: the torch source is the eager one")
+    g = torch.Generator().manual_seed(m * n)
+    q, k, v = (torch.randn(s, 64, generator=g).to(DEVICE) for s in (m, n, n))
+    o = torch.empty(m, 64, device=DEVICE)
+    run(K.flash_attention, q, k, v, o, 0.125, backend=backend)
+    ref = torch.softmax(q.double() @ k.double().T * 0.125, -1) @ v.double()
+    assert_close(o, ref, torch.float32, f"attention {backend}")
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_cumsum_argmax_max(backend):
+    x = torch.randn(5, 300, device=DEVICE)
+    x[2, 17] = x[2, 200] = 50.0                    # a tie: the lower index wins, as in torch
+    cs, am, mx = torch.empty_like(x), torch.empty(5, dtype=torch.int32, device=DEVICE), \
+        torch.empty(5, device=DEVICE)
+    run(K.cumsum_argmax, x, cs, am, mx, backend=backend)
+    assert_close(cs, torch.cumsum(x.double(), -1), torch.float32, "cumsum")
+    assert torch.equal(am.long(), torch.argmax(x, -1))
+    assert am[2].item() == 17
+    assert torch.equal(mx, x.max(-1).values)
+
+
+@pytest.mark.parametrize("backend", ["eager", pytest.param("triton", marks=pytest.mark.skipif(
+    CPU_INTERP, reason="tl.sort/tl.topk are @jit library functions the Triton interpreter "
+    "cannot call when the switch is set per module; covered by the AOT compile test"))])
+def test_sort_and_topk(backend):
+    x = torch.randn(4, 100, device=DEVICE)
+    srt, top = torch.empty_like(x), torch.empty(4, 4, device=DEVICE)
+    run(K.sort_topk, x, srt, top, backend=backend)
+    assert torch.equal(srt, torch.sort(x, -1, descending=True).values)
+    assert torch.equal(top, torch.topk(x, 4, -1).values)
+
+
+def test_sort_and_topk_compile_for_gpus():
+    pytest.importorskip("triton")
+    from kernelforge import aot
+    from kernelforge.backends import registry
+    be = registry.backends()["triton"]
+    for target in aot.TARGETS:
+        r = aot.compile_one(K.sort_topk, {"x": kernelforge.lang.f32, "srt": kernelforge.lang.f32,
+                                          "top": kernelforge.lang.f32}, {"N": 128, "K": 4},
+                            target, be)
+        assert r.ok, r.detail
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_gather_by_loaded_index(backend):
+    table = torch.randn(50, 96, device=DEVICE)
+    ids = torch.tensor([3, 49, 0, 3, 17], dtype=torch.int64, device=DEVICE)
+    out = torch.empty(5, 96, device=DEVICE)
+    run(K.gather_rows, table, ids, out, backend=backend)
+    assert torch.equal(out, table[ids])
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+@pytest.mark.parametrize("n", [8, 128, 4000])
+def test_offset_tiles_rotate_halves(backend, n):
+    x = torch.randn(3, n, device=DEVICE)
+    out = torch.empty_like(x)
+    run(K.rotate_halves, x, out, backend=backend)
+    assert torch.equal(out, torch.cat([x[:, n // 2:], x[:, :n // 2]], -1))
+
+
+def _philox_reference(counter: int, key: tuple[int, int]) -> list[int]:
+    """Philox 4x32-10 from the paper's definition, in Python integers."""
+    c, (k0, k1) = [counter, 0, 0, 0], key
+    mask = 0xFFFFFFFF
+    for _ in range(10):
+        p0, p1 = 0xD2511F53 * c[0], 0xCD9E8D57 * c[2]
+        c = [((p1 >> 32) ^ c[1] ^ k0) & mask, p1 & mask, ((p0 >> 32) ^ c[3] ^ k1) & mask,
+             p0 & mask]
+        k0, k1 = (k0 + 0x9E3779B9) & mask, (k1 + 0xBB67AE85) & mask
+    return c
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_philox_bit_identical_to_reference(backend):
+    counters = [0, 1, 2, 12345, 2 ** 31 + 7, 2 ** 32 - 1] + list(range(100, 140))
+    key = (0xDEADBEEF, 42)
+    counter = torch.tensor(np.array(counters, dtype=np.uint32)).to(DEVICE)
+    seed = torch.tensor(np.array(key, dtype=np.uint32)).to(DEVICE)
+    out = torch.zeros(len(counters), 4, dtype=torch.uint32, device=DEVICE)
+    run(K.philox, counter, seed, out, backend=backend)
+    got = out.cpu().numpy().astype(np.uint64).tolist()
+    assert got == [_philox_reference(c, key) for c in counters]
