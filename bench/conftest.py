@@ -152,21 +152,24 @@ def summary_lines() -> list[str]:
             lines.append(f"{g + ' | ' + impl:<{w}} {_fmt_time(c['median_s']):>12} "
                          f"{c['gbps']:8.2f} {100 * c['gbps'] / copy_gbps:9.1f}%")
     lines.append("")
-    lines.append("goals (kf_inductor = kernelforge backend='inductor'; ratios of medians, this run):")
+    lines.append("kf_inductor (kernelforge backend='inductor') ratios, from medians of this run; "
+                 "goals apply to the 4096x4096 groups:")
     for g, impls in groups.items():
         ind = impls.get("kf_inductor")
         if ind is None:
             continue
         eager_peer = impls.get("torch_F_rms_norm") or impls.get("torch_add_F_rms_norm")
         comp = impls.get("compiled_formula")
+        # the goals are set for the 4096x4096 cases; other groups get plain ratios
+        goal = _goal if "4096x4096" in g else (lambda v, _g, fmt: fmt.format(v))
         parts = []
         if eager_peer:
             parts.append("vs eager " + eager_peer["impl"] + ": "
-                         + _goal(eager_peer["median_s"] / ind["median_s"], GOAL_VS_EAGER, "{:.2f}x"))
+                         + goal(eager_peer["median_s"] / ind["median_s"], GOAL_VS_EAGER, "{:.2f}x"))
         if comp:
             parts.append("vs hand torch.compile: "
-                         + _goal(comp["median_s"] / ind["median_s"], GOAL_VS_COMPILE, "{:.2f}x"))
-        parts.append("of copy bw: " + _goal(ind["gbps"] / copy_gbps, GOAL_COPY_FRACTION, "{:.0%}"))
+                         + goal(comp["median_s"] / ind["median_s"], GOAL_VS_COMPILE, "{:.2f}x"))
+        parts.append("of copy bw: " + goal(ind["gbps"] / copy_gbps, GOAL_COPY_FRACTION, "{:.0%}"))
         if "kf_eager" in impls:
             parts.append(f"vs kf eager: {impls['kf_eager']['median_s'] / ind['median_s']:.2f}x")
         lines.append(f"  {g}:")

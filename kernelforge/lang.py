@@ -57,8 +57,7 @@ class KernelDef:
     def __init__(self, fn: Callable, static: tuple[str, ...] = (), derived=None):
         self.fn, self.name, self.static = fn, fn.__name__, tuple(static)
         self.derived = dict(derived or {})
-        self.loc = SrcLoc(fn.__code__.co_filename, fn.__code__.co_firstlineno,
-                          inspect.getsourcelines(fn)[0][0].rstrip() if _has_source(fn) else "")
+        self.loc = _def_loc(fn)
         self.signature: list[tuple[str, object]] = []
         axes: list[str] = []
         for name, p in inspect.signature(fn).parameters.items():
@@ -119,12 +118,17 @@ class KernelDef:
         return str(self.specialize())
 
 
-def _has_source(fn) -> bool:
+def _def_loc(fn) -> SrcLoc:
+    """The ``def`` line of a kernel (not its decorator)."""
+    code = fn.__code__
     try:
-        inspect.getsourcelines(fn)
-        return True
+        lines, start = inspect.getsourcelines(fn)
     except (OSError, TypeError):
-        return False
+        return SrcLoc(code.co_filename, code.co_firstlineno)
+    for i, text in enumerate(lines):
+        if text.lstrip().startswith(("def ", "async def ")):
+            return SrcLoc(code.co_filename, start + i, text.rstrip())
+    return SrcLoc(code.co_filename, start, lines[0].rstrip())
 
 
 def kernel(fn: Callable | None = None, *, static: tuple[str, ...] = (), derived=None):

@@ -33,8 +33,9 @@ def _check_region(k, an, stmts, loop, stored):
                     _check_node(k, an, n)
                 if y.dtype != c.dtype or y.axes != c.axes:
                     raise KernelError(f"seq_for carried value {c.arg[1]} starts as {c.dtype}"
-                                      f"{list(c.axes)} but the body returns {y.dtype}"
-                                      f"{list(y.axes)}; cast or reduce it to match", y.loc or body.loc)
+                                      f"[{', '.join(c.axes)}] but the body returns {y.dtype}"
+                                      f"[{', '.join(y.axes)}]; cast or reduce it to match",
+                                      y.loc or body.loc)
                 if an.scope(y) not in an.chain(body):
                     raise KernelError("a carried value returned from seq_for comes from "
                                       "another loop", y.loc)

@@ -1,0 +1,49 @@
+"""torch.ops.kernelforge.*: registered custom ops with fake kernels, usable
+inside an engine's own torch.compile(fullgraph=True) graph."""
+import pytest
+import torch
+
+import kernelforge
+from kernelforge.tolerance import assert_close
+import reference
+
+HIDDEN = 576
+
+
+def test_ops_are_registered():
+    for name in ("rms_norm", "fused_add_rms_norm", "fused_add_rms_norm_"):
+        assert hasattr(torch.ops.kernelforge, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck(dtype):
+    x = torch.randn(3, HIDDEN, dtype=dtype)
+    r = torch.randn(3, HIDDEN, dtype=dtype)
+    w = torch.randn(HIDDEN, dtype=dtype)
+    torch.library.opcheck(torch.ops.kernelforge.rms_norm.default, (x, w, 1e-6, 0.0, "eager"))
+    torch.library.opcheck(torch.ops.kernelforge.fused_add_rms_norm.default,
+                          (x, r, w, 1e-6, 0.0, "eager"))
+    torch.library.opcheck(torch.ops.kernelforge.fused_add_rms_norm_.default,
+                          (x.clone(), r.clone(), w, 1e-6, 1.0, "eager"))
+
+
+def test_inside_an_engines_fullgraph_compile():
+    """fullgraph=True raises on any graph break, so this compiling at all is
+    the proof; the outputs are checked against the float64 reference."""
+    def block(h, res, w):
+        h2, res2 = kernelforge.ops.fused_add_rms_norm(h, res, w, 1e-6)
+        y = kernelforge.ops.rms_norm(h2 * 2.0, w, 1e-6, offset=1.0)
+        h3, res3 = kernelforge.ops.fused_add_rms_norm(y, res2, w, 1e-6, inplace=True)
+        return h3 + 1.0, res3
+
+    compiled = torch.compile(block, fullgraph=True)
+    h, res = torch.randn(5, HIDDEN), torch.randn(5, HIDDEN)
+    w = torch.randn(HIDDEN)
+    out, res_out = compiled(h.clone(), res.clone(), w)
+
+    n1, s1 = reference.fused_add_rms_norm(h, res, w, 1e-6)
+    y = reference.rms_norm((n1.float() * 2.0), w, 1e-6, 1.0).float()
+    n2, s2 = reference.fused_add_rms_norm(y, s1.float(), w, 1e-6)
+    assert_close(res_out, s2, torch.float32, "residual through the graph")
+    # the reference rounds to fp32 between ops as the graph does; allow each op's error
+    assert_close(out - 1.0, n2, torch.float32, "output through the graph")

@@ -1,0 +1,169 @@
+"""The IR itself: printing, verifier errors that cite the author's line."""
+import os
+
+import pytest
+
+import kernelforge.lang as kl
+from kernelforge.ir.errors import KernelError
+from kernelforge.kernels import rmsnorm
+
+HERE = os.path.abspath(__file__)
+
+
+def line_of(tag: str) -> int:
+    with open(HERE) as f:
+        for i, text in enumerate(f, 1):
+            if text.rstrip().endswith(f"# {tag}") and "line_of(" not in text:
+                return i
+    raise LookupError(tag)
+
+
+def expect_error(kdef, tag: str, *words, dtypes=None, sizes=None):
+    with pytest.raises(KernelError) as e:
+        kdef.specialize(dtypes or {}, sizes or {"N": 64})
+    msg = str(e.value)
+    assert f"{HERE}:{line_of(tag)}" in msg, msg
+    for w in words:
+        assert w in msg, msg
+    return msg
+
+
+def test_print_shows_readable_ir():
+    k = rmsnorm.rms_norm_fwd.specialize({"x": kl.bf16, "w": kl.f32, "out": kl.bf16}, {"N": 4096})
+    text = str(k)
+    first = text.splitlines()[0]
+    assert first.startswith("kernel rms_norm_fwd(x: in bf16[M, N=4096], w: in f32[N=4096], "
+                            "out: out bf16[M, N=4096], eps: f32, offset: f32)")
+    assert "%m = parallel M block=1" in text
+    assert "seq_for %n" in text and "carry(" in text and "yield" in text
+    assert "reduce_sum" in text and "rsqrt" in text
+    assert "store out[%m, %n" in text
+    # every line names the kernel source line that produced it
+    assert all("rmsnorm.py:" in line for line in text.splitlines()[1:])
+    # and unspecialised printing works too (dtypes default to f32)
+    assert "kernel fused_add_rms_norm_fwd(x: in f32[M, N]" in str(rmsnorm.fused_add_rms_norm_fwd)
+
+
+def test_casts_are_explicit_dtype_mismatch_names_line():
+    @kl.kernel(static=("N",))
+    def bad(x: kl.In("M", "N"), out: kl.Out("M", "N")):
+        m, n = kl.parallel("M"), kl.tile("N")
+        v = kl.load(x[m, n])
+        kl.store(out[m, n], v + v.to(kl.f32))  # BAD-ADD
+    expect_error(bad, "BAD-ADD", "add of bf16 and f32", ".to(",
+                 dtypes={"x": kl.bf16, "out": kl.bf16})
+
+
+def test_store_needs_the_output_dtype():
+    @kl.kernel(static=("N",))
+    def bad(x: kl.In("M", "N"), out: kl.Out("M", "N")):
+        m, n = kl.parallel("M"), kl.tile("N")
+        kl.store(out[m, n], kl.load(x[m, n]).to(kl.f32))  # BAD-STORE
+    expect_error(bad, "BAD-STORE", "store of a f32 value into `out` (bf16)",
+                 dtypes={"x": kl.bf16, "out": kl.bf16})
+
+
+def test_value_escaping_its_loop():
+    @kl.kernel(static=("N",))
+    def bad(x: kl.In("M", "N"), out: kl.Out("M")):
+        m = kl.parallel("M")
+        leaked = []
+        kl.seq_for("N", lambda n: leaked.append(kl.sum(kl.load(x[m, n]), "N")))
+        kl.store(out[m], leaked[0])  # BAD-ESCAPE
+    expect_error(bad, "BAD-ESCAPE", "used outside that loop", "carried value")
+
+
+def test_carried_value_must_keep_its_type():
+    @kl.kernel(static=("N",))
+    def bad(x: kl.In("M", "N"), out: kl.Out("M")):
+        m = kl.parallel("M")
+        acc = kl.seq_for("N", lambda n, a: a + kl.load(x[m, n]),  # BAD-CARRY
+                         init=kl.zeros(kl.f32, "M"))
+        kl.store(out[m], acc)
+    expect_error(bad, "BAD-CARRY", "carried value 0 starts as f32[M]", "returns f32[M, N]")
+
+
+def test_reduce_over_an_axis_the_value_lacks():
+    @kl.kernel(static=("N",))
+    def bad(x: kl.In("M", "N"), w: kl.In("N"), out: kl.Out("M")):
+        m, n = kl.parallel("M"), kl.tile("N")
+        kl.store(out[m], kl.sum(kl.load(w[n]), "M"))  # BAD-REDUCE
+    expect_error(bad, "BAD-REDUCE", "over axis `M`", "only varies along ['N']")
+
+
+def test_store_into_an_input():
+    @kl.kernel(static=("N",))
+    def bad(x: kl.In("M", "N"), out: kl.Out("M", "N")):
+        m, n = kl.parallel("M"), kl.tile("N")
+        kl.store(out[m, n], kl.load(x[m, n]))
+        kl.store(x[m, n], kl.load(x[m, n]))  # BAD-INPUT
+    expect_error(bad, "BAD-INPUT", "declared kl.In")
+
+
+def test_wrong_number_of_indices_and_unknown_axis():
+    @kl.kernel(static=("N",))
+    def bad(x: kl.In("M", "N"), out: kl.Out("M", "N")):
+        m = kl.parallel("M")
+        kl.store(out[m, kl.tile("N")], kl.load(x[m]))  # BAD-INDEX
+    expect_error(bad, "BAD-INDEX", "tensor `x` has 2 dims")
+
+    @kl.kernel(static=("N",))
+    def bad2(x: kl.In("M", "N"), out: kl.Out("M", "N")):
+        kl.parallel("Q")  # BAD-AXIS
+    expect_error(bad2, "BAD-AXIS", "unknown axis `Q`", "['M', 'N']")
+
+
+def test_whole_axis_tile_needs_a_static_size():
+    @kl.kernel()
+    def bad(x: kl.In("M", "N"), out: kl.Out("M", "N")):
+        m = kl.parallel("M")
+        n = kl.tile("N")  # BAD-TILE
+        kl.store(out[m, n], kl.load(x[m, n]))
+    expect_error(bad, "BAD-TILE", "needs a static extent", "seq_for")
+
+
+def test_python_control_flow_on_values_is_refused():
+    @kl.kernel(static=("N",))
+    def bad(x: kl.In("M", "N"), out: kl.Out("M", "N")):
+        m, n = kl.parallel("M"), kl.tile("N")
+        v = kl.load(x[m, n])
+        if v > 0:  # BAD-IF
+            pass
+    expect_error(bad, "BAD-IF", "kl.where")
+
+
+def test_output_never_stored_and_float_only_ops():
+    @kl.kernel(static=("N",))
+    def bad(x: kl.In("M", "N"), out: kl.Out("M", "N")):  # BAD-NOSTORE
+        kl.parallel("M")
+    expect_error(bad, "BAD-NOSTORE", "output `out` is never stored")
+
+    @kl.kernel(static=("N",))
+    def bad2(x: kl.In("M", "N"), out: kl.Out("M", "N")):
+        m, n = kl.parallel("M"), kl.tile("N")
+        kl.store(out[m, n], kl.exp(kl.load(x[m, n])))  # BAD-EXP
+    expect_error(bad2, "BAD-EXP", "exp needs a float operand, got i32",
+                 dtypes={"x": kl.i32, "out": kl.i32})
+
+
+def test_low_precision_sum_is_refused():
+    @kl.kernel(static=("N",))
+    def bad(x: kl.In("M", "N"), out: kl.Out("M")):
+        m, n = kl.parallel("M"), kl.tile("N")
+        kl.store(out[m], kl.sum(kl.load(x[m, n]), "N"))  # BAD-SUM
+    expect_error(bad, "BAD-SUM", "sum in bf16 loses precision", dtypes={"x": kl.bf16,
+                                                                        "out": kl.bf16})
+
+
+def test_missing_annotation():
+    with pytest.raises(KernelError, match="needs an annotation"):
+        @kl.kernel
+        def bad(x, out: kl.Out("M")):
+            pass
+
+
+def test_same_expression_is_shared():
+    """Hash-consing: writing the same expression twice yields one node."""
+    k = rmsnorm.rms_norm_fwd.specialize({}, {"N": 8})
+    text = str(k)
+    assert text.count("rsqrt") == 1
