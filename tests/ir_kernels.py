@@ -89,3 +89,11 @@ def philox(counter: kl.In("M"), seed: kl.In("S"), out: kl.Out("M", "W")):
     r = lib.philox4x32(c0, zero, zero, zero, k0, k1)
     for i, word in enumerate(r):
         kl.store(out[m, i], word)
+
+
+@kl.kernel(static=("N",))
+def round_trip(a: kl.In("M", "N"), b: kl.In("M", "N"), out: kl.Out("M", "N")):
+    """An explicit rounding in the middle of f32 math must survive every lowering."""
+    m, n = kl.parallel("M"), kl.tile("N")
+    s = (kl.load(a[m, n]).to(kl.f32) + kl.load(b[m, n]).to(kl.f32)).to(kl.bf16).to(kl.f32)
+    kl.store(out[m, n], s * 3.0)

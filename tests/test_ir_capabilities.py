@@ -116,3 +116,13 @@ def test_philox_bit_identical_to_reference(backend):
     run(K.philox, counter, seed, out, backend=backend)
     got = out.cpu().numpy().astype(np.uint64).tolist()
     assert got == [_philox_reference(c, key) for c in counters]
+
+
+@pytest.mark.parametrize("backend", ["eager", "inductor", "triton"])
+def test_explicit_casts_are_honoured(backend):
+    """Inductor, left alone, fuses through f32->bf16->f32 and skips the rounding."""
+    a = torch.randn(4, 1000, device=DEVICE).bfloat16()
+    b = torch.randn(4, 1000, device=DEVICE).bfloat16()
+    out = torch.empty(4, 1000, device=DEVICE)
+    run(K.round_trip, a, b, out, backend=backend)
+    assert torch.equal(out, (a.float() + b.float()).bfloat16().float() * 3.0)

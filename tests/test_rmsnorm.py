@@ -131,3 +131,28 @@ def test_backends_agree_with_torch_rms_norm():
     for backend in BACKENDS:
         y = kernelforge.ops.rms_norm(x.float(), w.float(), 1e-6, backend=backend)
         assert_close(y, ref, torch.float32, f"vs F.rms_norm [{backend}]")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("hidden", [576, 4097])
+def test_no_out_of_bounds_reads_or_writes(backend, hidden):
+    """Rows live inside larger buffers: NaN poison around the input would leak
+    into any row that read past its end, and sentinels around the output show
+    any write past it."""
+    rows, pad = 3, 37
+    xbuf = torch.full((rows + 2, hidden + pad), float("nan"), device=DEVICE)
+    x = xbuf[1:-1, 5:5 + hidden]
+    x.copy_(torch.randn(rows, hidden, device=DEVICE))
+    w = torch.randn(hidden, device=DEVICE)
+    obuf = torch.full((rows + 2, hidden + pad), 123.0, device=DEVICE)
+    out = obuf[1:-1, 5:5 + hidden]
+    kernelforge.ops.rms_norm(x, w, out=out, backend=backend)
+    assert_close(out, reference.rms_norm(x, w, 1e-6), torch.float32, "rows inside a buffer")
+    untouched = obuf.clone()
+    untouched[1:-1, 5:5 + hidden] = 123.0
+    assert (untouched == 123.0).all(), "a write landed outside the output rows"
+    r = xbuf.clone()[1:-1, 5:5 + hidden]
+    r.copy_(torch.randn(rows, hidden, device=DEVICE))
+    kernelforge.ops.fused_add_rms_norm(x, r, w, inplace=True, backend=backend)
+    assert xbuf[1:-1, 5:5 + hidden].isfinite().all()
+    assert xbuf[0].isnan().all() and xbuf[-1].isnan().all() and xbuf[:, :5].isnan().all()

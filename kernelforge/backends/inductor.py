@@ -30,7 +30,10 @@ class InductorBackend(Backend):
 
     def build(self, kernel, device):
         mod = cache.load_module("torch", kernel.name, self.source(kernel))
-        fn = torch.compile(getattr(mod, kernel.name), fullgraph=True, dynamic=False)
+        # emulate_precision_casts: Inductor otherwise fuses through an explicit
+        # f32 -> bf16 -> f32 round trip and skips the rounding the IR asked for.
+        fn = torch.compile(getattr(mod, kernel.name), fullgraph=True, dynamic=False,
+                           options={"emulate_precision_casts": True})
         dyn = [(i, tuple(d for d, a in enumerate(p.axes) if kernel.axes[a].size is None))
                for i, p in enumerate(kernel.params) if p.kind != "scalar"]
         dyn = [(i, dims) for i, dims in dyn if dims]
