@@ -29,6 +29,29 @@ os.environ.setdefault("KERNELFORGE_CACHE_DIR", tempfile.mkdtemp(prefix="kernelfo
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+
+def _keep_freed_memory() -> str:
+    """glibc hands every block of 32 MiB or more back to the OS when it is freed,
+    so each call that allocates a 4096x4096 output page-faults it in afresh and
+    the kernel's own memory traffic is lost under that cost. Keep freed memory
+    in the heap instead (as torch's GPU caching allocator, or jemalloc/tcmalloc,
+    would). KF_BENCH_MALLOC=default keeps glibc's behaviour."""
+    if os.environ.get("KF_BENCH_MALLOC", "keep") == "default":
+        return "glibc default (KF_BENCH_MALLOC=default): large outputs page-fault on every call"
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        ok = (libc.mallopt(m_mmap_threshold, 1 << 30) == 1
+              and libc.mallopt(m_trim_threshold, (1 << 31) - 1) == 1)
+    except (OSError, AttributeError):
+        ok = False
+    return ("glibc mallopt: freed memory kept in the heap (KF_BENCH_MALLOC=default to turn off)"
+            if ok else "allocator unchanged (mallopt unavailable)")
+
+
+MALLOC_MODE = _keep_freed_memory()
+
 COPY_MIB = 256                       # fp32 source of the copy benchmark (and as much again written)
 
 # goals, checked (reported, not asserted) by the summary
@@ -153,7 +176,8 @@ def summary_lines() -> list[str]:
     copy_gbps = copy["gbps"] if copy else float("nan")
     lines = [f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
              f"load average at start {_STATE['load_start']}, at end {_loadavg()} "
-             "(a load above the CPU count means other work shared the cores)"]
+             "(a load above the CPU count means other work shared the cores)",
+             f"allocator: {MALLOC_MODE}"]
     if copy:
         lines.append(f"copy bandwidth: {copy_gbps:.2f} GB/s  ({copy['bytes'] / 2**20:.0f} MiB moved "
                      f"per copy, median {_fmt_time(copy['median_s']).strip()}; {copy['source']})")
@@ -207,3 +231,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             terminalreporter.section("kernelforge RMSNorm benchmark summary", sep="-")
             for line in lines:
                 terminalreporter.write_line(line)
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    # saved with every --benchmark-autosave run, so comparisons show the set-up
+    machine_info["kernelforge_bench"] = {
+        "allocator": MALLOC_MODE, "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+    }

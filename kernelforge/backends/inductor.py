@@ -1,8 +1,10 @@
 """inductor: the torch printer's function compiled by torch.compile.
 
-Runtime-sized axes (rows, tokens) are compiled as unbacked dynamic dims, so
-every row count, 0 and 1 included, reuses one compiled graph; static axes
-(the hidden size) are literals in the source and part of the cache key.
+Runtime-sized axes (rows, tokens) are compiled as dynamic dims, size-
+obliviously, so every row count, 0 and 1 included, reuses one compiled graph;
+static axes (the hidden size) are literals in the source and part of the cache
+key. Scalar parameters (eps, offset) are passed as 0-d tensors, so a new value
+is data, not a recompile.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ class InductorBackend(Backend):
         return True, "torch.compile supports every device type torch has a backend for"
 
     def source(self, kernel) -> str:
-        return torch_printer.print_module(kernel)
+        return torch_printer.print_module(kernel, scalars_as_tensors=True)
 
     def build(self, kernel, device):
         mod = cache.load_module("torch", kernel.name, self.source(kernel))
@@ -37,13 +39,53 @@ class InductorBackend(Backend):
         dyn = [(i, tuple(d for d, a in enumerate(p.axes) if kernel.axes[a].size is None))
                for i, p in enumerate(kernel.params) if p.kind != "scalar"]
         dyn = [(i, dims) for i, dims in dyn if dims]
-        # Unbacked: no 0/1 specialisation, so 0, 1 or 4096 rows share one graph.
-        from torch._dynamo.decorators import mark_unbacked as mark
+        scalars = [(i, p.dtype.torch) for i, p in enumerate(kernel.params) if p.kind == "scalar"]
+        tensors = [i for i, p in enumerate(kernel.params) if p.kind != "scalar"]
+        from torch._dynamo.decorators import mark_unbacked
+        mark = torch._dynamo.maybe_mark_dynamic
+        warm = []
 
         def run(*args):
+            args = list(args)
+            for i, d in scalars:          # eps is data: a new value must not recompile
+                args[i] = _scalar_tensor(args[i], d)
+            if len({id(args[i]) for i in tensors}) < len(tensors):
+                # In place (an output is an input): Inductor 2.13's CPU codegen
+                # fails on aliased inputs with backed dynamic sizes, so these
+                # calls get unbacked sizes (one more graph, guarded on aliasing).
+                for i, dims in dyn:
+                    for d in dims:
+                        mark_unbacked(args[i], d)
+                return fn(*args)
             for i, dims in dyn:
                 for d in dims:
                     mark(args[i], d)
-            return fn(*args)
+            if warm:
+                return fn(*args)
+            # The first compile treats runtime sizes size-obliviously: one graph
+            # serves every row count (0 and 1 included), and unlike unbacked
+            # sizes it still lets Inductor write straight into the outputs.
+            with backed_size_oblivious(True):
+                out = fn(*args)
+            warm.append(True)
+            return out
 
         return run
+
+
+_scalars: dict[tuple, torch.Tensor] = {}
+
+
+def _scalar_tensor(v, dtype) -> torch.Tensor:
+    key = (v, dtype)
+    t = _scalars.get(key)
+    if t is None:
+        if len(_scalars) > 256:
+            _scalars.clear()
+        t = _scalars[key] = torch.tensor(v, dtype=dtype)
+    return t
+
+
+def backed_size_oblivious(on: bool):
+    import torch.fx.experimental._config as fx_config
+    return fx_config.patch(backed_size_oblivious=on)

@@ -75,12 +75,16 @@ def storage(d: dt.DType) -> str:
     return "torch.int64" if d == dt.u32 else f"torch.{str(d.torch).split('.')[1]}"
 
 
-def print_module(k) -> str:
+def print_module(k, scalars_as_tensors: bool = False) -> str:
+    """The module text. ``scalars_as_tensors``: scalar parameters arrive as
+    0-d tensors (so torch.compile treats eps as data, not as a constant to
+    recompile for); otherwise as Python numbers."""
     an = Analysis(k)
-    p = _Printer(k, an)
+    p = _Printer(k, an, scalars_as_tensors)
     p.run()
     params = ", ".join(x.name for x in k.params)
-    return _MODULE.render(k=k, spec=spec_text(k), params=params, body=p.out.text())
+    spec = spec_text(k) + ("; scalars arrive as 0-d tensors" if scalars_as_tensors else "")
+    return _MODULE.render(k=k, spec=spec, params=params, body=p.out.text())
 
 
 def spec_text(k) -> str:
@@ -96,8 +100,9 @@ def spec_text(k) -> str:
 
 
 class _Printer:
-    def __init__(self, k, an: Analysis):
+    def __init__(self, k, an: Analysis, scalars_as_tensors: bool = False):
         self.k, self.an = k, an
+        self.scalars_as_tensors = scalars_as_tensors
         self.out = Lines()
         self.names: dict[int, str] = {}
         self.py: set[int] = set()       # nodes printed as Python scalars
@@ -122,7 +127,7 @@ class _Printer:
         if n.op in (Op.CONST, Op.SIZE):
             return True
         if n.op == Op.PARAM:
-            return n.arg.kind == "scalar"
+            return n.arg.kind == "scalar" and not self.scalars_as_tensors
         return id(n) in self.py
 
     def operand(self, n: Node, want: tuple[str, ...]) -> str:
