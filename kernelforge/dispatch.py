@@ -25,6 +25,16 @@ def _plan(kdef):
     return plan
 
 
+class NewTensor:
+    """An output the caller has not allocated: ``launch`` returns it. A
+    backend that can produce outputs itself (``build_functional``) allocates
+    it inside its compiled code; for the others dispatch allocates it."""
+    __slots__ = ("shape", "dtype", "device")
+
+    def __init__(self, shape, dtype: torch.dtype, device):
+        self.shape, self.dtype, self.device = tuple(shape), dtype, torch.device(device)
+
+
 def specialization(kdef, args) -> tuple[dict, dict]:
     tensors, static, _ = _plan(kdef)
     dtypes = {name: dt.from_torch(args[i].dtype) for i, name in tensors}
@@ -33,26 +43,55 @@ def specialization(kdef, args) -> tuple[dict, dict]:
 
 
 def compiled(kdef, args, backend: str | None = None):
-    """The callable that would run ``kdef`` on ``args``, and the decision."""
+    """The callable that would run ``kdef`` on ``args`` (returning the
+    tensors for its NewTensor arguments), and the backend decision."""
     tensors, static, qualname = _plan(kdef)
     device = args[tensors[0][0]].device
     decision = registry.select(device, backend)
     be = decision.backend
+    new = tuple(i for i, _ in tensors if isinstance(args[i], NewTensor))
     key = (qualname, be.name, device.type,
            tuple(args[i].dtype for i, _ in tensors),
-           tuple(args[i].shape[d] for _, (i, d) in static), be.schedule_key())
+           tuple(args[i].shape[d] for _, (i, d) in static), be.schedule_key(), new)
 
     def build():
         dtypes, sizes = specialization(kdef, args)
-        return be.build(kdef.specialize(dtypes, sizes), device)
+        kernel = kdef.specialize(dtypes, sizes)
+        return _runner(be, kernel, device, new, [kdef.signature[i][0] for i in new])
 
     return cache.get_or_build(key, build), decision
 
 
-def launch(kdef, *args, backend: str | None = None) -> None:
-    """Run kernel ``kdef`` with ``args`` in its declaration order."""
+def _runner(be, kernel, device, new: tuple, new_names: list):
+    if new and hasattr(be, "build_functional"):
+        fn = be.build_functional(kernel, device, tuple(new_names))
+        if fn is not None:
+            keep = [i for i in range(len(kernel.params)) if i not in new]
+            return lambda *a: fn(*[a[i] for i in keep])
+    raw = be.build(kernel, device)
+    if not new:
+        def run(*a):
+            raw(*a)
+            return ()
+        return run
+
+    def run_alloc(*a):
+        a = list(a)
+        outs = []
+        for i in new:
+            spec = a[i]
+            a[i] = t = torch.empty(spec.shape, dtype=spec.dtype, device=spec.device)
+            outs.append(t)
+        raw(*a)
+        return tuple(outs)
+    return run_alloc
+
+
+def launch(kdef, *args, backend: str | None = None) -> tuple:
+    """Run kernel ``kdef`` with ``args`` in its declaration order; returns the
+    outputs given as ``NewTensor`` (in order), allocated by the backend."""
     fn, _ = compiled(kdef, args, backend)
-    fn(*args)
+    return fn(*args)
 
 
 def source(kdef, args, backend: str) -> str:

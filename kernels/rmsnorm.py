@@ -20,7 +20,7 @@ import torch
 import kernelforge.lang as kl
 from kernelforge import checks
 from kernelforge.backends import registry
-from kernelforge.dispatch import launch
+from kernelforge.dispatch import NewTensor, launch
 
 
 @kl.kernel(static=("N",))
@@ -89,7 +89,14 @@ def _check(op: str, x, weight, eps, offset, backend):
 
 
 def _rms_norm_impl(x, weight, eps, offset, out, backend):
-    (x2, _), (out2, copied) = checks.rows(x), checks.rows(out)
+    x2, _ = checks.rows(x)
+    if out is None:    # let the backend allocate it (Inductor writes fresh buffers faster)
+        if not x2.shape[0]:
+            return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        (y,) = launch(rms_norm_fwd, x2, weight, NewTensor(x2.shape, x.dtype, x.device),
+                      float(eps), float(offset), backend=backend)
+        return y.view(x.shape)
+    out2, copied = checks.rows(out)
     if x2.shape[0]:
         launch(rms_norm_fwd, x2, weight, out2, float(eps), float(offset), backend=backend)
     if copied:
@@ -127,8 +134,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, offset
     if torch.compiler.is_compiling():
         y = torch.ops.kernelforge.rms_norm(x, weight, float(eps), float(offset), backend)
         return y if out is None else out.copy_(y)
-    if out is None:
-        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     return _rms_norm_impl(x, weight, eps, offset, out, backend)
 
 
@@ -168,27 +173,27 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
 
 
 def _fused_impl(x, residual, weight, eps, offset, inplace, backend):
-    if inplace:
-        out, res_out = x, residual
-    else:
-        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        res_out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    (x2, _), (r2, _) = checks.rows(x), checks.rows(residual)
-    (o2, o_copied), (ro2, ro_copied) = checks.rows(out), checks.rows(res_out)
-    if inplace:
-        # Pass the very same tensor objects for aliased arguments: torch.compile
-        # sees the aliasing (distinct views of one buffer would look independent
-        # and let Inductor reorder a write before a read).
-        o2 = x2 if not o_copied else o2
-        ro2 = r2 if not ro_copied else ro2
+    (x2, x_copied), (r2, r_copied) = checks.rows(x), checks.rows(residual)
+    if not inplace:    # let the backend allocate the outputs
+        if not x2.shape[0]:
+            return (torch.empty(x.shape, dtype=x.dtype, device=x.device),
+                    torch.empty(x.shape, dtype=x.dtype, device=x.device))
+        new = NewTensor(x2.shape, x.dtype, x.device)
+        out, res_out = launch(fused_add_rms_norm_fwd, x2, r2, weight, new, new, float(eps),
+                              float(offset), backend=backend)
+        return out.view(x.shape), res_out.view(x.shape)
+    # In place: the outputs are the inputs. Pass the very same tensor objects
+    # for aliased arguments, so torch.compile sees the aliasing (distinct views
+    # of one buffer look independent and let Inductor reorder a write before a
+    # read). Rows that cannot be viewed were copied: compute there, copy back.
     if x2.shape[0]:
-        launch(fused_add_rms_norm_fwd, x2, r2, weight, o2, ro2, float(eps), float(offset),
+        launch(fused_add_rms_norm_fwd, x2, r2, weight, x2, r2, float(eps), float(offset),
                backend=backend)
-    if o_copied:
-        out.copy_(o2.view(out.shape))
-    if ro_copied:
-        res_out.copy_(ro2.view(res_out.shape))
-    return out, res_out
+    if x_copied:
+        x.copy_(x2.view(x.shape))
+    if r_copied:
+        residual.copy_(r2.view(residual.shape))
+    return x, residual
 
 
 # -- torch.library custom ops: opaque, compile-safe entry points for engines ---------
@@ -196,8 +201,7 @@ def _fused_impl(x, residual, weight, eps, offset, inplace, backend):
 @torch.library.custom_op("kernelforge::rms_norm", mutates_args=())
 def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float,
                  backend: Optional[str]) -> torch.Tensor:
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    return _rms_norm_impl(x, weight, eps, offset, out, backend)
+    return _rms_norm_impl(x, weight, eps, offset, None, backend)
 
 
 @_rms_norm_op.register_fake

@@ -126,3 +126,22 @@ def test_explicit_casts_are_honoured(backend):
     out = torch.empty(4, 1000, device=DEVICE)
     run(K.round_trip, a, b, out, backend=backend)
     assert torch.equal(out, (a.float() + b.float()).bfloat16().float() * 3.0)
+
+
+@pytest.mark.parametrize("backend", ["eager", "inductor", "triton"])
+def test_outputs_allocated_by_the_backend(backend):
+    """NewTensor outputs: Inductor returns them from its graph when an output
+    is written once, whole; otherwise (two partial stores) it falls back to
+    writing into an allocated tensor. Either way launch returns them."""
+    from kernelforge.dispatch import NewTensor
+    from kernelforge.lower.torch_printer import can_return
+    x = torch.randn(3, 1000, device=DEVICE)
+    (y,) = kernelforge.launch(K.softmax_online, x, NewTensor(x.shape, x.dtype, DEVICE),
+                              backend=backend)
+    assert_close(y, torch.softmax(x.double(), -1), torch.float32, "softmax into a new tensor")
+    x = torch.randn(3, 64, device=DEVICE)
+    (r,) = kernelforge.launch(K.rotate_halves, x, NewTensor(x.shape, x.dtype, DEVICE),
+                              backend=backend)
+    assert torch.equal(r, torch.cat([x[:, 32:], x[:, :32]], -1))
+    assert can_return(K.softmax_online.specialize({}, {"N": 1000}), "out")
+    assert not can_return(K.rotate_halves.specialize({}, {"N": 64}), "out")

@@ -42,7 +42,10 @@ def _mulhi_u32(a, b):
 
 def {{ k.name }}({{ params }}):
 {{ body }}
-''')
+{% if returns %}
+    return ({{ returns }},)
+{% endif %}
+''', trim_blocks=True)
 
 # op -> format of its torch expression; {0}, {1}, {2} are the operands
 _TABLE = {
@@ -75,16 +78,45 @@ def storage(d: dt.DType) -> str:
     return "torch.int64" if d == dt.u32 else f"torch.{str(d.torch).split('.')[1]}"
 
 
-def print_module(k, scalars_as_tensors: bool = False) -> str:
-    """The module text. ``scalars_as_tensors``: scalar parameters arrive as
-    0-d tensors (so torch.compile treats eps as data, not as a constant to
-    recompile for); otherwise as Python numbers."""
+def print_module(k, scalars_as_tensors: bool = False, returns: tuple[str, ...] = ()) -> str:
+    """The module text.
+
+    Args:
+        scalars_as_tensors: scalar parameters arrive as 0-d tensors (so
+            torch.compile treats eps as data, not as a constant to recompile for);
+            otherwise as Python numbers.
+        returns: output parameters the function returns instead of writing
+            (they leave its signature); each must pass ``can_return``.
+    """
     an = Analysis(k)
-    p = _Printer(k, an, scalars_as_tensors)
+    p = _Printer(k, an, scalars_as_tensors, returns)
     p.run()
-    params = ", ".join(x.name for x in k.params)
+    params = ", ".join(x.name for x in k.params if x.name not in returns)
     spec = spec_text(k) + ("; scalars arrive as 0-d tensors" if scalars_as_tensors else "")
-    return _MODULE.render(k=k, spec=spec, params=params, body=p.out.text())
+    return _MODULE.render(k=k, spec=spec, params=params, body=p.out.text(),
+                          returns=", ".join(f"{r}_result" for r in returns))
+
+
+def can_return(k, name: str) -> bool:
+    """Whether output ``name`` is written exactly once, whole, and never read,
+    so a functional form may return it instead of writing into it."""
+    an = Analysis(k)
+    stores, loaded = [], False
+    for ev, n in linearize(k, an):
+        if ev == "store" and n.src[0].arg.name == name:
+            stores.append(n)
+        elif ev == "node" and n.op == Op.LOAD and n.src[0].arg.name == name:
+            loaded = True
+    if loaded or len(stores) != 1:
+        return False
+    s = stores[0]
+    param, value, *index = s.src
+    if param.arg.dtype == dt.u32 or value.axes != tuple(k.order(param.arg.axes)):
+        return False
+    inputs = {a for p in k.params if p.kind != "scalar" and p.name != name for a in p.axes}
+    if any(k.axes[a].size is None and a not in inputs for a in param.arg.axes):
+        return False   # a runtime size only the output knows
+    return all(i.op == Op.RANGE and i.arg[0] == a for i, a in zip(index, param.arg.axes))
 
 
 def spec_text(k) -> str:
@@ -100,9 +132,10 @@ def spec_text(k) -> str:
 
 
 class _Printer:
-    def __init__(self, k, an: Analysis, scalars_as_tensors: bool = False):
+    def __init__(self, k, an: Analysis, scalars_as_tensors: bool = False, returns=()):
         self.k, self.an = k, an
         self.scalars_as_tensors = scalars_as_tensors
+        self.returns = returns
         self.out = Lines()
         self.names: dict[int, str] = {}
         self.py: set[int] = set()       # nodes printed as Python scalars
@@ -136,10 +169,10 @@ class _Printer:
     # -- driver -------------------------------------------------------------------
     def run(self) -> None:
         k, o = self.k, self.out
-        first = next((p for p in k.params if p.kind != "scalar"), None)
-        o.line(f"_dev = {first.name}.device" if first else "_dev = None")
+        ins = [p for p in k.params if p.kind != "scalar" and p.name not in self.returns]
+        o.line(f"_dev = {ins[0].name}.device" if ins else "_dev = None")
         bound = set()
-        for p in k.params:
+        for p in ins:
             for i, a in enumerate(p.axes):
                 if a in bound:
                     continue
@@ -195,7 +228,9 @@ class _Printer:
                 v = f"({v}).permute({', '.join(map(str, perm))})"
         if param.arg.dtype == dt.u32:
             v = f"({v}).to(torch.int32)"  # back from the int64 working type
-        if gather:
+        if param.arg.name in self.returns:
+            self.out.line(f"{param.arg.name}_result = {v}")
+        elif gather:
             self.out.line(f"{param.arg.name}[{target}] = {v}")
         elif target == "":
             self.out.line(f"{param.arg.name}.copy_({v})")
