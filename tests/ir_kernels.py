@@ -97,3 +97,12 @@ def round_trip(a: kl.In("M", "N"), b: kl.In("M", "N"), out: kl.Out("M", "N")):
     m, n = kl.parallel("M"), kl.tile("N")
     s = (kl.load(a[m, n]).to(kl.f32) + kl.load(b[m, n]).to(kl.f32)).to(kl.bf16).to(kl.f32)
     kl.store(out[m, n], s * 3.0)
+
+
+@kl.kernel(static=("N",))
+def store_then_reuse(x: kl.In("M", "N"), out: kl.Out("M", "N"), out2: kl.Out("M", "N")):
+    """A loaded value used after a store that may overwrite its source (in place)."""
+    m, n = kl.parallel("M"), kl.tile("N")
+    v = kl.load(x[m, n])
+    kl.store(out[m, n], v * 2.0)
+    kl.store(out2[m, n], v + 1.0)

@@ -145,3 +145,13 @@ def test_outputs_allocated_by_the_backend(backend):
     assert torch.equal(r, torch.cat([x[:, 32:], x[:, :32]], -1))
     assert can_return(K.softmax_online.specialize({}, {"N": 1000}), "out")
     assert not can_return(K.rotate_halves.specialize({}, {"N": 64}), "out")
+
+
+@pytest.mark.parametrize("backend", ["eager", "inductor", "triton"])
+def test_loaded_values_are_snapshots_even_in_place(backend):
+    x = torch.randn(3, 64, device=DEVICE)
+    orig = x.clone()
+    out2 = torch.empty_like(x)
+    run(K.store_then_reuse, x, x, out2, backend=backend)      # out is x itself
+    assert torch.equal(x, orig * 2.0)
+    assert torch.equal(out2, orig + 1.0)

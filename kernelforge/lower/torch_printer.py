@@ -8,6 +8,8 @@ emitted exactly where the IR has them.
 """
 from __future__ import annotations
 
+import re
+
 import jinja2
 
 from ..ir import dtypes as dt
@@ -131,6 +133,29 @@ def spec_text(k) -> str:
     return ", ".join(out)
 
 
+def _loads_read_after_a_store(events) -> set[int]:
+    """Loads whose value is still used after a later store. The IR reads a
+    value when it loads it; torch reads a view when it uses it, so if that
+    store overwrites the source (an in-place call) the load must be copied."""
+    defined, last_use, stores = {}, {}, []
+    for i, (ev, n) in enumerate(events):
+        if ev == "node":
+            if n.op == Op.LOAD:
+                defined[id(n)] = i
+            srcs = n.src
+        elif ev == "store":
+            stores.append(i)
+            srcs = n.src
+        elif ev == "begin":
+            srcs = n.src
+        else:
+            srcs = n.arg.yields
+        for src in srcs:
+            last_use[id(src)] = i
+    return {nid for nid, d in defined.items()
+            if any(d < st < last_use.get(nid, -1) for st in stores)}
+
+
 class _Printer:
     def __init__(self, k, an: Analysis, scalars_as_tensors: bool = False, returns=()):
         self.k, self.an = k, an
@@ -141,6 +166,11 @@ class _Printer:
         self.py: set[int] = set()       # nodes printed as Python scalars
         self.count = 0
         self.carries: dict[int, str] = {}
+        # Textual CSE: with every loop collapsed to one iteration, the second
+        # pass over a row prints the same expressions as the first; eager torch
+        # would compute them twice. expr -> (name, is_py, reads memory)
+        self.cse: dict[str, tuple[str, bool, bool]] = {}
+        self.reads_memory: set[int] = set()
 
     # -- naming -------------------------------------------------------------------
     def name(self, n: Node) -> str:
@@ -182,7 +212,9 @@ class _Printer:
         for a, ax in k.axes.items():
             if a not in bound and ax.size is not None:   # derived and top-k axes
                 o.line(f"{a} = {ax.size}")
-        for ev, n in linearize(k, self.an):
+        events = list(linearize(k, self.an))
+        self.snapshots = _loads_read_after_a_store(events)
+        for ev, n in events:
             getattr(self, "ev_" + ev)(n)
 
     def ev_node(self, n: Node) -> None:
@@ -194,12 +226,26 @@ class _Printer:
                 self.py.add(id(n))
             return
         expr, py = self.expr(n)
+        if id(n) in self.snapshots:
+            expr = f"{expr}.clone()"
+        mem = n.op == Op.LOAD or any(id(s) in self.reads_memory for s in n.src)
+        if mem:
+            self.reads_memory.add(id(n))
+        hit = self.cse.get(expr)
+        if hit is None and n.op == Op.LOAD and expr.isidentifier():
+            hit = (expr, False, True)          # a whole-tensor load is the tensor itself
+        if hit is not None:
+            self.names[id(n)] = hit[0]
+            if hit[1]:
+                self.py.add(id(n))
+            return
         self.out.src(n.loc)
         nm = self.names[id(n)] = f"v{self.count}"
         self.count += 1
         if py:
             self.py.add(id(n))
         self.out.line(f"{nm} = {expr}")
+        self.cse[expr] = (nm, py, mem)
 
     def ev_begin(self, s: Node) -> None:
         loop = s.arg
@@ -212,11 +258,20 @@ class _Printer:
                 self.py.add(id(c))
 
     def ev_end(self, s: Node) -> None:
+        reassigned = set()
         for c, y in zip(s.arg.carries, s.arg.yields):
             self.out.line(f"{self.carries[id(c)]} = {self.name(y)}")
+            reassigned.add(self.carries[id(c)])
+        if reassigned:   # expressions over the old carried values are stale now
+            pat = re.compile(r"\b(" + "|".join(map(re.escape, reassigned)) + r")\b")
+            self.cse = {e: v for e, v in self.cse.items() if not pat.search(e)}
 
     def ev_store(self, s: Node) -> None:
         param, value, *index = s.src
+        if param.arg.name not in self.returns:
+            # outputs may alias inputs (in-place ops): nothing read before a
+            # store may be reused after it
+            self.cse = {e: v for e, v in self.cse.items() if not v[2]}
         self.out.src(s.loc)
         target, gather = self.index(param.arg, index, s.axes)
         v = self.name(value)
