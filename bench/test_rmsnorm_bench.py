@@ -53,14 +53,7 @@ def test_copy_bandwidth(benchmark, record_copy):
 
 # -- the implementations -------------------------------------------------------------
 
-def formula(x, w):
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + EPS) * w).to(x.dtype)
-
-
-def fused_formula(x, r, w):
-    s = (x.float() + r.float()).to(x.dtype)
-    return formula(s, w), s
+from peers import formula, fused_formula  # noqa: E402  (bench/ is on sys.path under pytest)
 
 
 _COMPILED: dict = {}

@@ -109,13 +109,8 @@ def main() -> int:
     torch.cuda.empty_cache()
 
     # -- implementations ------------------------------------------------------------
-    def formula(x, w):
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + EPS) * w).to(x.dtype)
-
-    def fused_formula(x, r, w):
-        s = (x.float() + r.float()).to(x.dtype)
-        return formula(s, w), s
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    from peers import formula, fused_formula
 
     def ref_rms(x, w):
         x64 = x.double()
