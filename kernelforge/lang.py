@@ -201,7 +201,10 @@ def seq_for(axis: str, body: Callable, init=()):
     a = _axis(axis)
     t = tracer()
     loc = caller_loc()
-    loop = Loop(a.name, loc, parent=t.loops[-1] if t.loops else None)
+    # loop ids count per kernel, so generated names (and source hashes) do not
+    # depend on what else the process traced before
+    t.k.loop_count += 1
+    loop = Loop(a.name, loc, id=t.k.loop_count - 1, parent=t.loops[-1] if t.loops else None)
     single = not isinstance(init, (tuple, list))
     init_nodes = tuple(as_node(v) for v in ((init,) if single else init))
     loop.range = Node(Op.RANGE, i32, (a.name,), (), (a.name, "seq", loop.id), loc)

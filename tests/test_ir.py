@@ -167,3 +167,17 @@ def test_same_expression_is_shared():
     k = rmsnorm.rms_norm_fwd.specialize({}, {"N": 8})
     text = str(k)
     assert text.count("rsqrt") == 1
+
+
+def test_generated_source_is_deterministic():
+    """Same kernel, same specialisation: the same text, whatever was traced
+    before (the disk cache and torch.compile's caches are keyed by it)."""
+    from kernelforge.lower import torch_printer, triton_printer
+    spec = ({"x": kl.bf16, "w": kl.bf16, "out": kl.bf16}, {"N": 4097})
+    a = rmsnorm.rms_norm_fwd.specialize(*spec)
+    rmsnorm.fused_add_rms_norm_fwd.specialize({}, {"N": 12})    # trace something else between
+    b = kl.KernelDef(rmsnorm.rms_norm_fwd.fn, ("N",)).specialize(*spec)
+    assert a is not b
+    assert triton_printer.print_module(a) == triton_printer.print_module(b)
+    assert torch_printer.print_module(a) == torch_printer.print_module(b)
+    assert str(a) == str(b)

@@ -45,6 +45,7 @@ class Kernel:
     stmts: list[Node] = field(default_factory=list)   # top-level STORE / SEQ_FOR nodes
     loc: SrcLoc | None = None
     graph: Graph = field(default_factory=Graph)
+    loop_count: int = 0
 
     def order(self, axes) -> tuple[str, ...]:
         idx = list(self.axes)

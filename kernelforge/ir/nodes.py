@@ -12,7 +12,6 @@ from the axes an access varies along (``Axis.size`` versus the block).
 """
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
 from enum import Enum, auto
 from typing import Any
@@ -102,16 +101,13 @@ class Param:
     axes: tuple[str, ...] = ()     # tensor dims, by axis name
 
 
-_ids = itertools.count()
-
-
 @dataclass(eq=False)
 class Loop:
     """Body of a SEQ_FOR: the tile RANGE, carried placeholders, statements
     (STORE / SEQ_FOR nodes in program order) and the yielded values."""
     axis: str
     loc: SrcLoc
-    id: int = field(default_factory=lambda: next(_ids))
+    id: int = 0                          # unique within its kernel
     range: "Node | None" = None
     carries: tuple["Node", ...] = ()
     stmts: list["Node"] = field(default_factory=list)
