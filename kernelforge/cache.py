@@ -83,7 +83,9 @@ def load_module(kind: str, name: str, source: str, before_exec=None):
     return mod
 
 
-def get_or_build(key: tuple, build):
+def get_or_build(key: tuple, build, label: tuple):
+    """The callable cached under ``key``, built once; ``label`` names the
+    build in ``stats``."""
     fn = _memory.get(key)
     if fn is not None:
         return fn
@@ -91,7 +93,7 @@ def get_or_build(key: tuple, build):
         fn = _memory.get(key)
         if fn is None:
             fn = build()
-            stats[(key[0], key[1])] += 1
+            stats[label] += 1
             _memory[key] = fn
     return fn
 

@@ -10,19 +10,36 @@ from .ir import dtypes as dt
 
 
 def _plan(kdef):
-    """Per kernel, once: which args are tensors and where each static axis is read."""
-    plan = getattr(kdef, "_launch_plan", None)
+    """Per kernel, once: which args are tensors, where each static axis is
+    read, and which other dims must agree with the dim an axis was read from."""
+    plan = kdef.launch_plan
     if plan is None:
-        tensors, static = [], {}
+        tensors, static, first, same = [], {}, {}, []
         for i, (name, ann) in enumerate(kdef.signature):
             if hasattr(ann, "axes"):
                 tensors.append((i, name))
                 for d, a in enumerate(ann.axes):
                     if a in kdef.static and a not in static:
                         static[a] = (i, d)
-        plan = kdef._launch_plan = (tensors, tuple(static.items()),
-                                    f"{kdef.fn.__module__}.{kdef.name}")
+                    if a in first:
+                        same.append((a, first[a], (i, d)))
+                    else:
+                        first[a] = (i, d)
+        plan = kdef.launch_plan = (tensors, tuple(static.items()),
+                                   f"{kdef.fn.__module__}.{kdef.name}", tuple(same))
     return plan
+
+
+def check_shapes(kdef, args) -> None:
+    """Every dim named by the same axis has the same extent; a kernel would
+    otherwise read or write past the smaller tensor."""
+    _, _, _, same = _plan(kdef)
+    for axis, (i, d), (j, e) in same:
+        if args[i].shape[d] != args[j].shape[e]:
+            names = kdef.signature
+            raise ValueError(
+                f"{kdef.name}: `{names[j][0]}` dim {e} is axis {axis}, expected "
+                f"{args[i].shape[d]} (dim {d} of `{names[i][0]}`), got {args[j].shape[e]}")
 
 
 class NewTensor:
@@ -36,7 +53,7 @@ class NewTensor:
 
 
 def specialization(kdef, args) -> tuple[dict, dict]:
-    tensors, static, _ = _plan(kdef)
+    tensors, static, _, _ = _plan(kdef)
     dtypes = {name: dt.from_torch(args[i].dtype) for i, name in tensors}
     sizes = {a: int(args[i].shape[d]) for a, (i, d) in static}
     return dtypes, sizes
@@ -45,12 +62,13 @@ def specialization(kdef, args) -> tuple[dict, dict]:
 def compiled(kdef, args, backend: str | None = None):
     """The callable that would run ``kdef`` on ``args`` (returning the
     tensors for its NewTensor arguments), and the backend decision."""
-    tensors, static, qualname = _plan(kdef)
+    tensors, static, qualname, _ = _plan(kdef)
+    check_shapes(kdef, args)
     device = args[tensors[0][0]].device
     decision = registry.select(device, backend)
     be = decision.backend
     new = tuple(i for i, _ in tensors if isinstance(args[i], NewTensor))
-    key = (qualname, be.name, device.type,
+    key = (kdef, be.name, device.type,
            tuple(args[i].dtype for i, _ in tensors),
            tuple(args[i].shape[d] for _, (i, d) in static), be.schedule_key(), new)
 
@@ -59,7 +77,7 @@ def compiled(kdef, args, backend: str | None = None):
         kernel = kdef.specialize(dtypes, sizes)
         return _runner(be, kernel, device, new, [kdef.signature[i][0] for i in new])
 
-    return cache.get_or_build(key, build), decision
+    return cache.get_or_build(key, build, (qualname, be.name)), decision
 
 
 def _runner(be, kernel, device, new: tuple, new_names: list):

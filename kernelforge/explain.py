@@ -45,8 +45,7 @@ def explain(op: str, *args, backend: str | None = None) -> Explanation:
         tensors = [n for n, a in kdef.signature if hasattr(a, "axes")]
         if len(args) >= len(tensors):
             dtypes, sizes = launch.specialization(kdef, args)
-            qual = launch._plan(kdef)[2]
-            built = any(k[0] == qual and k[1] == decision.backend.name for k in cache._memory)
+            built = any(k[0] is kdef and k[1] == decision.backend.name for k in cache._memory)
             spec = ", ".join(f"{n}={d}" for n, d in dtypes.items()) + "".join(
                 f", {a}={v}" for a, v in sizes.items())
             kernels.append((kdef.name, spec, built))

@@ -29,7 +29,7 @@ from .ir.value import TensorArg, TensorRef, Value, elementwise
 __all__ = [
     "kernel", "In", "Out", "parallel", "tile", "seq_for", "load", "store", "full", "zeros",
     "size", "where", "maximum", "minimum", "exp", "exp2", "log", "log2", "sqrt", "rsqrt", "sin",
-    "cos", "tanh", "sigmoid", "abs", "floor", "mulhi", "sum", "max", "min", "argmax", "argmin",
+    "cos", "tanh", "sigmoid", "abs", "floor", "reciprocal", "mulhi", "sum", "max", "min", "argmax", "argmin",
     "dot", "cumsum", "cummax", "sort", "topk", "f32", "f16", "bf16", "f64", "i32", "i64", "u32",
     "bool_", "KernelError",
 ]
@@ -77,6 +77,7 @@ class KernelDef:
                 raise KernelError(f"static axis `{s}` is not an axis of any parameter "
                                   f"of `{self.name}` (axes: {axes})", self.loc)
         self._cache: dict[tuple, object] = {}
+        self.launch_plan = None          # filled by kernelforge.dispatch on first launch
 
     @property
     def tensor_params(self) -> list[str]:
@@ -88,6 +89,10 @@ class KernelDef:
         and ``sizes`` (static axis -> extent)."""
         from .ir.verify import verify
         dtypes, sizes = dtypes or {}, sizes or {}
+        unknown = set(dtypes) - set(self.tensor_params)
+        if unknown:
+            raise KernelError(f"specialize: {sorted(unknown)} are not tensor parameters of "
+                              f"`{self.name}` ({self.tensor_params})", self.loc)
         key = (tuple(sorted((k, v.name) for k, v in dtypes.items())), tuple(sorted(sizes.items())))
         hit = self._cache.get(key)
         if hit is not None:
@@ -103,8 +108,11 @@ class KernelDef:
             known = {n: ax.size for n, ax in axes.items() if ax.size is not None}
             try:
                 axes[a] = Axis(a, int(rule(known)))
-            except KeyError:   # printing an unspecialised kernel: sizes unknown
-                axes[a] = Axis(a, None)
+            except KeyError as e:
+                if sizes:   # a real specialisation: the rule names an unknown axis
+                    raise KernelError(f"derived axis `{a}` reads size {e} of an axis that is "
+                                      f"not static; static sizes known: {known}", self.loc) from None
+                axes[a] = Axis(a, None)   # printing an unspecialised kernel
         k = trace(self.fn, self.name, tuple(params), axes, self.loc)
         verify(k)
         self._cache[key] = k
@@ -237,7 +245,11 @@ def load(ref: TensorRef) -> Value:
         raise KernelError("load() expects a tensor indexed by tiles, e.g. load(x[m, n])",
                           caller_loc())
     axes = tuple(a for i in ref.index for a in i.axes)
-    return Value(node(Op.LOAD, ref.tensor.dtype, axes, (ref.tensor.node, *ref.index)))
+    t = tracer()
+    # A load happens where it is written: it belongs to the enclosing loop even
+    # when its index is loop-invariant, so no lowering moves it above a store.
+    where = t.loops[-1].id if t.loops else None
+    return Value(node(Op.LOAD, ref.tensor.dtype, axes, (ref.tensor.node, *ref.index), where))
 
 
 def store(ref: TensorRef, value) -> None:
@@ -317,6 +329,7 @@ tanh = _unary(Op.TANH, "hyperbolic tangent")
 sigmoid = _unary(Op.SIGMOID, "1/(1+e**-x)")
 abs = _unary(Op.ABS, "absolute value")  # noqa: A001
 floor = _unary(Op.FLOOR, "round toward -inf")
+reciprocal = _unary(Op.RECIP, "1/x")
 
 
 def maximum(a, b) -> Value:

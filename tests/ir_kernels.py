@@ -106,3 +106,35 @@ def store_then_reuse(x: kl.In("M", "N"), out: kl.Out("M", "N"), out2: kl.Out("M"
     v = kl.load(x[m, n])
     kl.store(out[m, n], v * 2.0)
     kl.store(out2[m, n], v + 1.0)
+
+
+@kl.kernel(static=("N",))
+def int_semantics(x: kl.In("M", "N"), seed: kl.u32, hashed: kl.Out("M", "N"),
+                  flipped: kl.Out("M", "N"), wrapped: kl.Out("M", "N")):
+    """u32 arithmetic, u32 scalar arguments past 2**31, and i32 wrap-around."""
+    m, n = kl.parallel("M"), kl.tile("N")
+    v = kl.load(x[m, n])
+    kl.store(hashed[m, n], (v ^ (seed + 0x9E3779B9)) >> 16)
+    kl.store(flipped[m, n], (~v) >> 28)
+    kl.store(wrapped[m, n], n * 1000000000)
+
+
+@kl.kernel(static=("N",))
+def all_positive(x: kl.In("M", "N"), out: kl.Out("M")):
+    m, n = kl.parallel("M"), kl.tile("N")
+    kl.store(out[m], kl.min(kl.load(x[m, n]) > 0.0, "N"))
+
+
+def make_scaler(c: float):
+    """Kernels made by a factory share a name; each must keep its own constant."""
+    @kl.kernel(static=("N",))
+    def scale(x: kl.In("M", "N"), out: kl.Out("M", "N")):
+        m, n = kl.parallel("M"), kl.tile("N")
+        kl.store(out[m, n], kl.load(x[m, n]) * c)
+    return scale
+
+
+@kl.kernel(static=("N",))
+def copy_rows(x: kl.In("M", "N"), out: kl.Out("M", "N")):
+    m, n = kl.parallel("M"), kl.tile("N")
+    kl.store(out[m, n], kl.load(x[m, n]))

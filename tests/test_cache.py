@@ -25,9 +25,10 @@ def test_new_row_count_or_eps_does_not_recompile(backend):
     hidden = 333                       # a size no other test uses: the first call builds
     w = torch.randn(hidden, device=DEVICE)
     before, graphs_before = builds(backend), dyn.counters["stats"]["unique_graphs"]
-    for rows, eps in ((1, 1e-6), (2, 1e-5), (5, 1e-6), (0, 3e-3), (33, 0.5)):
+    for rows, eps, offset in ((1, 1e-6, 0.0), (2, 1e-5, 1.0), (5, 1e-6, 1e-6), (0, 3e-3, 0.5),
+                              (33, 0.5, 0.0), (7, 2e-6, -1.0)):
         x = torch.randn(rows, hidden, device=DEVICE)
-        kernelforge.ops.rms_norm(x, w, eps, offset=eps, backend=backend)
+        kernelforge.ops.rms_norm(x, w, eps, offset=offset, backend=backend)
     assert builds(backend) - before == 1
     if backend == "inductor":   # and torch.compile traced one graph for every row count
         assert dyn.counters["stats"]["unique_graphs"] - graphs_before == 1

@@ -181,3 +181,70 @@ def test_generated_source_is_deterministic():
     assert triton_printer.print_module(a) == triton_printer.print_module(b)
     assert torch_printer.print_module(a) == torch_printer.print_module(b)
     assert str(a) == str(b)
+
+
+def test_seq_for_results_must_not_depend_on_chunking():
+    @kl.kernel(static=("N",))
+    def counts_chunks(x: kl.In("M", "N"), out: kl.Out("M")):
+        m = kl.parallel("M")
+        c = kl.seq_for("N", lambda n, c: c + 1.0, init=kl.zeros(kl.f32, "M"))  # BAD-COUNT
+        kl.store(out[m], c)
+    expect_error(counts_chunks, "BAD-COUNT", "without depending on the loop's tile")
+
+    @kl.kernel(static=("N",))
+    def sorts_chunks(x: kl.In("M", "N"), out: kl.Out("M", "N")):
+        m = kl.parallel("M")
+        kl.seq_for("N", lambda n: kl.store(out[m, n], kl.sort(kl.load(x[m, n]), "N")))  # BAD-SORT
+    expect_error(sorts_chunks, "BAD-SORT", "one chunk at a time", "kl.tile()")
+
+
+def test_more_verifier_rules():
+    @kl.kernel(static=("D",))
+    def rowwise_dot(a: kl.In("M", "D"), b: kl.In("M", "D"), out: kl.Out("M")):
+        m, d = kl.parallel("M", block=16), kl.tile("D")
+        kl.store(out[m], kl.dot(kl.load(a[m, d]), kl.load(b[m, d]), "D"))  # BAD-DOT
+    expect_error(rowwise_dot, "BAD-DOT", "both vary along ['M']", "kl.sum(a * b, 'D')",
+                 sizes={"D": 16})
+
+    @kl.kernel(static=("N",))
+    def bool_sum(x: kl.In("M", "N"), out: kl.Out("M")):
+        m, n = kl.parallel("M"), kl.tile("N")
+        kl.store(out[m], kl.sum(kl.load(x[m, n]) > 0.0, "N"))  # BAD-BOOLSUM
+    expect_error(bool_sum, "BAD-BOOLSUM", "sum of bool values")
+
+    @kl.kernel(static=("N",))
+    def bitcast_literal(x: kl.In("M", "N"), out: kl.Out("M", "N")):
+        m, n = kl.parallel("M"), kl.tile("N")
+        kl.store(out[m, n], kl.load(x[m, n]) + kl.size("N").bitcast(kl.i32))  # BAD-BITCAST
+    expect_error(bitcast_literal, "BAD-BITCAST", "bitcast() of a literal",
+                 dtypes={"x": kl.i32, "out": kl.i32})
+    with pytest.raises(KernelError, match="unknown tensor|not tensor parameters"):
+        rmsnorm.rms_norm_fwd.specialize({"X": kl.bf16}, {"N": 8})
+
+
+def test_loads_stay_where_they_are_written():
+    """A loop-invariant load inside a loop is not hoisted above the loop's stores."""
+    @kl.kernel(static=("N",))
+    def k(x: kl.In("M", "N"), buf: kl.Out("M", "N")):
+        m = kl.parallel("M")
+
+        def body(n):
+            kl.store(buf[m, n], kl.load(x[m, n]))
+            kl.store(buf[m, n], kl.load(x[m, 0]) + kl.load(x[m, n]))
+        kl.seq_for("N", body)
+    text = str(k.specialize({}, {"N": 8}))
+    loop_line = next(i for i, line in enumerate(text.splitlines()) if "seq_for" in line)
+    first_load = next(i for i, line in enumerate(text.splitlines()) if "load x[%m, 0]" in line)
+    assert first_load > loop_line
+
+
+def test_hash_consing_shares_repeated_expressions():
+    @kl.kernel(static=("N",))
+    def twice(x: kl.In("M", "N"), out: kl.Out("M", "N")):
+        m, n = kl.parallel("M"), kl.tile("N")
+        v = kl.load(x[m, n])
+        a = kl.exp(v * 2.0)
+        b = kl.exp(v * 2.0)          # the same expression, written again
+        kl.store(out[m, n], a + b)
+    text = str(twice.specialize({}, {"N": 8}))
+    assert text.count("= exp ") == 1 and text.count("= mul ") == 1

@@ -168,3 +168,53 @@ def test_loaded_values_are_snapshots_even_in_place(backend):
     run(K.store_then_reuse, x, x, out2, backend=backend)      # out is x itself
     assert torch.equal(x, orig * 2.0)
     assert torch.equal(out2, orig + 1.0)
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_integer_semantics(backend):
+    vals = np.array([[0, 1, 2 ** 31, 2 ** 32 - 1, 12345, 7, 99, 3]], dtype=np.uint32)
+    x = torch.tensor(vals).to(DEVICE)
+    seed = 0x80000000
+    outs = [torch.empty(1, 8, dtype=torch.uint32, device=DEVICE) for _ in range(2)]
+    wrapped = torch.empty(1, 8, dtype=torch.int32, device=DEVICE)
+    run(K.int_semantics, x, seed, *outs, wrapped, backend=backend)
+    mask = 0xFFFFFFFF
+    want_hash = [((int(v) ^ ((seed + 0x9E3779B9) & mask)) >> 16) for v in vals[0]]
+    want_flip = [((~int(v)) & mask) >> 28 for v in vals[0]]
+    want_wrap = np.array([n * 1000000000 for n in range(8)], dtype=np.int64).astype(np.int32)
+    assert outs[0].cpu().numpy().astype(np.int64).tolist() == [want_hash]
+    assert outs[1].cpu().numpy().astype(np.int64).tolist() == [want_flip]
+    assert wrapped.cpu().numpy().tolist() == [want_wrap.tolist()]
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_bool_reduction_over_a_padded_tile(backend):
+    x = torch.tensor([[1.0, 2, 3, 4, 5], [1, -2, 3, 4, 5]], device=DEVICE)   # N=5: padded
+    out = torch.empty(2, dtype=torch.bool, device=DEVICE)
+    run(K.all_positive, x, out, backend=backend)
+    assert out.tolist() == [True, False]
+
+
+@pytest.mark.parametrize("backend", ["eager", "inductor", "triton"])
+def test_kernels_from_a_factory_do_not_share_a_cache_entry(backend):
+    x = torch.randn(2, 8, device=DEVICE)
+    for c in (2.0, 3.0):
+        out = torch.empty_like(x)
+        run(K.make_scaler(c), x, out, backend=backend)
+        assert torch.equal(out, x * c)
+
+
+def test_returned_output_is_never_an_input():
+    from kernelforge.dispatch import NewTensor
+    x = torch.randn(2, 8, device=DEVICE)
+    (y,) = kernelforge.launch(K.copy_rows, x, NewTensor(x.shape, x.dtype, DEVICE),
+                              backend="inductor")
+    assert torch.equal(y, x) and y.data_ptr() != x.data_ptr()
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_launch_checks_that_shared_axes_agree(backend):
+    x = torch.randn(4, 8, device=DEVICE)
+    with pytest.raises(ValueError, match=r"`out` dim 0 is axis M, expected 4 \(dim 0 of `x`\), "
+                                         r"got 3"):
+        run(K.copy_rows, x, torch.empty(3, 8, device=DEVICE), backend=backend)

@@ -8,6 +8,8 @@ is data, not a recompile.
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from .. import cache
@@ -53,6 +55,7 @@ class InductorBackend(Backend):
                for i, p in enumerate(params) if p.kind != "scalar"]
         dyn = [(i, dims) for i, dims in dyn if dims]
         scalars = [(i, p.dtype.torch) for i, p in enumerate(params) if p.kind == "scalar"]
+        first_call = threading.Lock()
         tensors = [i for i, p in enumerate(params) if p.kind != "scalar"]
         from torch._dynamo.decorators import mark_unbacked
         mark = torch._dynamo.maybe_mark_dynamic
@@ -61,7 +64,7 @@ class InductorBackend(Backend):
         def run(*args):
             args = list(args)
             for i, d in scalars:          # eps is data: a new value must not recompile
-                args[i] = _scalar_tensor(args[i], d)
+                args[i] = _scalar_tensor(i, args[i], d)
             if len({id(args[i]) for i in tensors}) < len(tensors):
                 # In place (an output is an input): Inductor 2.13's CPU codegen
                 # fails on aliased inputs with backed dynamic sizes, so these
@@ -78,9 +81,11 @@ class InductorBackend(Backend):
             # The first compile treats runtime sizes size-obliviously: one graph
             # serves every row count (0 and 1 included), and unlike unbacked
             # sizes it still lets Inductor write straight into the outputs.
-            with backed_size_oblivious(True):
-                out = fn(*args)
-            warm.append(True)
+            # (The switch is process-wide torch config: held only for this call.)
+            with first_call:
+                with backed_size_oblivious(True):
+                    out = fn(*args)
+                warm.append(True)
             return out
 
         return run
@@ -89,8 +94,10 @@ class InductorBackend(Backend):
 _scalars: dict[tuple, torch.Tensor] = {}
 
 
-def _scalar_tensor(v, dtype) -> torch.Tensor:
-    key = (v, dtype)
+def _scalar_tensor(position: int, v, dtype) -> torch.Tensor:
+    # one tensor per (argument position, value): eps and offset with equal
+    # values must still be distinct objects, or Dynamo guards on the aliasing
+    key = (position, v, dtype)
     t = _scalars.get(key)
     if t is None:
         if len(_scalars) > 256:

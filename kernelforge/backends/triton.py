@@ -91,4 +91,17 @@ class TritonBackend(Backend):
         interpret = device.type == "cpu"
         if interpret:
             _interpreter_compat()
-        return self.load(kernel, interpret=interpret).launch
+        launch = self.load(kernel, interpret=interpret).launch
+        if device.type != "cuda":
+            return launch
+        first = next(i for i, p in enumerate(kernel.params) if p.kind != "scalar")
+
+        def on_device(*args):
+            # Triton launches on the current device: make it the tensors' one
+            index = args[first].device.index
+            if index is None or index == torch.cuda.current_device():
+                return launch(*args)
+            with torch.cuda.device(index):
+                return launch(*args)
+
+        return on_device

@@ -25,13 +25,6 @@ class Analysis:
 
     # -- scopes ---------------------------------------------------------------
     @staticmethod
-    def depth(loop: Loop | None) -> int:
-        d = 0
-        while loop is not None:
-            d, loop = d + 1, loop.parent
-        return d
-
-    @staticmethod
     def chain(loop: Loop | None) -> list[Loop | None]:
         out = [loop]
         while loop is not None:
@@ -53,7 +46,7 @@ class Analysis:
         elif n.op == Op.SEQ_FOR:
             s = n.arg.parent
         else:
-            s = None
+            s = self.loops.get(n.arg) if n.op == Op.LOAD and n.arg is not None else None
             for src in n.src:
                 ss = self.scope(src)
                 if ss is s or ss is None:

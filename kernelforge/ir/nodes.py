@@ -31,7 +31,7 @@ class Op(Enum):
     FULL = auto()       # a block filled with one value over `axes`; arg = value
     SIZE = auto()       # the runtime extent of an axis; arg = axis name
     # -- memory -----------------------------------------------------------
-    LOAD = auto()       # src = (param, *index per tensor dim); masked by the index axes
+    LOAD = auto()       # src = (param, *index per tensor dim); arg = id of the loop it is in
     STORE = auto()      # src = (param, value, *index per tensor dim)
     # -- elementwise: unary -------------------------------------------------
     NEG = auto(); ABS = auto(); EXP = auto(); EXP2 = auto(); LOG = auto(); LOG2 = auto()
@@ -61,8 +61,8 @@ FLOAT_ONLY = frozenset({Op.EXP, Op.EXP2, Op.LOG, Op.LOG2, Op.SQRT, Op.RSQRT, Op.
                         Op.TANH, Op.SIGMOID, Op.RECIP, Op.FLOOR, Op.DIV})
 COMPARE = frozenset({Op.LT, Op.LE, Op.GT, Op.GE, Op.EQ, Op.NE})
 INT_ONLY = frozenset({Op.AND, Op.OR, Op.XOR, Op.SHL, Op.SHR, Op.MULHI, Op.NOT, Op.IDIV, Op.MOD})
-BINARY = frozenset({Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.MAX, Op.MIN, Op.MOD, Op.IDIV}) | COMPARE | (INT_ONLY - {Op.NOT, Op.MULHI, Op.IDIV, Op.MOD})
-ELEMENTWISE = UNARY | BINARY | {Op.WHERE, Op.CAST, Op.BITCAST}
+BINARY = frozenset({Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.MAX, Op.MIN, Op.MOD, Op.IDIV, Op.AND, Op.OR,
+                    Op.XOR, Op.SHL, Op.SHR}) | COMPARE
 
 # Identity of each reduction: what a padded lane must hold so it cannot win.
 REDUCE_IDENTITY = {"sum": 0.0, "max": float("-inf"), "min": float("inf"),

@@ -29,7 +29,10 @@ def elementwise(op: Op, *xs) -> "Value":
     if (op in _FOLD and all(s.op == Op.CONST and s.dtype == srcs[0].dtype and
                             s.dtype in (dt.i32, dt.i64) for s in srcs)
             and not (op in (Op.IDIV, Op.MOD) and srcs[1].arg == 0)):
-        return Value(node(Op.CONST, srcs[0].dtype, (), (), _FOLD[op](*(s.arg for s in srcs))))
+        v = _FOLD[op](*(s.arg for s in srcs))
+        bits = srcs[0].dtype.bits           # wrap like the hardware would
+        v = ((v + (1 << (bits - 1))) % (1 << bits)) - (1 << (bits - 1))
+        return Value(node(Op.CONST, srcs[0].dtype, (), (), v))
     axes = tuple(a for s in srcs for a in s.axes)
     if op in COMPARE:
         dtype = dt.bool_
@@ -69,6 +72,10 @@ class Value:
         return Value(node(Op.CAST, dtype, self.axes, (self.node,)))
 
     def bitcast(self, dtype: dt.DType) -> "Value":
+        """Reinterpret the bits as ``dtype`` (same width)."""
+        if self.node.op == Op.CONST:
+            raise KernelError("bitcast() of a literal: write the literal in the target type",
+                              caller_loc())
         return Value(node(Op.BITCAST, dtype, self.axes, (self.node,)))
 
     def __add__(self, o): return elementwise(Op.ADD, self, o)

@@ -39,6 +39,12 @@ def _check_region(k, an, stmts, loop, stored):
                 if an.scope(y) not in an.chain(body):
                     raise KernelError("a carried value returned from seq_for comes from "
                                       "another loop", y.loc)
+                if y is not c and not any(n is body.range for n in topo([y])):
+                    # e.g. `count + 1.0`: it would count chunks, and backends
+                    # chunk differently (Triton loops, torch runs once)
+                    raise KernelError(f"seq_for carried value {c.arg[1]} changes without "
+                                      "depending on the loop's tile, so its result would "
+                                      "depend on how a backend chunks the axis", y.loc or body.loc)
         for n in topo(roots):
             _check_node(k, an, n)
             if an.scope(n) not in visible:
@@ -95,6 +101,13 @@ def _check_node(k, an, n: Node) -> None:
             _fail(f"cannot {op.name.lower()} over parallel axis `{axis}`", n)
         if op == Op.REDUCE and n.arg[1] == "sum" and src[0].dtype in (dt.f16, dt.bf16):
             _fail(f"sum in {src[0].dtype} loses precision; cast to f32 first", n)
+        if op == Op.REDUCE and src[0].dtype == dt.bool_ and n.arg[1] not in ("max", "min"):
+            _fail(f"{n.arg[1]} of bool values: use max (any) or min (all), or cast first", n)
+        if op in (Op.SCAN, Op.SORT, Op.TOPK):
+            t = an.tiles(src[0]).get(axis)
+            if t is not None and t.op == Op.RANGE and t.arg[1] == "seq":
+                _fail(f"{op.name.lower()} over `{axis}` inside seq_for over `{axis}` would see "
+                      "one chunk at a time; give it the whole axis with kl.tile()", n)
     elif op == Op.DOT:
         a, b = src
         if a.dtype != b.dtype:
@@ -102,6 +115,11 @@ def _check_node(k, an, n: Node) -> None:
         if n.arg not in a.axes or n.arg not in b.axes:
             _fail(f"dot contracts axis `{n.arg}`, which both operands must vary along "
                   f"(got {list(a.axes)} and {list(b.axes)})", n)
+        scalar = {g.arg[0] for g in k.grid if g.arg[2] == 1}
+        shared = (set(a.axes) & set(b.axes)) - {n.arg} - scalar
+        if shared:
+            _fail(f"dot operands both vary along {sorted(shared)} besides the contracted "
+                  f"`{n.arg}`; for a row-wise product use kl.sum(a * b, '{n.arg}')", n)
     elif op == Op.LOAD:
         for i in src[1:]:
             if not i.dtype.is_int:

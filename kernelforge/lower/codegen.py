@@ -62,3 +62,16 @@ def expand(name: str, have: tuple[str, ...], want: tuple[str, ...]) -> str:
 
 def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def spec_text(k) -> str:
+    """The specialisation, for a generated module's header."""
+    out = []
+    for p in k.params:
+        if p.kind == "scalar":
+            out.append(f"{p.name}: {p.dtype}")
+        else:
+            dims = ", ".join(a + (f"={k.axes[a].size}" if k.axes[a].size is not None else "")
+                             for a in p.axes)
+            out.append(f"{p.name}: {p.dtype}[{dims}]")
+    return ", ".join(out)

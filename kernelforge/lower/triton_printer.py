@@ -17,8 +17,7 @@ from ..ir import dtypes as dt
 from ..ir.analysis import Analysis, linearize
 from ..ir.errors import KernelError
 from ..ir.nodes import Node, Op, REDUCE_IDENTITY
-from .codegen import Lines, expand, literal, next_pow2
-from .torch_printer import spec_text
+from .codegen import Lines, expand, literal, next_pow2, spec_text
 
 
 @dataclass(frozen=True)
@@ -142,6 +141,7 @@ class _Printer:
         self.helpers: set[str] = set()
         self.tile_names: dict[int, tuple[str, str | None]] = {}   # tile -> (offs, mask)
         self.max_elems = 1
+        self.straight: set[int] = set()      # loops printed as one straight-line chunk
 
     # -- tiles ------------------------------------------------------------------
     def block(self, t: Node) -> int:
@@ -216,6 +216,11 @@ class _Printer:
     # -- driver ------------------------------------------------------------------
     def run(self) -> None:
         o = self.out
+        for p in self.k.params:
+            if p.kind == "scalar" and p.dtype not in (dt.f32, dt.i32):
+                # Triton types a scalar argument from its Python value (i64 past
+                # 2**31, f32 for any float): give it the declared type
+                o.line(f"{p.name} = {p.name}.to({p.dtype.triton})")
         for i, g in enumerate(self.k.grid):
             axis, b = g.arg[0], g.arg[2]
             o.src(g.loc)
@@ -265,7 +270,7 @@ class _Printer:
         if size is not None and size <= b:
             o.line(f"# seq_for over {axis}: one chunk of {b} covers all {size}")
             o.line(f"{offs} = tl.arange(0, {b})")
-            s.arg.__dict__["_straight"] = True
+            self.straight.add(s.arg.id)
         else:
             o.line(f"for start_{axis.lower()}{loop.id} in tl.range(0, {self.size(axis)}, {b}):")
             o.indent()
@@ -284,7 +289,7 @@ class _Printer:
         loop = s.arg
         for c, y in zip(loop.carries, loop.yields):
             self.out.line(f"{self.names[id(c)]} = {self.name(y)}")
-        if not loop.__dict__.pop("_straight", False):
+        if loop.id not in self.straight:
             self.out.dedent()
 
     def ev_store(self, s: Node) -> None:
@@ -295,18 +300,22 @@ class _Printer:
         want = self.tdims(s)
         self.out.src(s.loc)
         ptr = self.pointer(param.arg, index, want)
-        v = self.operand(value, want) if value.op not in (Op.CONST,) else self.name(value)
-        mask = self.mask(s, want)
+        v = self.operand(value, want)
+        mask = " & ".join(filter(None, [self.mask(s, want)] +
+                                 self.index_bounds(param.arg, index, want)))
         self.out.line(f"tl.store({ptr}, {v}" + (f", mask={mask})" if mask else ")"))
 
     # -- memory -----------------------------------------------------------------
     def pointer(self, param, index, want) -> str:
         terms = [f"{param.name}_ptr"]
+        last = len(index) - 1
         for d, i in enumerate(index):
             e = self.name(i)
-            if i.op != Op.RANGE and i.op != Op.CONST and not (
-                    i.op == Op.ADD and i.src[0].op == Op.RANGE):
-                e = f"{e}.to(tl.int64)"       # gathered indices: 64-bit address math
+            if i.op != Op.CONST and self.tdims(i) and (d < last or i.op != Op.RANGE):
+                # 64-bit address math: index * stride of an outer dim (or a
+                # gathered index) can pass 2**31 on large tensors
+                if not (i.op == Op.RANGE and i.arg[1] == "parallel"):   # already int64
+                    e = f"{e}.to(tl.int64)"
             e = expand(e, self.tdims(i), want)
             terms.append(f"{e} * {param.name}_stride{d}" if len(e) < 24 else
                          f"({e}) * {param.name}_stride{d}")
@@ -315,6 +324,21 @@ class _Printer:
             elems *= self.block(self._tile_for(param, index, a))
         self.max_elems = max(self.max_elems, elems)
         return " + ".join(terms)
+
+    def index_bounds(self, param, index, want) -> list[str]:
+        """Masks for indices that are not the dim's own tile (a tile of another
+        axis, a tile plus an offset, a gathered value): lanes outside the
+        tensor's dim are never read or written."""
+        parts = []
+        for d, i in enumerate(index):
+            if i.op == Op.CONST or (i.op == Op.RANGE and i.arg[0] == param.axes[d]):
+                continue     # literals are the author's promise; own tiles have their mask
+            e = expand(self.name(i), self.tdims(i), want)
+            limit = self.size(param.axes[d])
+            nonneg = i.op == Op.RANGE or (i.op == Op.ADD and i.src[0].op == Op.RANGE and
+                                          i.src[1].op == Op.CONST and i.src[1].arg >= 0)
+            parts.append(f"({e} < {limit})" if nonneg else f"({e} >= 0) & ({e} < {limit})")
+        return parts
 
     def _tile_for(self, param, index, axis):
         for i in index:
@@ -326,6 +350,8 @@ class _Printer:
     # -- expressions --------------------------------------------------------------
     def identity(self, kind: str, d: dt.DType) -> str:
         v = REDUCE_IDENTITY[kind]
+        if d == dt.bool_:                  # max is "any", min is "all"
+            return "False" if v < 0 else "True"
         if d.is_float:
             return literal(v)
         if v == 0.0:
@@ -337,6 +363,9 @@ class _Printer:
         want = self.tdims(x)
         t = self.an.tiles(x).get(axis)
         e = self.name(x)
+        src = x.src[0] if x.op == Op.CAST else x
+        if fill in ("0", "0.0") and src.op == Op.LOAD:
+            return e                       # padded lanes of a load already read 0
         if t is not None and self.padded(t):
             m = expand(self.tile_names[id(t)][1], (axis,), want)
             e = f"tl.where({m}, {e}, {fill})"
@@ -348,7 +377,8 @@ class _Printer:
         if op == Op.LOAD:
             param, *index = n.src
             ptr = self.pointer(param.arg, index, want)
-            mask = self.mask(n, want)
+            mask = " & ".join(filter(None, [self.mask(n, want)] +
+                                     self.index_bounds(param.arg, index, want)))
             return f"tl.load({ptr}, mask={mask}, other=0)" if mask else f"tl.load({ptr})"
         if op == Op.FULL:
             shape = ", ".join(str(self.block(self.an.tiles(n)[a])) for a in want)
@@ -396,6 +426,10 @@ class _Printer:
             return f"tl.topk({e}, {n.arg[1]}, dim={d})"
         if op == Op.DOT:
             return self.dot(n)
+        if op == Op.NOT:
+            # x ^ all-ones: `~` on u32 raises under the interpreter (NumPy 2)
+            ones = {dt.u32: "tl.full([], 4294967295, tl.uint32)", dt.bool_: "True"}
+            return f"{self.operand(n.src[0], want)} ^ {ones.get(n.dtype, '-1')}"
         if op in _TABLE:
             return _TABLE[op].format(*(self.operand(s, want) for s in n.src))
         raise KernelError(f"the Triton lowering has no rule for {op.name}", n.loc)
@@ -418,9 +452,6 @@ class _Printer:
         return e if self.tdims(n) == (x, y) else f"tl.trans({e})"
 
     def dot_operand(self, x: Node, axis: str) -> str:
-        src = x.src[0] if x.op == Op.CAST else x
-        if src.op == Op.LOAD:   # padded lanes of a load already read 0
-            return self.name(x)
         return self.masked(x, axis, "0")
 
     # -- module -------------------------------------------------------------------
