@@ -69,4 +69,4 @@ def rows(t: torch.Tensor) -> tuple[torch.Tensor, bool]:
     try:
         return t.view(-1, t.shape[-1]), False
     except RuntimeError:
-        return t.reshape(-1, t.shape[-1]).clone(), True
+        return t.reshape(-1, t.shape[-1]), True     # not viewable: reshape copies

@@ -283,10 +283,9 @@ def _active_tile(axis: str) -> Node:
     for g in t.k.grid:
         if g.arg[0] == axis:
             return g
-    full_tiles = t.k.__dict__.setdefault("_full_tiles", {})
-    if axis not in full_tiles:
-        full_tiles[axis] = tile(axis).node
-    return full_tiles[axis]
+    if axis not in t.k.full_tiles:
+        t.k.full_tiles[axis] = tile(axis).node
+    return t.k.full_tiles[axis]
 
 
 def zeros(dtype: DType, *axes: str) -> Value:

@@ -46,6 +46,7 @@ class Kernel:
     loc: SrcLoc | None = None
     graph: Graph = field(default_factory=Graph)
     loop_count: int = 0
+    full_tiles: dict = field(default_factory=dict)   # axis -> whole-axis tile used by full()
 
     def order(self, axes) -> tuple[str, ...]:
         idx = list(self.axes)

@@ -58,6 +58,11 @@ def launch({{ params }}):
 {% endfor %}    grid = ({{ grid }})
     if 0 in grid:
         return
+{% if grid_limit %}
+    if max(grid[1:]) > 65535:
+        raise ValueError(f"{{ k.name }}: grid {grid} exceeds 65535 programs along dims 1-2; "
+                         "make the largest parallel axis the first one")
+{% endif %}
     {{ k.name }}_kernel[grid](
 {% for a in launch_args %}        {{ a }},
 {% endfor %}        num_warps=NUM_WARPS,
@@ -105,6 +110,9 @@ def _to_bf16(x):
     else:
         return x.to(tl.bfloat16)'''
 
+# TANH through exp: relative error grows for |x| < 1e-3 (tanh(1e-8) -> 0); fine
+# for soft-capping, where |x| is large. libdevice would be exact but does not
+# run under the interpreter.
 _TABLE = {
     Op.NEG: "-{0}", Op.ABS: "tl.abs({0})", Op.EXP: "tl.exp({0})", Op.EXP2: "tl.exp2({0})",
     Op.LOG: "tl.log({0})", Op.LOG2: "tl.log2({0})", Op.SQRT: "tl.sqrt_rn({0})",
@@ -497,7 +505,7 @@ class _Printer:
             dynamic_args=dynamic, kernel_args=kernel_args, body=self.out.text(),
             signature=signature, num_warps=num_warps, params=", ".join(p.name for p in k.params),
             binds=binds, grid=", ".join(grid) + ("," if len(grid) == 1 else ""),
-            launch_args=launch_args)
+            launch_args=launch_args, grid_limit=len(grid) > 1)
 
     def _all_tiles(self):
         seen = {}
