@@ -13,7 +13,7 @@ os.environ.setdefault("KERNELFORGE_CACHE_DIR", tempfile.mkdtemp(prefix="kernelfo
 os.environ.setdefault("KERNELFORGE_TRITON_MAX_BLOCK", "1024")
 
 settings.register_profile(
-    "ci", max_examples=12, deadline=None, derandomize=True,
+    "ci", max_examples=30, deadline=None, derandomize=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.register_profile(
     "dev", max_examples=40, deadline=None,
