@@ -121,28 +121,6 @@ def can_return(k, name: str) -> bool:
     return all(i.op == Op.RANGE and i.arg[0] == a for i, a in zip(index, param.arg.axes))
 
 
-def can_return(k, name: str) -> bool:
-    """Whether output ``name`` is written exactly once, whole, and never read,
-    so a functional form may return it instead of writing into it."""
-    an = Analysis(k)
-    stores, loaded = [], False
-    for ev, n in linearize(k, an):
-        if ev == "store" and n.src[0].arg.name == name:
-            stores.append(n)
-        elif ev == "node" and n.op == Op.LOAD and n.src[0].arg.name == name:
-            loaded = True
-    if loaded or len(stores) != 1:
-        return False
-    s = stores[0]
-    param, value, *index = s.src
-    if param.arg.dtype == dt.u32 or value.axes != tuple(k.order(param.arg.axes)):
-        return False
-    inputs = {a for p in k.params if p.kind != "scalar" and p.name != name for a in p.axes}
-    if any(k.axes[a].size is None and a not in inputs for a in param.arg.axes):
-        return False   # a runtime size only the output knows
-    return all(i.op == Op.RANGE and i.arg[0] == a for i, a in zip(index, param.arg.axes))
-
-
 def _loads_read_after_a_store(events) -> set[int]:
     """Loads whose value is still used after a later store. The IR reads a
     value when it loads it; torch reads a view when it uses it, so if that
