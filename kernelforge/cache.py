@@ -98,5 +98,10 @@ def get_or_build(key: tuple, build, label: tuple):
     return fn
 
 
+def built(kernel, backend: str) -> bool:
+    """Whether any specialisation of ``kernel`` is compiled for ``backend``."""
+    return any(k[0] is kernel and k[1] == backend for k in list(_memory))
+
+
 def clear_memory() -> None:
     _memory.clear()

@@ -52,7 +52,7 @@ def example_args(kdef, dtype: torch.dtype, hidden: int, rows: int = 4):
 
 
 def cmd_show(args) -> int:
-    from . import dispatch as launch
+    from . import dispatch
     from .ops import KERNELS
     if args.op not in KERNELS:
         print(f"show: unknown op {args.op!r}; ops: {', '.join(KERNELS)}", file=sys.stderr)
@@ -60,10 +60,10 @@ def cmd_show(args) -> int:
     for kdef in KERNELS[args.op]:
         ex = example_args(kdef, _DTYPES[args.dtype], args.hidden)
         if args.backend == "ir":
-            dtypes, sizes = launch.specialization(kdef, ex)
+            dtypes, sizes = dispatch.specialization(kdef, ex)
             print(kdef.specialize(dtypes, sizes))
         else:
-            print(launch.source(kdef, ex, args.backend))
+            print(dispatch.source(kdef, ex, args.backend))
     return 0
 
 

@@ -51,20 +51,21 @@ def main(rows: int = 64, hidden: int = 4096) -> int:
                     lambda: _ref_rms((xs + rs), w, 1e-6, 0.0)),
             }
             for op, (run, ref) in cases.items():
-                err = (run().double() - ref()).abs().max().item()
+                y, y_ref = run(), ref()
+                err = (y.double() - y_ref).abs().max().item()
                 secs = _time(run, reps)
                 tol = tolerance(dtype)
                 try:
-                    assert_close(run(), ref(), dtype, op)
+                    assert_close(y, y_ref, dtype, op)
                     ok = True
                 except AssertionError:
                     ok = False
                 failed += not ok
                 print(f"{op:<20}{str(dtype)[6:]:<10}{name:<10}{err:>10.2e}{tol.rtol:>10.1e}"
                       f"{secs * 1e6:>10.1f}us  {'yes' if ok else 'NO'}")
-    from . import dispatch as launch
+    from . import dispatch
     from .kernels.rmsnorm import rms_norm_fwd
     from .cli import example_args
     print("\nGenerated Triton for rms_norm (bf16, hidden 4096):\n")
-    print(launch.source(rms_norm_fwd, example_args(rms_norm_fwd, torch.bfloat16, 4096), "triton"))
+    print(dispatch.source(rms_norm_fwd, example_args(rms_norm_fwd, torch.bfloat16, 4096), "triton"))
     return 1 if failed else 0

@@ -118,4 +118,4 @@ def source(kdef, args, backend: str) -> str:
     return registry.backends()[backend].source(kdef.specialize(dtypes, sizes))
 
 
-__all__ = ["launch", "compiled", "source", "specialization", "torch"]
+__all__ = ["NewTensor", "launch", "compiled", "source", "specialization", "check_shapes"]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from . import cache, dispatch as launch
+from . import cache, dispatch
 from .backends import registry
 
 
@@ -44,8 +44,8 @@ def explain(op: str, *args, backend: str | None = None) -> Explanation:
     for kdef in KERNELS[op]:
         tensors = [n for n, a in kdef.signature if hasattr(a, "axes")]
         if len(args) >= len(tensors):
-            dtypes, sizes = launch.specialization(kdef, args)
-            built = any(k[0] is kdef and k[1] == decision.backend.name for k in cache._memory)
+            dtypes, sizes = dispatch.specialization(kdef, args)
+            built = cache.built(kdef, decision.backend.name)
             spec = ", ".join(f"{n}={d}" for n, d in dtypes.items()) + "".join(
                 f", {a}={v}" for a, v in sizes.items())
             kernels.append((kdef.name, spec, built))

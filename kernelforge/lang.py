@@ -19,7 +19,6 @@ from __future__ import annotations
 import inspect
 from typing import Callable
 
-from .ir import dtypes as _dt
 from .ir.builder import as_node, caller_loc, node, trace, tracer
 from .ir.dtypes import DType, bf16, bool_, f16, f32, f64, i32, i64, u32  # noqa: F401
 from .ir.errors import KernelError
@@ -60,7 +59,9 @@ class KernelDef:
         self.loc = _def_loc(fn)
         self.signature: list[tuple[str, object]] = []
         axes: list[str] = []
-        for name, p in inspect.signature(fn).parameters.items():
+        # eval_str: modules with `from __future__ import annotations` hold the
+        # annotations as strings
+        for name, p in inspect.signature(fn, eval_str=True).parameters.items():
             ann = p.annotation
             if not isinstance(ann, (In, DType)):
                 raise KernelError(f"parameter `{name}` of kernel `{self.name}` needs an "

@@ -248,3 +248,16 @@ def test_hash_consing_shares_repeated_expressions():
         kl.store(out[m, n], a + b)
     text = str(twice.specialize({}, {"N": 8}))
     assert text.count("= exp ") == 1 and text.count("= mul ") == 1
+
+
+def test_kernels_in_modules_with_postponed_annotations(tmp_path, monkeypatch):
+    (tmp_path / "future_kernel.py").write_text(
+        "from __future__ import annotations\n"
+        "import kernelforge.lang as kl\n\n"
+        "@kl.kernel(static=('N',))\n"
+        "def double(x: kl.In('M', 'N'), out: kl.Out('M', 'N')):\n"
+        "    m, n = kl.parallel('M'), kl.tile('N')\n"
+        "    kl.store(out[m, n], kl.load(x[m, n]) * 2.0)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import future_kernel
+    assert "kernel double(x: in f32[M, N=8]" in str(future_kernel.double.specialize({}, {"N": 8}))

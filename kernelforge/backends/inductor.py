@@ -83,7 +83,7 @@ class InductorBackend(Backend):
             # sizes it still lets Inductor write straight into the outputs.
             # (The switch is process-wide torch config: held only for this call.)
             with first_call:
-                with backed_size_oblivious(True):
+                with _backed_size_oblivious():
                     out = fn(*args)
                 warm.append(True)
             return out
@@ -106,6 +106,6 @@ def _scalar_tensor(position: int, v, dtype) -> torch.Tensor:
     return t
 
 
-def backed_size_oblivious(on: bool):
+def _backed_size_oblivious():
     import torch.fx.experimental._config as fx_config
-    return fx_config.patch(backed_size_oblivious=on)
+    return fx_config.patch(backed_size_oblivious=True)

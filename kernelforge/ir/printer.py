@@ -6,7 +6,7 @@ from .analysis import Analysis, linearize
 from .nodes import Node, Op
 
 
-def _ty(n: Node, k) -> str:
+def _ty(n: Node) -> str:
     axes = ", ".join(a for a in n.axes)
     return f"{n.dtype}[{axes}]" if n.axes else f"{n.dtype}"
 
@@ -52,7 +52,7 @@ def format_kernel(k) -> str:
                 continue
             nm = names[id(n)] = f"%{counter[0]}"
             counter[0] += 1
-            emit(f"{nm} = {_rhs(n, name)} : {_ty(n, k)}", n.loc)
+            emit(f"{nm} = {_rhs(n, name)} : {_ty(n)}", n.loc)
         elif ev == "begin":
             loop = n.arg
             rn = names[id(loop.range)] = f"%{loop.axis.lower()}{loop.id}"

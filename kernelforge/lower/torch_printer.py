@@ -121,6 +121,11 @@ def can_return(k, name: str) -> bool:
     return all(i.op == Op.RANGE and i.arg[0] == a for i, a in zip(index, param.arg.axes))
 
 
+def _natural_order(index) -> tuple[str, ...]:
+    """The axes a subscript yields, in the tensor's dim order."""
+    return tuple(a for i in index for a in i.axes)
+
+
 def _loads_read_after_a_store(events) -> set[int]:
     """Loads whose value is still used after a later store. The IR reads a
     value when it loads it; torch reads a view when it uses it, so if that
@@ -265,7 +270,7 @@ class _Printer:
         v = self.name(value)
         if not self.is_py(value):
             v = expand(v, value.axes, s.axes)
-            natural = self.natural_order(param.arg, index)
+            natural = _natural_order(index)
             if natural != s.axes and not gather:
                 perm = [s.axes.index(a) for a in natural if a in s.axes]
                 v = f"({v}).permute({', '.join(map(str, perm))})"
@@ -291,9 +296,6 @@ class _Printer:
         if i.op == Op.ADD and i.src[0].op == Op.RANGE and i.src[1].op == Op.CONST:
             return i.src[0], i.src[1].arg
         return None
-
-    def natural_order(self, param, index) -> tuple[str, ...]:
-        return tuple(a for i in index for a in i.axes)
 
     def index(self, param, index, want) -> tuple[str, bool]:
         """A subscript for ``param[index]``; True if it needs advanced indexing."""
@@ -329,7 +331,7 @@ class _Printer:
             param, *index = n.src
             sub, gather = self.index(param.arg, index, n.axes)
             e = f"{param.arg.name}[{sub}]" if sub else param.arg.name
-            natural = self.natural_order(param.arg, index)
+            natural = _natural_order(index)
             if natural != n.axes and not gather:
                 e = f"{e}.permute({', '.join(str(natural.index(a)) for a in n.axes)})"
             if param.arg.dtype == dt.u32:
