@@ -8,6 +8,7 @@ is data, not a recompile.
 """
 from __future__ import annotations
 
+import logging
 import threading
 
 import torch
@@ -15,6 +16,9 @@ import torch
 from .. import cache
 from ..lower import torch_printer
 from .base import Backend
+
+
+_log = logging.getLogger("kernelforge.inductor")
 
 
 class InductorBackend(Backend):
@@ -29,8 +33,9 @@ class InductorBackend(Backend):
     def can_run(self, device):
         return True, "torch.compile supports every device type torch has a backend for"
 
-    def source(self, kernel, returns: tuple[str, ...] = ()) -> str:
-        return torch_printer.print_module(kernel, scalars_as_tensors=True, returns=returns)
+    def source(self, kernel, returns: tuple[str, ...] = (), aliases=()) -> str:
+        return torch_printer.print_module(kernel, scalars_as_tensors=True, returns=returns,
+                                          aliases=aliases)
 
     def build(self, kernel, device):
         return self._compile(kernel, ())
@@ -45,50 +50,107 @@ class InductorBackend(Backend):
         return self._compile(kernel, returns)
 
     def _compile(self, kernel, returns):
-        mod = cache.load_module("torch", kernel.name, self.source(kernel, returns))
-        # emulate_precision_casts: Inductor otherwise fuses through an explicit
-        # f32 -> bf16 -> f32 round trip and skips the rounding the IR asked for.
-        fn = torch.compile(getattr(mod, kernel.name), fullgraph=True, dynamic=False,
-                           options={"emulate_precision_casts": True})
         params = [p for p in kernel.params if p.name not in returns]
-        dyn = [(i, tuple(d for d, a in enumerate(p.axes) if kernel.axes[a].size is None))
-               for i, p in enumerate(params) if p.kind != "scalar"]
-        dyn = [(i, dims) for i, dims in dyn if dims]
-        scalars = [(i, p.dtype.torch) for i, p in enumerate(params) if p.kind == "scalar"]
-        first_call = threading.Lock()
         tensors = [i for i, p in enumerate(params) if p.kind != "scalar"]
-        from torch._dynamo.decorators import mark_unbacked
-        mark = torch._dynamo.maybe_mark_dynamic
-        warm = []
+        outputs = [i for i in tensors if params[i].kind == "out"]
+        variants: dict[tuple, _Graph] = {}
 
         def run(*args):
-            args = list(args)
-            for i, d in scalars:          # eps is data: a new value must not recompile
-                args[i] = _scalar_tensor(i, args[i], d)
-            if len({id(args[i]) for i in tensors}) < len(tensors):
-                # In place (an output is an input): Inductor 2.13's CPU codegen
-                # fails on aliased inputs with backed dynamic sizes, so these
-                # calls get unbacked sizes (one more graph, guarded on aliasing).
-                for i, dims in dyn:
-                    for d in dims:
-                        mark_unbacked(args[i], d)
-                return fn(*args)
-            for i, dims in dyn:
-                for d in dims:
-                    mark(args[i], d)
-            if warm:
-                return fn(*args)
-            # The first compile treats runtime sizes size-obliviously: one graph
-            # serves every row count (0 and 1 included), and unlike unbacked
-            # sizes it still lets Inductor write straight into the outputs.
-            # (The switch is process-wide torch config: held only for this call.)
-            with first_call:
-                with _backed_size_oblivious():
-                    out = fn(*args)
-                warm.append(True)
-            return out
+            # In place (an output is the very object of an input): a variant
+            # whose stores write into the input, so the graph gets one mutated
+            # tensor, never two aliased ones (Inductor 2.13 miscompiles aliased
+            # inputs with dynamic sizes).
+            aliases = tuple((j, i) for j in outputs for i in tensors
+                            if i != j and params[i].kind == "in" and args[i] is args[j])
+            if not aliases:
+                g = variants.get(())
+                if g is None:
+                    g = variants[()] = _Graph(kernel, self.source(kernel, returns), returns, set())
+                return g(args)
+            g = variants.get(aliases)
+            if g is None and not _views_overlap(args, [j for j, _ in aliases], tensors):
+                names = tuple((params[j].name, params[i].name) for j, i in aliases)
+                src = self.source(kernel, returns, names)
+                g = variants[aliases] = _Graph(kernel, src, returns, {j for j, _ in aliases})
+            if g is not None and not g.broken:
+                try:
+                    return g(args)
+                except (torch._dynamo.exc.BackendCompilerFailed,
+                        torch._inductor.exc.InductorError) as e:
+                    # A compile (or a Dynamo recompile for new strides) failed
+                    # before anything ran: use the path below from now on.
+                    g.broken = True
+                    _log.info("inductor: in-place %s falls back to temporaries: %s",
+                              kernel.name, str(e).splitlines()[0])
+            # Mutated tensors that are views of one buffer (q and k sliced from
+            # a fused qkv), or a graph Inductor 2.13 cannot compile in place:
+            # compute into temporaries and copy back (one extra pass).
+            tmp = list(args)
+            for j, _ in aliases:
+                tmp[j] = torch.empty_like(args[j])
+            run(*tmp)
+            for j, _ in aliases:
+                args[j].copy_(tmp[j])
+            return None
 
         return run
+
+
+def _views_overlap(args, mutated, tensors) -> bool:
+    """Whether a mutated tensor shares its storage with another tensor argument
+    that is not the very same object."""
+    for j in mutated:
+        ptr = args[j].untyped_storage().data_ptr()
+        for i in tensors:
+            if args[i] is not args[j] and args[i].untyped_storage().data_ptr() == ptr:
+                return True
+    return False
+
+
+class _Graph:
+    """One compiled function: dynamic runtime dims, scalars as 0-d tensors."""
+
+    def __init__(self, kernel, src: str, returns, dropped: set[int]):
+        mod = cache.load_module("torch", kernel.name, src)
+        # emulate_precision_casts: Inductor otherwise fuses through an explicit
+        # f32 -> bf16 -> f32 round trip and skips the rounding the IR asked for.
+        options = {"emulate_precision_casts": True}
+        if len(dropped) > 1:
+            # Two mutated inputs computed from each other (fused add + norm in
+            # place) hit a KeyError in Inductor 2.13's CPU loop fusion unless
+            # buffers read twice are realised first.
+            options["realize_reads_threshold"] = 1
+        self.fn = torch.compile(getattr(mod, kernel.name), fullgraph=True, dynamic=False,
+                                options=options)
+        params = [p for p in kernel.params if p.name not in returns]
+        self.keep = [i for i in range(len(params)) if i not in dropped]
+        params = [params[i] for i in self.keep]
+        dyn = [(i, tuple(d for d, a in enumerate(p.axes) if kernel.axes[a].size is None))
+               for i, p in enumerate(params) if p.kind != "scalar"]
+        self.dyn = [(i, dims) for i, dims in dyn if dims]
+        self.scalars = [(i, p.dtype.torch) for i, p in enumerate(params) if p.kind == "scalar"]
+        self.first_call = threading.Lock()
+        self.warm = False
+        self.broken = False      # its compile failed; the caller uses another path
+
+    def __call__(self, args):
+        args = [args[i] for i in self.keep]
+        for i, d in self.scalars:          # eps is data: a new value must not recompile
+            args[i] = _scalar_tensor(i, args[i], d)
+        for i, dims in self.dyn:
+            for d in dims:
+                torch._dynamo.maybe_mark_dynamic(args[i], d)
+        if self.warm:
+            return self.fn(*args)
+        # The first compile treats runtime sizes size-obliviously: one graph
+        # serves every row count (0 and 1 included), and unlike unbacked
+        # sizes it still lets Inductor write straight into the outputs.
+        # (The switch is process-wide torch config: held only for this call.)
+        with self.first_call:
+            with _backed_size_oblivious():
+                out = self.fn(*args)
+            self.warm = True
+        return out
 
 
 _scalars: dict[tuple, torch.Tensor] = {}

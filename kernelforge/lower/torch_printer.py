@@ -80,7 +80,8 @@ def storage(d: dt.DType) -> str:
     return "torch.int64" if d == dt.u32 else f"torch.{str(d.torch).split('.')[1]}"
 
 
-def print_module(k, scalars_as_tensors: bool = False, returns: tuple[str, ...] = ()) -> str:
+def print_module(k, scalars_as_tensors: bool = False, returns: tuple[str, ...] = (),
+                 aliases: tuple[tuple[str, str], ...] = ()) -> str:
     """The module text.
 
     Args:
@@ -89,11 +90,15 @@ def print_module(k, scalars_as_tensors: bool = False, returns: tuple[str, ...] =
             otherwise as Python numbers.
         returns: output parameters the function returns instead of writing
             (they leave its signature); each must pass ``can_return``.
+        aliases: ``(output, input)`` pairs for an in-place call: the output
+            leaves the signature and its stores write into the input, so the
+            compiled graph sees one mutated tensor instead of two aliased ones.
     """
     an = Analysis(k)
-    p = _Printer(k, an, scalars_as_tensors, returns)
+    p = _Printer(k, an, scalars_as_tensors, returns, dict(aliases))
     p.run()
-    params = ", ".join(x.name for x in k.params if x.name not in returns)
+    params = ", ".join(x.name for x in k.params
+                       if x.name not in returns and x.name not in p.aliases)
     spec = spec_text(k) + ("; scalars arrive as 0-d tensors" if scalars_as_tensors else "")
     return _MODULE.render(k=k, spec=spec, params=params, body=p.out.text(),
                           returns=", ".join(f"{r}_result" for r in returns))
@@ -150,8 +155,10 @@ def _loads_read_after_a_store(events) -> set[int]:
 
 
 class _Printer:
-    def __init__(self, k, an: Analysis, scalars_as_tensors: bool = False, returns=()):
+    def __init__(self, k, an: Analysis, scalars_as_tensors: bool = False, returns=(),
+                 aliases=None):
         self.k, self.an = k, an
+        self.aliases = aliases or {}
         self.scalars_as_tensors = scalars_as_tensors
         self.returns = returns
         self.out = Lines()
@@ -192,7 +199,8 @@ class _Printer:
     # -- driver -------------------------------------------------------------------
     def run(self) -> None:
         k, o = self.k, self.out
-        ins = [p for p in k.params if p.kind != "scalar" and p.name not in self.returns]
+        ins = [p for p in k.params if p.kind != "scalar" and p.name not in self.returns
+               and p.name not in self.aliases]
         o.line(f"_dev = {ins[0].name}.device" if ins else "_dev = None")
         bound = set()
         for p in ins:
@@ -219,7 +227,8 @@ class _Printer:
                 self.py.add(id(n))
             return
         expr, py = self.expr(n)
-        if id(n) in self.snapshots:
+        gather = n.op == Op.LOAD and any(self.tile_of(i) is None and i.axes for i in n.src[1:])
+        if id(n) in self.snapshots and not gather:    # (advanced indexing copies already)
             expr = f"{expr}.clone()"
         mem = n.op == Op.LOAD or any(id(s) in self.reads_memory for s in n.src)
         if mem:
@@ -259,6 +268,9 @@ class _Printer:
             pat = re.compile(r"\b(" + "|".join(map(re.escape, reassigned)) + r")\b")
             self.cse = {e: v for e, v in self.cse.items() if not pat.search(e)}
 
+    def tensor_name(self, param) -> str:
+        return self.aliases.get(param.name, param.name)
+
     def ev_store(self, s: Node) -> None:
         param, value, *index = s.src
         if param.arg.name not in self.returns:
@@ -280,12 +292,10 @@ class _Printer:
             if value.op == Op.LOAD:     # a returned output must not be an input's storage
                 v = f"{v}.clone()"
             self.out.line(f"{param.arg.name}_result = {v}")
-        elif gather:
-            self.out.line(f"{param.arg.name}[{target}] = {v}")
-        elif target == "":
-            self.out.line(f"{param.arg.name}.copy_({v})")
+        elif target == "" and not gather:
+            self.out.line(f"{self.tensor_name(param.arg)}.copy_({v})")
         else:
-            self.out.line(f"{param.arg.name}[{target}] = {v}")
+            self.out.line(f"{self.tensor_name(param.arg)}[{target}] = {v}")
 
     # -- indexing -------------------------------------------------------------------
     @staticmethod
@@ -330,7 +340,8 @@ class _Printer:
         if op == Op.LOAD:
             param, *index = n.src
             sub, gather = self.index(param.arg, index, n.axes)
-            e = f"{param.arg.name}[{sub}]" if sub else param.arg.name
+            name = self.tensor_name(param.arg)
+            e = f"{name}[{sub}]" if sub else name
             natural = _natural_order(index)
             if natural != n.axes and not gather:
                 e = f"{e}.permute({', '.join(str(natural.index(a)) for a in n.axes)})"
@@ -399,6 +410,11 @@ class _Printer:
                 if n.dtype == dt.u32 and op in _WRAPS:
                     e = f"({e} & _U32)"
                 return e, True
+            if op in (Op.MAX, Op.MIN) and not src_py and any(self.is_py(s) for s in n.src):
+                # torch.maximum takes tensors only; a clamp against the scalar
+                t, py = (n.src[0], n.src[1]) if self.is_py(n.src[1]) else (n.src[1], n.src[0])
+                fn = "clamp_min" if op == Op.MAX else "clamp_max"
+                return f"torch.{fn}({self.operand(t, n.axes)}, {self.name(py)})", False
             e = _TABLE[op].format(*(self.operand(s, n.axes) if not self.is_py(s) else self.name(s)
                                     for s in n.src))
             if n.dtype == dt.u32 and op in _WRAPS:
