@@ -27,12 +27,16 @@ class Result:
 
 
 def specializations(kdef):
-    """Representative specialisations: each float dtype at a hidden size that
-    fits one block, and bf16 at one that needs chunked loops."""
-    out = []
+    """Representative specialisations: the kernel's first example in each
+    float dtype, its other examples in bf16. Tensors named in
+    ``example_dtypes`` (positions, indices) keep their own dtype."""
+    examples = kdef.examples or ({a: 4096 for a in kdef.static},)
     tensors = [n for n, a in kdef.signature if hasattr(a, "axes")]
-    for d, size in ((dt.f32, 4096), (dt.bf16, 4096), (dt.f16, 4096), (dt.bf16, 16384)):
-        out.append(({t: d for t in tensors}, {a: size for a in kdef.static}))
+    out = []
+    for i, sizes in enumerate(examples):
+        for d in (dt.f32, dt.bf16, dt.f16) if i == 0 else (dt.bf16,):
+            dtypes = {t: kdef.example_dtypes.get(t, d) for t in tensors}
+            out.append((dtypes, dict(sizes)))
     return out
 
 
@@ -41,7 +45,8 @@ def compile_one(kdef, dtypes, sizes, target: str, backend) -> Result:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    spec = ", ".join(f"{d.name}" for d in sorted(set(dtypes.values()), key=str)) + "".join(
+    floats = {d for n, d in dtypes.items() if d.is_float and n not in kdef.example_dtypes}
+    spec = ", ".join(f"{d.name}" for d in sorted(floats, key=str)) + "".join(
         f" {a}={v}" for a, v in sizes.items())
     t0 = time.perf_counter()
     try:
@@ -73,6 +78,6 @@ def check(targets=tuple(TARGETS), ops=None) -> list[Result]:
             for dtypes, sizes in specializations(kdef):
                 for t in targets:
                     r = compile_one(kdef, dtypes, sizes, t, backend)
-                    r.op = op
+                    r.op = op if len(kdefs) == 1 else f"{op}:{kdef.name}"
                     results.append(r)
     return results

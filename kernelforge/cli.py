@@ -39,15 +39,20 @@ def cmd_ops(args) -> int:
     return 0
 
 
-def example_args(kdef, dtype: torch.dtype, hidden: int, rows: int = 4):
-    """Tensors and scalars that specialise ``kdef`` like a real call would."""
+def example_args(kdef, dtype: torch.dtype, hidden: int | None = None, rows: int = 4):
+    """Tensors and scalars that specialise ``kdef`` like a real call would:
+    static axes from its first example (or all ``hidden`` when given), every
+    other axis ``rows``, dtypes as ``example_dtypes`` says or ``dtype``."""
+    sizes = kdef.examples[0] if kdef.examples and hidden is None else \
+        {a: hidden or 4096 for a in kdef.static}
     args = []
     for name, ann in kdef.signature:
         if hasattr(ann, "axes"):
-            shape = [hidden if a in kdef.static else rows for a in ann.axes]
-            args.append(torch.zeros(shape, dtype=dtype))
+            shape = [sizes.get(a, rows) for a in ann.axes]
+            d = kdef.example_dtypes.get(name)
+            args.append(torch.zeros(shape, dtype=d.torch if d else dtype))
         else:
-            args.append(0.0)
+            args.append(0.0 if ann.is_float else 0)
     return args
 
 
@@ -108,7 +113,8 @@ def main(argv=None) -> int:
     s.add_argument("--backend", default="triton",
                    choices=["ir", "triton", "inductor", "eager"])
     s.add_argument("--dtype", default="bf16", choices=sorted(_DTYPES))
-    s.add_argument("--hidden", type=int, default=4096, help="size of the static axes")
+    s.add_argument("--hidden", type=int, default=None,
+                   help="size of every static axis (default: the kernel's first example)")
     a = sub.add_parser("aot-check", help="compile every kernel for GPU targets")
     a.add_argument("--targets", default="sm_80,sm_90,gfx942")
     a.add_argument("--op", action="append", help="limit to these ops")

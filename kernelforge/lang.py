@@ -53,9 +53,12 @@ class KernelDef:
     """A kernel as written. ``specialize`` traces it for concrete tensor
     dtypes and static axis sizes (the cache key); the result is verified IR."""
 
-    def __init__(self, fn: Callable, static: tuple[str, ...] = (), derived=None):
+    def __init__(self, fn: Callable, static: tuple[str, ...] = (), derived=None,
+                 examples=(), example_dtypes=None):
         self.fn, self.name, self.static = fn, fn.__name__, tuple(static)
         self.derived = dict(derived or {})
+        self.examples = tuple(dict(e) for e in examples)
+        self.example_dtypes = dict(example_dtypes or {})
         self.loc = _def_loc(fn)
         self.signature: list[tuple[str, object]] = []
         axes: list[str] = []
@@ -77,6 +80,10 @@ class KernelDef:
             if s not in axes:
                 raise KernelError(f"static axis `{s}` is not an axis of any parameter "
                                   f"of `{self.name}` (axes: {axes})", self.loc)
+        for e in self.examples:
+            if set(e) != set(self.static):
+                raise KernelError(f"example sizes {e} of `{self.name}` must give exactly the "
+                                  f"static axes {list(self.static)}", self.loc)
         self._cache: dict[tuple, object] = {}
         self.launch_plan = None          # filled by kernelforge.dispatch on first launch
 
@@ -140,7 +147,8 @@ def _def_loc(fn) -> SrcLoc:
     return SrcLoc(code.co_filename, start, lines[0].rstrip())
 
 
-def kernel(fn: Callable | None = None, *, static: tuple[str, ...] = (), derived=None):
+def kernel(fn: Callable | None = None, *, static: tuple[str, ...] = (), derived=None,
+           examples=(), example_dtypes=None):
     """Declare a kernel.
 
     Args:
@@ -148,10 +156,15 @@ def kernel(fn: Callable | None = None, *, static: tuple[str, ...] = (), derived=
             head size); all other axes are runtime sizes that never recompile.
         derived: extra static axes computed from the static sizes, e.g.
             ``{"H": lambda s: s["N"] // 2}`` for half a row.
+        examples: representative static sizes of real models, e.g.
+            ``({"N": 4096}, {"N": 16384})``; ``kernelforge show`` and
+            ``aot-check`` specialise with them (the first in every float dtype).
+        example_dtypes: dtypes of tensor parameters that do not follow the
+            float dtype under test in those specialisations (``{"positions": kl.i64}``).
     """
     if fn is None:
-        return lambda f: KernelDef(f, static, derived)
-    return KernelDef(fn, static, derived)
+        return lambda f: KernelDef(f, static, derived, examples, example_dtypes)
+    return KernelDef(fn, static, derived, examples, example_dtypes)
 
 
 # -- tiles and loops ----------------------------------------------------------

@@ -23,7 +23,7 @@ from kernelforge.backends import registry
 from kernelforge.dispatch import NewTensor, launch
 
 
-@kl.kernel(static=("N",))
+@kl.kernel(static=("N",), examples=({"N": 4096}, {"N": 16384}))
 def rms_norm_fwd(x: kl.In("M", "N"), w: kl.In("N"), out: kl.Out("M", "N"),
              eps: kl.f32, offset: kl.f32):
     m = kl.parallel("M")
@@ -43,7 +43,7 @@ def rms_norm_fwd(x: kl.In("M", "N"), w: kl.In("N"), out: kl.Out("M", "N"),
     kl.seq_for("N", scale)
 
 
-@kl.kernel(static=("N",))
+@kl.kernel(static=("N",), examples=({"N": 4096}, {"N": 16384}))
 def fused_add_rms_norm_fwd(x: kl.In("M", "N"), r: kl.In("M", "N"),
                        w: kl.In("N"), out: kl.Out("M", "N"), r_out: kl.Out("M", "N"),
                        eps: kl.f32, offset: kl.f32):
