@@ -9,5 +9,6 @@ lowered to Triton, torch.compile/Inductor and eager torch.
 __version__ = "0.1.0"
 
 from . import ops  # noqa: E402,F401  (registers torch.ops.kernelforge.*)
+from . import rope  # noqa: E402,F401  (cos/sin cache builders)
 from .explain import explain  # noqa: E402,F401
 from .dispatch import launch  # noqa: E402,F401

@@ -1,11 +1,13 @@
 """The public ops, ``kernelforge.ops.NAME(..., backend=None)``. Each is also
 a torch.library custom op, ``torch.ops.kernelforge.NAME``."""
+from .kernels import rmsnorm as _rmsnorm
+from .kernels import rotary as _rotary
 from .kernels.rmsnorm import fused_add_rms_norm, rms_norm  # noqa: F401
+from .kernels.rotary import rotary_embedding  # noqa: F401
 
 #: op name -> the IR kernels it launches (for `kernelforge ops`, `show`, `aot-check`)
-from .kernels import rmsnorm as _rmsnorm
-
 KERNELS = {
     "rms_norm": (_rmsnorm.rms_norm_fwd,),
     "fused_add_rms_norm": (_rmsnorm.fused_add_rms_norm_fwd,),
+    "rotary_embedding": _rotary.all_kernels(),
 }
