@@ -47,3 +47,44 @@ def test_inside_an_engines_fullgraph_compile():
     assert_close(res_out, s2, torch.float32, "residual through the graph")
     # the reference rounds to fp32 between ops as the graph does; allow each op's error
     assert_close(out - 1.0, n2, torch.float32, "output through the graph")
+
+
+def test_rotary_ops_are_registered_and_pass_opcheck():
+    assert hasattr(torch.ops.kernelforge, "rotary_embedding")
+    assert hasattr(torch.ops.kernelforge, "rotary_embedding_")
+    pos = torch.tensor([3, 0, 7])
+    cache = kernelforge.rope.cos_sin_cache(32, 8)
+    q, k = torch.randn(3, 2 * 64), torch.randn(3, 64)
+    torch.library.opcheck(torch.ops.kernelforge.rotary_embedding.default,
+                          (pos, q, k, 64, cache, True, True, "eager"))
+    torch.library.opcheck(torch.ops.kernelforge.rotary_embedding.default,
+                          (pos, q, None, 64, cache, False, True, "eager"))
+    torch.library.opcheck(torch.ops.kernelforge.rotary_embedding_.default,
+                          (pos, q.clone(), k.clone(), 64, cache, True, True, "eager"))
+
+
+def test_rotary_inside_an_engines_fullgraph_compile():
+    """An attention prologue as an engine writes it: fused qkv projection,
+    split, rotary in place on the q and k views, and out of place."""
+    T, hq, hk, D = 5, 4, 2, 64
+    cache = kernelforge.rope.cos_sin_cache(D, 64)
+    w = torch.randn(64, (hq + 2 * hk) * D) * 0.1
+
+    def prologue(x, pos):
+        qkv = x @ w
+        q, k, v = qkv.split([hq * D, hk * D, hk * D], dim=-1)
+        kernelforge.ops.rotary_embedding(pos, q, k, D, cache, inplace=True, backend="eager")
+        q2, k2 = kernelforge.ops.rotary_embedding(pos, q, k, D, cache, False, backend="eager")
+        return q, k, q2, k2
+
+    x, pos = torch.randn(T, 64), torch.tensor([9, 0, 63, 5, 5])
+    q, k, q2, k2 = torch.compile(prologue, fullgraph=True)(x, pos)
+    qkv = x @ w
+    rq = reference.rotary(pos, qkv[:, :hq * D], cache, D, True)
+    rk = reference.rotary(pos, qkv[:, hq * D:(hq + hk) * D], cache, D, True)
+    assert_close(q, rq, torch.float32, "in place through the graph")
+    assert_close(k, rk, torch.float32, "in place through the graph")
+    assert_close(q2, reference.rotary(pos, rq.float(), cache, D, False), torch.float32,
+                 "second rotation (GPT-J) through the graph")
+    assert_close(k2, reference.rotary(pos, rk.float(), cache, D, False), torch.float32,
+                 "second rotation (GPT-J) through the graph")
