@@ -42,8 +42,10 @@ def explain(op: str, *args, backend: str | None = None) -> Explanation:
     decision = registry.select(device, backend)
     kernels = []
     for kdef in KERNELS[op]:
-        tensors = [n for n, a in kdef.signature if hasattr(a, "axes")]
-        if len(args) >= len(tensors):
+        fits = len(args) >= len(kdef.signature) and all(
+            isinstance(x, torch.Tensor) and x.dim() == len(a.axes)
+            for x, (_, a) in zip(args, kdef.signature) if hasattr(a, "axes"))
+        if fits:   # (ops with several kernels: describe those these arguments fit)
             dtypes, sizes = dispatch.specialization(kdef, args)
             built = cache.built(kdef, decision.backend.name)
             spec = ", ".join(f"{n}={d}" for n, d in dtypes.items()) + "".join(
