@@ -42,9 +42,9 @@ def explain(op: str, *args, backend: str | None = None) -> Explanation:
     decision = registry.select(device, backend)
     kernels = []
     for kdef in KERNELS[op]:
-        fits = len(args) >= len(kdef.signature) and all(
-            isinstance(x, torch.Tensor) and x.dim() == len(a.axes)
-            for x, (_, a) in zip(args, kdef.signature) if hasattr(a, "axes"))
+        fits = all(i < len(args) and isinstance(args[i], torch.Tensor)
+                   and args[i].dim() == len(a.axes)
+                   for i, (_, a) in enumerate(kdef.signature) if hasattr(a, "axes"))
         if fits:   # (ops with several kernels: describe those these arguments fit)
             dtypes, sizes = dispatch.specialization(kdef, args)
             built = cache.built(kdef, decision.backend.name)
