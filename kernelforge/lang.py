@@ -207,26 +207,37 @@ def tile(axis: str) -> Value:
     return Value(Node(Op.RANGE, i32, (a.name,), (), (a.name, "full", None), caller_loc()))
 
 
-def seq_for(axis: str, body: Callable, init=()):
+def seq_for(axis: str, body: Callable, init=(), *, start=None, stop=None):
     """A sequential loop over tiles of ``axis`` with loop-carried values.
 
     Args:
         axis: the axis to walk; each iteration sees one tile of it.
         body: ``body(tile, *carried) -> new carried`` (a value or a tuple).
         init: initial carried values; each keeps its dtype and axes.
+        start, stop: optional integer bounds: only indices in [start, stop)
+            of the axis are visited. They may vary along parallel axes (a
+            range per row, e.g. causal attention's keys); lanes outside a
+            row's range are masked like padding: loads read 0, reductions see
+            their identity, stores are skipped.
     Returns:
         the carried values after the last iteration (a tuple), or None.
 
-    Lowerings choose the tile size: Triton loops over power-of-two chunks,
-    the torch lowerings run one iteration over the whole axis.
+    Lowerings choose the tile size: Triton loops over power-of-two chunks
+    (from the smallest start to the largest stop of the program's rows), the
+    torch lowerings run one masked iteration over the whole axis.
+
+    Example:
+        >>> m_i, l_i, acc = kl.seq_for("N", step, init=(m0, l0, acc0), stop=n_keys)
     """
     a = _axis(axis)
     t = tracer()
     loc = caller_loc()
+    bounds = [None if b is None else as_node(b) for b in (start, stop)]
     # loop ids count per kernel, so generated names (and source hashes) do not
     # depend on what else the process traced before
     t.k.loop_count += 1
-    loop = Loop(a.name, loc, id=t.k.loop_count - 1, parent=t.loops[-1] if t.loops else None)
+    loop = Loop(a.name, loc, id=t.k.loop_count - 1, parent=t.loops[-1] if t.loops else None,
+                start=bounds[0], stop=bounds[1])
     single = not isinstance(init, (tuple, list))
     init_nodes = tuple(as_node(v) for v in ((init,) if single else init))
     loop.range = Node(Op.RANGE, i32, (a.name,), (), (a.name, "seq", loop.id), loc)
@@ -266,15 +277,22 @@ def load(ref: TensorRef) -> Value:
     return Value(node(Op.LOAD, ref.tensor.dtype, axes, (ref.tensor.node, *ref.index), where))
 
 
-def store(ref: TensorRef, value) -> None:
-    """Store ``value`` into ``x[index]``; lanes outside the extent are skipped."""
+def store(ref: TensorRef, value, mask=None) -> None:
+    """Store ``value`` into ``x[index]``; lanes outside the extent are skipped.
+
+    Args:
+        mask: optional bool value; lanes where it is False are not written
+            (e.g. padding tokens whose cache slot is -1). It may vary along
+            a subset of the index's axes.
+    """
     if not isinstance(ref, TensorRef):
         raise KernelError("store() expects a tensor indexed by tiles, e.g. store(out[m, n], v)",
                           caller_loc())
     v = as_node(value)
     axes = tuple(a for i in ref.index for a in i.axes)
     t = tracer()
-    n = node(Op.STORE, None, axes, (ref.tensor.node, v, *ref.index))
+    m = None if mask is None else as_node(mask)
+    n = node(Op.STORE, None, axes, (ref.tensor.node, v, *ref.index), m)
     t.stmts.append(n)
 
 
@@ -319,8 +337,9 @@ def size(axis: str) -> Value:
 def where(cond, a, b) -> Value:
     """``a`` where ``cond`` holds, else ``b``."""
     like = next((x for x in (a, b) if isinstance(x, Value)), None)
-    return elementwise(Op.WHERE, cond, a if isinstance(a, Value) else as_node(a, like and like.node),
-                       b if isinstance(b, Value) else as_node(b, like and like.node))
+    ref = like.node if like is not None else None
+    return elementwise(Op.WHERE, cond, a if isinstance(a, Value) else as_node(a, ref),
+                       b if isinstance(b, Value) else as_node(b, ref))
 
 
 def _unary(op: Op, doc: str):

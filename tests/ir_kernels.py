@@ -138,3 +138,44 @@ def make_scaler(c: float):
 def copy_rows(x: kl.In("M", "N"), out: kl.Out("M", "N")):
     m, n = kl.parallel("M"), kl.tile("N")
     kl.store(out[m, n], kl.load(x[m, n]))
+
+
+@kl.kernel()
+def ranged_sums(x: kl.In("M", "N"), lo: kl.In("M"), hi: kl.In("M"), out: kl.Out("M")):
+    """out[m] = sum(x[m, lo[m]:hi[m]]): a loop with a range per row."""
+    m = kl.parallel("M")
+
+    def step(n, acc):
+        return acc + kl.sum(kl.load(x[m, n]).to(kl.f32), "N")
+
+    (s,) = kl.seq_for("N", step, init=(kl.zeros(kl.f32, "M"),), start=kl.load(lo[m]),
+                      stop=kl.load(hi[m]))
+    kl.store(out[m], s)
+
+
+@kl.kernel()
+def ranged_softmax_blocks(x: kl.In("M", "N"), hi: kl.In("M"), out: kl.Out("M", "N")):
+    """Rows in blocks of 4 with different stops: a per-row online softmax over
+    x[m, :hi[m]], written where n < hi[m] (a per-row mask inside one program)."""
+    m = kl.parallel("M", block=4)
+    stop = kl.load(hi[m])
+
+    def stats(n, m_i, l_i):
+        m_new, l_new, _, _ = lib.online_softmax_step(m_i, l_i, kl.load(x[m, n]), "N")
+        return m_new, l_new
+
+    m_i, l_i = kl.seq_for("N", stats, init=(kl.full(float("-inf"), kl.f32, "M"),
+                                           kl.zeros(kl.f32, "M")), stop=stop)
+
+    def write(n):
+        kl.store(out[m, n], kl.exp(kl.load(x[m, n]) - m_i) / l_i)
+
+    kl.seq_for("N", write, stop=stop)
+
+
+@kl.kernel(static=("D",))
+def scatter_rows(x: kl.In("T", "D"), slot: kl.In("T"), table: kl.Out("S", "D")):
+    """table[slot[t]] = x[t] where slot[t] >= 0 (a masked scatter)."""
+    t, d = kl.parallel("T"), kl.tile("D")
+    s = kl.load(slot[t])
+    kl.store(table[s, d], kl.load(x[t, d]), mask=s >= 0)

@@ -261,3 +261,21 @@ def test_kernels_in_modules_with_postponed_annotations(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     import future_kernel
     assert "kernel double(x: in f32[M, N=8]" in str(future_kernel.double.specialize({}, {"N": 8}))
+
+
+def test_bounds_and_store_masks_are_verified():
+    @kl.kernel()
+    def float_bound(x: kl.In("M", "N"), out: kl.Out("M")):
+        m = kl.parallel("M")
+        (s,) = kl.seq_for("N", lambda n, a: a + kl.sum(kl.load(x[m, n]), "N"),
+                          init=(kl.zeros(kl.f32, "M"),), stop=kl.load(x[m, 0]))  # BAD-BOUND
+        kl.store(out[m], s)
+    expect_error(float_bound, "BAD-BOUND", "bounds must be signed integers, got f32")
+
+    @kl.kernel(static=("N",))
+    def bad_mask(x: kl.In("M", "N"), out: kl.Out("M", "N")):
+        m, n = kl.parallel("M"), kl.tile("N")
+        kl.store(out[m, n], kl.load(x[m, n]), mask=kl.load(x[m, n]))  # BAD-MASK
+    expect_error(bad_mask, "BAD-MASK", "store mask must be bool")
+    text = str(__import__("ir_kernels").scatter_rows.specialize({"slot": kl.i64}, {"D": 8}))
+    assert "store table[" in text and " if %" in text

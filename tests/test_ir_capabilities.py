@@ -218,3 +218,42 @@ def test_launch_checks_that_shared_axes_agree(backend):
     with pytest.raises(ValueError, match=r"`out` dim 0 is axis M, expected 4 \(dim 0 of `x`\), "
                                          r"got 3"):
         run(K.copy_rows, x, torch.empty(3, 8, device=DEVICE), backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["eager", "inductor", "triton"])
+def test_loops_with_a_range_per_row(backend):
+    """seq_for(start=, stop=): each row visits only its own [start, stop);
+    a row with an empty range sums to 0. Ranges that vary inside one program
+    (rows in blocks of 4) mask per row."""
+    g = torch.Generator().manual_seed(3)
+    M, N = 7, 300
+    x = torch.randn(M, N, generator=g).to(DEVICE)
+    x[:, 250:] = float("nan")       # never inside any row's range: must never be read
+    lo = torch.tensor([0, 5, 100, 249, 0, 10, 7], device=DEVICE)
+    hi = torch.tensor([250, 6, 250, 250, 0, 200, 8], device=DEVICE)
+    out = torch.full((M,), 99.0, device=DEVICE)
+    run(K.ranged_sums, x, lo, hi, out, backend=backend)
+    ref = torch.stack([x[i, lo[i]:hi[i]].double().sum() for i in range(M)])
+    assert_close(out, ref, torch.float32, f"ranged sums {backend}")
+
+    hi2 = torch.tensor([250, 1, 50, 249, 3, 200, 8], device=DEVICE)
+    o2 = torch.full((M, N), -5.0, device=DEVICE)
+    run(K.ranged_softmax_blocks, x, hi2, o2, backend=backend)
+    ref2 = torch.full((M, N), -5.0, dtype=torch.float64)
+    for i in range(M):
+        ref2[i, :hi2[i]] = torch.softmax(x[i, :hi2[i]].double(), 0)
+    assert_close(o2, ref2, torch.float32, f"per-row softmax {backend}")
+
+
+@pytest.mark.parametrize("backend", ["eager", "inductor", "triton"])
+def test_masked_scatter_skips_masked_rows(backend):
+    """store(..., mask=): rows whose slot is -1 are not written anywhere."""
+    xs = torch.randn(6, 8, device=DEVICE)
+    slot = torch.tensor([3, -1, 0, 9, -1, 5], device=DEVICE)
+    table = torch.full((10, 8), 7.0, device=DEVICE)
+    run(K.scatter_rows, xs, slot, table, backend=backend)
+    ref = torch.full((10, 8), 7.0, device=DEVICE)
+    for i in range(6):
+        if slot[i] >= 0:
+            ref[slot[i]] = xs[i]
+    assert torch.equal(table, ref)

@@ -127,6 +127,13 @@ def topo(roots, stop=lambda n: False) -> list[Node]:
     return order
 
 
+def stmt_roots(s: Node) -> list[Node]:
+    """What a statement reads: a loop's inits and bounds, a store's operands and mask."""
+    if s.op == Op.SEQ_FOR:
+        return list(s.src) + list(s.arg.bounds())
+    return list(s.src) + ([s.arg] if s.arg is not None else [])
+
+
 def linearize(k, an: Analysis):
     """Program order for printers. Yields events:
     ("node", n) for a value to define, ("begin", seq_for), ("end", seq_for)
@@ -149,7 +156,7 @@ def linearize(k, an: Analysis):
     def body_roots(loop):
         roots = list(loop.yields)
         for s in loop.stmts:
-            roots.extend(s.src)
+            roots.extend(stmt_roots(s))
             if s.op == Op.SEQ_FOR:
                 roots.extend(body_roots(s.arg))
         return roots
@@ -157,13 +164,13 @@ def linearize(k, an: Analysis):
     def region(stmts, scope):
         for s in stmts:
             if s.op == Op.SEQ_FOR:
-                yield from define(list(s.src) + body_roots(s.arg), scope)
+                yield from define(stmt_roots(s) + body_roots(s.arg), scope)
                 yield ("begin", s)
                 yield from region(s.arg.stmts, s.arg)
                 yield from define(s.arg.yields, s.arg)
                 yield ("end", s)
             else:
-                yield from define(s.src, scope)
+                yield from define(stmt_roots(s), scope)
                 yield ("store", s)
 
     yield from region(k.stmts, None)

@@ -28,10 +28,14 @@ def online_softmax_step(m_i, l_i, s, axis: str):
         ``(m_new, l_new, p, alpha)`` where ``p = exp(s - m_new)`` are the
         chunk's unnormalised weights and ``alpha = exp(m_i - m_new)`` rescales
         anything accumulated so far (flash attention's accumulator).
+
+    A row whose scores so far are all -inf (masked: no key visible yet) keeps
+    ``m = -inf``, ``l = 0`` and gets ``p = alpha = 0`` instead of NaN.
     """
     m_new = kl.maximum(m_i, kl.max(s, axis))
-    p = kl.exp(s - m_new)
-    alpha = kl.exp(m_i - m_new)
+    m_safe = kl.where(m_new == float("-inf"), 0.0, m_new)
+    p = kl.exp(s - m_safe)
+    alpha = kl.exp(m_i - m_safe)
     return m_new, l_i * alpha + kl.sum(p, axis), p, alpha
 
 

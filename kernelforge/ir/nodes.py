@@ -113,6 +113,17 @@ class Loop:
     stmts: list["Node"] = field(default_factory=list)
     yields: tuple["Node", ...] = ()
     parent: "Loop | None" = None
+    # Bounds: lanes outside [start, stop) are masked for each row (None: 0 / the extent).
+    # They may vary along parallel axes (one range per row, as causal attention needs).
+    start: "Node | None" = None
+    stop: "Node | None" = None
+
+    @property
+    def bounded(self) -> bool:
+        return self.start is not None or self.stop is not None
+
+    def bounds(self) -> tuple["Node", ...]:
+        return tuple(b for b in (self.start, self.stop) if b is not None)
 
 
 @dataclass(frozen=True, eq=False)

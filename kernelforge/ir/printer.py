@@ -59,8 +59,11 @@ def format_kernel(k) -> str:
             for c in loop.carries:
                 names[id(c)] = f"%c{loop.id}_{c.arg[1]}"
             carried = ", ".join(f"{names[id(c)]} = {name(i)}" for c, i in zip(loop.carries, n.src))
-            emit(f"seq_for {rn} in tiles({loop.axis})" + (f" carry({carried})" if carried else "")
-                 + ":", loop.loc)
+            rng = "" if not loop.bounded else (
+                f" from {name(loop.start) if loop.start is not None else 0}"
+                f" to {name(loop.stop) if loop.stop is not None else loop.axis}")
+            emit(f"seq_for {rn} in tiles({loop.axis}){rng}"
+                 + (f" carry({carried})" if carried else "") + ":", loop.loc)
             depth[0] += 1
         elif ev == "end":
             loop = n.arg
@@ -69,8 +72,8 @@ def format_kernel(k) -> str:
             depth[0] -= 1
         else:  # store
             param, value, *index = n.src
-            emit(f"store {param.arg.name}[{', '.join(name(i) for i in index)}] <- {name(value)}",
-                 n.loc)
+            emit(f"store {param.arg.name}[{', '.join(name(i) for i in index)}] <- {name(value)}"
+                 + (f" if {name(n.arg)}" if n.arg is not None else ""), n.loc)
     return "\n".join(lines)
 
 

@@ -3,7 +3,7 @@ lowering sees the kernel. Every error names the author's source line."""
 from __future__ import annotations
 
 from . import dtypes as dt
-from .analysis import Analysis, topo
+from .analysis import Analysis, stmt_roots, topo
 from .errors import KernelError
 from .nodes import (BINARY, COMPARE, FLOAT_ONLY, INT_ONLY, UNARY, Node, Op)
 
@@ -24,9 +24,19 @@ def verify(k) -> Analysis:
 def _check_region(k, an, stmts, loop, stored):
     visible = an.chain(loop)
     for s in stmts:
-        roots = list(s.src)
+        roots = stmt_roots(s)
         if s.op == Op.SEQ_FOR:
             body = s.arg
+            for b in body.bounds():
+                if not (b.dtype.is_int and b.dtype != dt.u32):
+                    _fail(f"seq_for bounds must be signed integers, got {b.dtype}", b)
+                if body.axis in b.axes:
+                    _fail(f"a bound of seq_for over `{body.axis}` varies along `{body.axis}` "
+                          "itself", b)
+                loose = [a for a in b.axes if not any(g.arg[0] == a for g in k.grid)]
+                if loose:
+                    _fail(f"seq_for bounds may vary along parallel axes only (one range per "
+                          f"row), this one varies along {loose}", b)
             _check_region(k, an, body.stmts, body, stored)
             for y, c in zip(body.yields, body.carries):
                 for n in topo([y]):
@@ -146,3 +156,11 @@ def _check_store(k, an, s: Node) -> None:
     for i in s.src[2:]:
         if not i.dtype.is_int:
             _fail(f"index of `{param.name}` must be an integer, got {i.dtype}", s)
+    m = s.arg
+    if m is not None:
+        if m.dtype != dt.bool_:
+            _fail(f"store mask must be bool, got {m.dtype}", s)
+        extra = [a for a in m.axes if a not in s.axes]
+        if extra:
+            _fail(f"store mask varies along {extra}, which the index of `{param.name}` "
+                  "does not cover", s)

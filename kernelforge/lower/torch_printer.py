@@ -126,6 +126,19 @@ def can_return(k, name: str) -> bool:
     return all(i.op == Op.RANGE and i.arg[0] == a for i, a in zip(index, param.arg.axes))
 
 
+def _identity(kind: str, d: dt.DType) -> str:
+    """What a masked lane holds for a reduction, so it cannot win."""
+    v = {"sum": 0, "max": -1, "min": 1, "argmax": -1, "argmin": 1}[kind]
+    if d == dt.bool_:
+        return "False" if v <= 0 else "True"
+    if d.is_float:
+        return "0.0" if v == 0 else ("float('-inf')" if v < 0 else "float('inf')")
+    if v == 0:
+        return "0"
+    big = (1 << (d.bits - 1)) - 1 if d != dt.u32 else 0xFFFFFFFF
+    return str(-big - 1 if v < 0 and d != dt.u32 else (0 if v < 0 else big))
+
+
 def _natural_order(index) -> tuple[str, ...]:
     """The axes a subscript yields, in the tensor's dim order."""
     return tuple(a for i in index for a in i.axes)
@@ -171,6 +184,9 @@ class _Printer:
         # would compute them twice. expr -> (name, is_py, reads memory)
         self.cse: dict[str, tuple[str, bool, bool]] = {}
         self.reads_memory: set[int] = set()
+        # bounded loops: loop id -> (mask name, its axes); lanes outside a
+        # row's [start, stop) are masked like Triton's padding
+        self.loop_masks: dict[int, tuple[str, tuple[str, ...]]] = {}
 
     # -- naming -------------------------------------------------------------------
     def name(self, n: Node) -> str:
@@ -253,6 +269,17 @@ class _Printer:
         loop = s.arg
         self.out.src(loop.loc)
         self.out.line(f"# seq_for over {loop.axis}: one iteration covering the whole axis")
+        if loop.bounded:
+            axes = tuple(a for a in self.k.axes
+                         if a == loop.axis or any(a in b.axes for b in loop.bounds()))
+            ar = expand(f"torch.arange({loop.axis}, device=_dev)", (loop.axis,), axes)
+            parts = []
+            for b, op in ((loop.start, ">="), (loop.stop, "<")):
+                if b is not None:
+                    parts.append(f"({ar} {op} {expand(self.name(b), b.axes, axes)})")
+            nm = f"mask_{loop.axis.lower()}{loop.id}"
+            self.out.line(f"{nm} = {' & '.join(parts)}")
+            self.loop_masks[loop.id] = (nm, axes)
         for c, init in zip(loop.carries, s.src):
             nm = self.carries[id(c)] = f"c{loop.id}_{c.arg[1]}"
             self.out.line(f"{nm} = {self.name(init)}")
@@ -278,8 +305,18 @@ class _Printer:
             # store may be reused after it
             self.cse = {e: v for e, v in self.cse.items() if not v[2]}
         self.out.src(s.loc)
-        target, gather = self.index(param.arg, index, s.axes)
+        masks = [(m, axes) for m, axes in self.bounded_masks(s)]
+        if s.arg is not None:
+            masks.append((self.name(s.arg), s.arg.axes))
+        target, gather = self.index(param.arg, index, s.axes, clamp=bool(masks))
+        parts = self.last_parts
         v = self.name(value)
+        if masks:
+            if param.arg.name in self.returns:   # pragma: no cover - can_return refuses
+                raise KernelError("a masked store cannot be returned", s.loc)
+            m = " & ".join(expand(nm, axes, s.axes) for nm, axes in masks)
+            self.masked_store(param.arg, index, s.axes, target, parts, gather, v, value, m)
+            return
         if not self.is_py(value):
             v = expand(v, value.axes, s.axes)
             natural = _natural_order(index)
@@ -297,6 +334,50 @@ class _Printer:
         else:
             self.out.line(f"{self.tensor_name(param.arg)}[{target}] = {v}")
 
+    def masked_store(self, param, index, want, target, parts, gather, v, value, m) -> None:
+        """``param[index] = v`` only where ``m`` holds (lanes in [start, stop)
+        of a bounded loop, and the store's own mask)."""
+        o, name = self.out, self.tensor_name(param)
+        n = self.count
+        self.count += 1
+        conv = ".to(torch.int32)" if param.dtype == dt.u32 else ""
+        vt = v if not self.is_py(value) else \
+            f"torch.tensor({v}, dtype={storage(param.dtype)}, device=_dev)"
+        vt = expand(vt, value.axes, want) if not self.is_py(value) else vt
+        if not gather:
+            natural = _natural_order(index)
+            perm = [want.index(a) for a in natural if a in want]
+            p = "" if natural == want else f".permute({', '.join(map(str, perm))})"
+            o.line(f"_old{n} = {name}[{target}]" if target else f"_old{n} = {name}")
+            o.line(f"_new{n} = torch.where(({m}){p}, ({vt}){p}{conv}, _old{n})")
+            o.line(f"{name}[{target}] = _new{n}" if target else f"{name}.copy_(_new{n})")
+            return
+        # a masked scatter: keep the lanes whose mask holds (their indices are
+        # distinct where the kernel is correct), drop the others
+        tensors = [p for p, is_t in parts if is_t]
+        o.line(f"_b{n} = torch.broadcast_tensors({', '.join(tensors + [vt, m])})")
+        o.line(f"_k{n} = _b{n}[-1]")
+        it = iter(range(len(tensors)))
+        sub = ", ".join(f"_b{n}[{next(it)}][_k{n}]" if is_t else p for p, is_t in parts)
+        o.line(f"{name}[{sub}] = _b{n}[-2][_k{n}]{conv}")
+
+    # -- bounded loops -------------------------------------------------------------
+    def bounded_masks(self, n: Node, axis: str | None = None) -> list[tuple[str, tuple]]:
+        """Masks of the bounded loops whose tiles ``n`` varies along (only the
+        one over ``axis`` when given), as (name, axes)."""
+        out = []
+        for a, t in self.an.tiles(n).items():
+            if t.op == Op.RANGE and t.arg[1] == "seq" and t.arg[2] in self.loop_masks \
+                    and (axis is None or a == axis):
+                out.append(self.loop_masks[t.arg[2]])
+        return out
+
+    def apply_masks(self, e: str, n: Node, fill: str, axis: str | None = None) -> str:
+        for m, axes in self.bounded_masks(n, axis):
+            if all(a in n.axes for a in axes):   # (a value without the row axes can't be)
+                e = f"torch.where({expand(m, axes, n.axes)}, {e}, {fill})"
+        return e
+
     # -- indexing -------------------------------------------------------------------
     @staticmethod
     def tile_of(i: Node):
@@ -307,8 +388,11 @@ class _Printer:
             return i.src[0], i.src[1].arg
         return None
 
-    def index(self, param, index, want) -> tuple[str, bool]:
-        """A subscript for ``param[index]``; True if it needs advanced indexing."""
+    def index(self, param, index, want, clamp: bool = False) -> tuple[str, bool]:
+        """A subscript for ``param[index]``; True if it needs advanced indexing.
+        ``clamp``: gathered indices are clamped into the dim (masked lanes of a
+        bounded loop or a masked store may compute any index; Triton masks
+        them, torch would read out of bounds)."""
         tiles = [self.tile_of(i) for i in index]
         gather = any(t is None and i.axes for t, i in zip(tiles, index))
         parts = []
@@ -322,7 +406,10 @@ class _Printer:
                         f"torch.arange({r.arg[0]}, device=_dev)"   # int64: an index, not data
                     parts.append(expand(e, i.axes, want) if len(want) > 1 else e)
                 else:
-                    parts.append(expand(self.name(i), i.axes, want))
+                    e = self.name(i)
+                    if clamp:
+                        e = f"{e}.clamp(0, {param.axes[dim]} - 1)"
+                    parts.append(expand(e, i.axes, want))
             else:
                 r, off = t
                 if off == 0 and param.axes[dim] == r.arg[0]:
@@ -331,6 +418,8 @@ class _Printer:
                     parts.append(f"{off}:{off} + {r.arg[0]}")
         while parts and parts[-1] == ":":
             parts.pop()
+        # (part, whether it is a tensor) for masked scatters
+        self.last_parts = [(p, bool(i.axes)) for p, i in zip(parts, index)]
         return ", ".join(parts), gather
 
     # -- expressions ------------------------------------------------------------------
@@ -339,12 +428,15 @@ class _Printer:
         src_py = all(self.is_py(s) for s in n.src)
         if op == Op.LOAD:
             param, *index = n.src
-            sub, gather = self.index(param.arg, index, n.axes)
+            masked = bool(self.bounded_masks(n))
+            sub, gather = self.index(param.arg, index, n.axes, clamp=masked)
             name = self.tensor_name(param.arg)
             e = f"{name}[{sub}]" if sub else name
             natural = _natural_order(index)
             if natural != n.axes and not gather:
                 e = f"{e}.permute({', '.join(str(natural.index(a)) for a in n.axes)})"
+            if masked:
+                e = self.apply_masks(e, n, "False" if param.arg.dtype == dt.bool_ else "0")
             if param.arg.dtype == dt.u32:
                 e = f"({e}.to(torch.int64) & _U32)"
             return e, False
@@ -374,7 +466,8 @@ class _Printer:
             d = x.axes.index(axis)
             method = {"sum": "sum", "max": "amax", "min": "amin", "argmax": "argmax",
                       "argmin": "argmin"}[kind]
-            e = f"{self.name(x)}.{method}(dim={d})"
+            xe = self.apply_masks(self.name(x), x, _identity(kind, x.dtype), axis)
+            e = f"{xe}.{method}(dim={d})"
             if kind.startswith("arg") or (kind == "sum" and not x.dtype.is_float):
                 e = f"{e}.to({storage(n.dtype)})"      # torch widens these to int64
             return e, False
@@ -399,8 +492,9 @@ class _Printer:
             spec = (f"{''.join(letters[x] for x in a.axes)},{''.join(letters[x] for x in b.axes)}"
                     f"->{''.join(letters[x] for x in n.axes)}")
             acc = storage(n.dtype)
-            return (f"torch.einsum('{spec}', {self.name(a)}.to({acc}), "
-                    f"{self.name(b)}.to({acc}))"), False
+            ea = self.apply_masks(self.name(a), a, "0", n.arg)
+            eb = self.apply_masks(self.name(b), b, "0", n.arg)
+            return f"torch.einsum('{spec}', {ea}.to({acc}), {eb}.to({acc}))", False
         if op in _TABLE:
             if src_py and (op in _PY_TABLE or _TABLE[op].count("torch") == 0):
                 if op == Op.NOT and n.dtype == dt.bool_:

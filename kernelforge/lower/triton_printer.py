@@ -150,6 +150,8 @@ class _Printer:
         self.tile_names: dict[int, tuple[str, str | None]] = {}   # tile -> (offs, mask)
         self.max_elems = 1
         self.straight: set[int] = set()      # loops printed as one straight-line chunk
+        # bounded loops: tile -> (per-row mask name, its axes) when the bounds vary per row
+        self.row_masks: dict[int, tuple[str, tuple[str, ...]]] = {}
 
     # -- tiles ------------------------------------------------------------------
     def block(self, t: Node) -> int:
@@ -165,9 +167,14 @@ class _Printer:
             return self.sched.dynamic_block
         return min(next_pow2(size), self.sched.max_block)
 
+    def bounded(self, t: Node) -> bool:
+        return t.op == Op.RANGE and t.arg[1] == "seq" and self.an.loops[t.arg[2]].bounded
+
     def padded(self, t: Node) -> bool:
         if t.op == Op.TOPK:
             return t.arg[1] != self.block(t)
+        if self.bounded(t):
+            return True
         size, b = self.k.axes[t.arg[0]].size, self.block(t)
         if t.arg[1] == "parallel" and b == 1:
             return False
@@ -179,11 +186,19 @@ class _Printer:
     def tdims(self, n: Node) -> tuple[str, ...]:
         return tuple(a for a in n.axes if not self.scalar_axis(a))
 
+    def tile_mask(self, t: Node, axis: str, want: tuple[str, ...]) -> str:
+        """The mask of a padded tile over ``want``: per row when the loop's
+        bounds vary along rows that ``want`` covers, else the loop-wide one."""
+        rm = self.row_masks.get(id(t))
+        if rm is not None and all(a in want for a in rm[1]):
+            return expand(rm[0], rm[1], want)
+        return expand(self.tile_names[id(t)][1], (axis,), want)
+
     def mask(self, n: Node, want: tuple[str, ...]) -> str | None:
         parts = []
         for a, t in self.an.tiles(n).items():
             if a in n.axes and self.padded(t):
-                parts.append(expand(self.tile_names[id(t)][1], (a,), want))
+                parts.append(self.tile_mask(t, a, want))
         return " & ".join(parts) if parts else None
 
     def ensure_tile(self, t: Node) -> None:
@@ -275,16 +290,47 @@ class _Printer:
         offs, mask = f"offs_{axis.lower()}{loop.id}", f"mask_{axis.lower()}{loop.id}"
         self.tile_names[id(t)] = (offs, mask)
         size = self.k.axes[axis].size
+        lo = hi = None
+        if loop.bounded:
+            # the program's rows may each have their own range: walk from the
+            # smallest start to the largest stop; lanes outside a row's range are masked
+            lo, hi = f"lo_{axis.lower()}{loop.id}", f"hi_{axis.lower()}{loop.id}"
+            for nm, b_node, red, dflt in ((lo, loop.start, "min", "0"),
+                                          (hi, loop.stop, "max", self.size(axis))):
+                if b_node is None:
+                    o.line(f"{nm} = {dflt}")
+                elif self.tdims(b_node):
+                    self.helpers.add(_COMBINE[red])
+                    o.line(f"{nm} = tl.reduce({self.name(b_node)}, None, _{red}_combine)")
+                else:
+                    o.line(f"{nm} = {self.name(b_node)}")
         if size is not None and size <= b:
             o.line(f"# seq_for over {axis}: one chunk of {b} covers all {size}")
             o.line(f"{offs} = tl.arange(0, {b})")
             self.straight.add(s.arg.id)
         else:
-            o.line(f"for start_{axis.lower()}{loop.id} in tl.range(0, {self.size(axis)}, {b}):")
+            first = lo if lo is not None else "0"
+            o.line(f"for start_{axis.lower()}{loop.id} in tl.range({first}, "
+                   f"{hi if hi is not None else self.size(axis)}, {b}):")
             o.indent()
             o.line(f"{offs} = start_{axis.lower()}{loop.id} + tl.arange(0, {b})")
         if self.padded(t):
-            o.line(f"{mask} = {offs} < {self.size(axis)}")
+            extent = f"{offs} < {self.size(axis)}"
+            if loop.bounded:
+                extent = f"({offs} >= {lo}) & ({offs} < {hi}) & ({extent})"
+            o.line(f"{mask} = {extent}")
+        rows = sorted({a for bn in loop.bounds() for a in self.tdims(bn)},
+                      key=list(self.k.axes).index)
+        if rows:
+            axes = tuple(a for a in self.k.axes if a in rows or a == axis)
+            rmask = f"rmask_{axis.lower()}{loop.id}"
+            parts = [expand(mask, (axis,), axes)]
+            for bn, op in ((loop.start, ">="), (loop.stop, "<")):
+                if bn is not None and self.tdims(bn):
+                    parts.append(f"({expand(offs, (axis,), axes)} {op} "
+                                 f"{expand(self.name(bn), self.tdims(bn), axes)})")
+            o.line(f"{rmask} = {' & '.join(parts)}")
+            self.row_masks[id(t)] = (rmask, axes)
 
     def materialize(self, init: Node, c: Node) -> str:
         """Loop-carried values need a fixed type: give literals a typed block."""
@@ -309,7 +355,8 @@ class _Printer:
         self.out.src(s.loc)
         ptr = self.pointer(param.arg, index, want)
         v = self.operand(value, want)
-        mask = " & ".join(filter(None, [self.mask(s, want)] +
+        user = None if s.arg is None else expand(self.name(s.arg), self.tdims(s.arg), want)
+        mask = " & ".join(filter(None, [self.mask(s, want), user] +
                                  self.index_bounds(param.arg, index, want)))
         self.out.line(f"tl.store({ptr}, {v}" + (f", mask={mask})" if mask else ")"))
 
@@ -375,8 +422,7 @@ class _Printer:
         if fill in ("0", "0.0") and src.op == Op.LOAD:
             return e                       # padded lanes of a load already read 0
         if t is not None and self.padded(t):
-            m = expand(self.tile_names[id(t)][1], (axis,), want)
-            e = f"tl.where({m}, {e}, {fill})"
+            e = f"tl.where({self.tile_mask(t, axis, want)}, {e}, {fill})"
         return e
 
     def expr(self, n: Node) -> str:
