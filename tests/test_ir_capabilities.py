@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import kernelforge
+import kernelforge.lang as kl
 from kernelforge.tolerance import assert_close
 from conftest import DEVICE
 import ir_kernels as K
@@ -144,8 +145,9 @@ def test_explicit_casts_are_honoured(backend):
 @pytest.mark.parametrize("backend", ["eager", "inductor", "triton"])
 def test_outputs_allocated_by_the_backend(backend):
     """NewTensor outputs: Inductor returns them from its graph when an output
-    is written once, whole; otherwise (two partial stores) it falls back to
-    writing into an allocated tensor. Either way launch returns them."""
+    is written whole (one store, or pieces that tile it exactly, joined by one
+    torch.cat); otherwise (a masked store) it falls back to writing into an
+    allocated tensor. Either way launch returns them."""
     from kernelforge.dispatch import NewTensor
     from kernelforge.lower.torch_printer import can_return
     x = torch.randn(3, 1000, device=DEVICE)
@@ -157,7 +159,14 @@ def test_outputs_allocated_by_the_backend(backend):
                               backend=backend)
     assert torch.equal(r, torch.cat([x[:, 32:], x[:, :32]], -1))
     assert can_return(K.softmax_online.specialize({}, {"N": 1000}), "out")
-    assert not can_return(K.rotate_halves.specialize({}, {"N": 64}), "out")
+    assert can_return(K.rotate_halves.specialize({}, {"N": 64}), "out")
+    assert not can_return(K.ranged_softmax_blocks.specialize({"hi": kl.i64}), "out")
+    hi = torch.tensor([64, 3, 0], device=DEVICE)
+    (o,) = kernelforge.launch(K.ranged_softmax_blocks, x, hi, NewTensor(x.shape, x.dtype, DEVICE),
+                              backend=backend)
+    for i in range(3):
+        assert_close(o[i, :hi[i]], torch.softmax(x[i, :hi[i]].double(), -1), torch.float32,
+                     "a masked store into a new tensor")
 
 
 @pytest.mark.parametrize("backend", ["eager", "inductor", "triton"])

@@ -105,25 +105,96 @@ def print_module(k, scalars_as_tensors: bool = False, returns: tuple[str, ...] =
 
 
 def can_return(k, name: str) -> bool:
-    """Whether output ``name`` is written exactly once, whole, and never read,
-    so a functional form may return it instead of writing into it."""
+    """Whether output ``name`` is written whole and never read, so a
+    functional form may return it instead of writing into it: one store of
+    the whole tensor, or stores of pieces that tile it exactly (rotary's two
+    halves and pass-through tail), which are returned as one ``torch.cat``."""
+    return _assembly(k, name) is not None
+
+
+def _assembly(k, name: str, alias_of: str | None = None):
+    """The stores that write output ``name`` and the region each covers, when
+    together they write every element exactly once (else None). A region is,
+    per dim, ``None`` (the whole dim) or an interval ``(start, stop, point)``
+    (``point``: a literal index, the dim dropped in the stored value)."""
     an = Analysis(k)
     stores, loaded = [], False
     for ev, n in linearize(k, an):
         if ev == "store" and n.src[0].arg.name == name:
             stores.append(n)
-        elif ev == "node" and n.op == Op.LOAD and n.src[0].arg.name == name:
-            loaded = True
-    if loaded or len(stores) != 1:
-        return False
-    s = stores[0]
-    param, value, *index = s.src
-    if param.arg.dtype == dt.u32 or value.axes != tuple(k.order(param.arg.axes)):
-        return False
+        elif ev == "node" and n.op == Op.LOAD and (
+                n.src[0].arg.name == name or (n.src[0].arg.name == alias_of and stores)):
+            loaded = True     # (in place: the input read back after a piece was written)
+    if loaded or not stores:
+        return None
+    param = stores[0].src[0].arg
     inputs = {a for p in k.params if p.kind != "scalar" and p.name != name for a in p.axes}
-    if any(k.axes[a].size is None and a not in inputs for a in param.arg.axes):
-        return False   # a runtime size only the output knows
-    return all(i.op == Op.RANGE and i.arg[0] == a for i, a in zip(index, param.arg.axes))
+    if param.dtype == dt.u32 or any(k.axes[a].size is None and a not in inputs
+                                    for a in param.axes):
+        return None   # a runtime size only the output knows
+    pieces = []
+    for s in stores:
+        _, value, *index = s.src
+        if s.arg is not None or set(value.axes) != set(s.axes):
+            return None
+        if any(t.op == Op.RANGE and t.arg[1] == "seq" and an.loops[t.arg[2]].bounded
+               for t in an.tiles(s).values()):
+            return None      # a masked store does not write every element
+        region = []
+        for d, i in enumerate(index):
+            dim_axis = param.axes[d]
+            if i.op == Op.CONST:
+                region.append((i.arg, i.arg + 1, True))
+                continue
+            t = _Printer.tile_of(i)
+            if t is None or (t[0].op == Op.RANGE and t[0].arg[1] == "parallel"
+                             and t[0].arg[0] != dim_axis):
+                return None
+            r, off = t
+            if r.arg[0] == dim_axis and off == 0:
+                region.append(None)
+            elif k.axes[r.arg[0]].size is None or k.axes[dim_axis].size is None:
+                return None
+            else:
+                region.append((off, off + k.axes[r.arg[0]].size, False))
+        pieces.append((tuple(region), s))
+    if len(pieces) == 1 and all(r is None for r in pieces[0][0]):
+        return pieces
+    sizes = [k.axes[a].size for a in param.axes]
+    return pieces if _tiles_exactly(pieces, 0, sizes) else None
+
+
+def _tiles_exactly(pieces, d: int, sizes) -> bool:
+    if d == len(sizes):
+        return len(pieces) == 1
+    if all(p[0][d] is None for p in pieces):
+        return _tiles_exactly(pieces, d + 1, sizes)
+    if any(p[0][d] is None for p in pieces):
+        return False
+    groups: dict[tuple, list] = {}
+    for p in pieces:
+        groups.setdefault(p[0][d][:2], []).append(p)
+    edge = 0
+    for lo, hi in sorted(groups):
+        if lo != edge:
+            return False
+        edge = hi
+        if not _tiles_exactly(groups[(lo, hi)], d + 1, sizes):
+            return False
+    return edge == sizes[d]
+
+
+def _assemble(pieces, exprs, d: int, ndim: int) -> str:
+    """``torch.cat`` of full-rank piece expressions along the split dims."""
+    if d == ndim:
+        return exprs[id(pieces[0][1])]
+    if all(p[0][d] is None for p in pieces):
+        return _assemble(pieces, exprs, d + 1, ndim)
+    groups: dict[tuple, list] = {}
+    for p in pieces:
+        groups.setdefault(p[0][d][:2], []).append(p)
+    parts = [_assemble(groups[key], exprs, d + 1, ndim) for key in sorted(groups)]
+    return f"torch.cat([{', '.join(parts)}], dim={d})"
 
 
 def _identity(kind: str, d: dt.DType) -> str:
@@ -144,7 +215,7 @@ def _natural_order(index) -> tuple[str, ...]:
     return tuple(a for i in index for a in i.axes)
 
 
-def _loads_read_after_a_store(events) -> set[int]:
+def _loads_read_after_a_store(events, returns=()) -> set[int]:
     """Loads whose value is still used after a later store. The IR reads a
     value when it loads it; torch reads a view when it uses it, so if that
     store overwrites the source (an in-place call) the load must be copied."""
@@ -155,7 +226,8 @@ def _loads_read_after_a_store(events) -> set[int]:
                 defined[id(n)] = i
             srcs = n.src
         elif ev == "store":
-            stores.append(i)
+            if n.src[0].arg.name not in returns:   # (a returned output overwrites nothing)
+                stores.append(i)
             srcs = n.src
         elif ev == "begin":
             srcs = n.src
@@ -174,6 +246,18 @@ class _Printer:
         self.aliases = aliases or {}
         self.scalars_as_tensors = scalars_as_tensors
         self.returns = returns
+        # returned outputs written in pieces: param -> (pieces, piece expressions so far)
+        self.assembling = {}
+        for r in returns:
+            plan = _assembly(k, r)
+            if plan is not None and not (len(plan) == 1 and all(x is None for x in plan[0][0])):
+                self.assembling[r] = (plan, {})
+        for out, inp in (aliases or {}).items():
+            # in place, written in pieces: assemble the whole output, then one
+            # copy into the input (Inductor writes a cat straight into it)
+            plan = _assembly(k, out, alias_of=inp)
+            if plan is not None and len(plan) > 1:
+                self.assembling[out] = (plan, {})
         self.out = Lines()
         self.names: dict[int, str] = {}
         self.py: set[int] = set()       # nodes printed as Python scalars
@@ -230,7 +314,8 @@ class _Printer:
             if a not in bound and ax.size is not None:   # derived and top-k axes
                 o.line(f"{a} = {ax.size}")
         events = list(linearize(k, self.an))
-        self.snapshots = _loads_read_after_a_store(events)
+        self.snapshots = _loads_read_after_a_store(
+            events, set(self.returns) | set(self.assembling))
         for ev, n in events:
             getattr(self, "ev_" + ev)(n)
 
@@ -325,6 +410,23 @@ class _Printer:
                 v = f"({v}).permute({', '.join(map(str, perm))})"
         if param.arg.dtype == dt.u32:
             v = f"({v}).to(torch.int32)"  # back from the int64 working type
+        if param.arg.name in self.assembling:
+            plan, exprs = self.assembling[param.arg.name]
+            region = next(r for r, st in plan if st is s)
+            for d, r in enumerate(region):          # dims a literal index dropped come back
+                if r is not None and r[2]:
+                    v = f"({v}).unsqueeze({d})"
+            nm = f"p{self.count}"
+            self.count += 1
+            self.out.line(f"{nm} = {v}")
+            exprs[id(s)] = nm
+            if len(exprs) == len(plan):      # the last piece: the output is one cat
+                whole = _assemble(plan, exprs, 0, len(param.arg.axes))
+                if param.arg.name in self.returns:
+                    self.out.line(f"{param.arg.name}_result = {whole}")
+                else:
+                    self.out.line(f"{self.tensor_name(param.arg)}.copy_({whole})")
+            return
         if param.arg.name in self.returns:
             if value.op == Op.LOAD:     # a returned output must not be an input's storage
                 v = f"{v}.clone()"
