@@ -1,17 +1,20 @@
-"""Shared state for the CPU benchmark suite (bench/test_rmsnorm_bench.py).
+"""Shared state for the CPU benchmark suite (bench/test_rmsnorm_bench.py,
+bench/test_rotary_bench.py).
 
 * ``copy_bandwidth``: this machine's memory bandwidth in GB/s (1e9 bytes/s),
   from a large ``dst.copy_(src)``. The copy benchmark in the suite sets it from
   its own median; when that case is deselected (``-k smoke``) the fixture
   measures a shorter copy itself, so every case can still report the fraction.
-* ``record_case``: each RMSNorm case hands its median, byte count and labels
-  here; ``pytest_terminal_summary`` prints one table from them at the end,
-  with the ratios that are goals (all from medians of this same run).
+* ``record_case``: each case hands its median, byte count and labels (and
+  its op: ``rms_norm``, the default, or ``rotary``) here;
+  ``pytest_terminal_summary`` prints one table from them at the end, with the
+  ratios that are goals (all from medians of this same run), per op.
 
 Bandwidth model: bytes moved = what the op must read plus what it must
 write, once each (rms_norm: x + out + weight; fused: x + residual + out +
-residual_out + weight; copy: src + dst). An implementation that moves more
-than that (a second read of x, a temporary) shows as a lower GB/s.
+residual_out + weight; rotary: query and key read and written, positions and
+the gathered cos/sin cache rows; copy: src + dst). An implementation that
+moves more than that (a second read of x, a temporary) shows as a lower GB/s.
 """
 from __future__ import annotations
 
@@ -58,6 +61,7 @@ COPY_MIB = 256                       # fp32 source of the copy benchmark (and as
 GOAL_VS_EAGER = 3.0                  # kf inductor at least 3x faster than eager F.rms_norm
 GOAL_VS_COMPILE = 0.95               # kf inductor within 5% of a hand-written torch.compile
 GOAL_COPY_FRACTION = 0.50            # kf inductor reaches half of the copy bandwidth
+GOAL_ROTARY_VS_HF = 3.0              # rotary: kf inductor at least 3x eager HF-style, T=4096
 
 _STATE: dict = {"copy": None, "cases": [], "load_start": None}
 
@@ -131,10 +135,11 @@ def record_copy():
 
 @pytest.fixture
 def record_case():
-    """``record_case(benchmark, group=, impl=, nbytes=)`` after the timed call:
-    fills ``benchmark.extra_info`` and remembers the case for the summary."""
+    """``record_case(benchmark, group=, impl=, nbytes=, op="rms_norm")`` after
+    the timed call: fills ``benchmark.extra_info`` and remembers the case for
+    the summary (``op`` picks the block of goal ratios the group appears in)."""
 
-    def record(benchmark, *, group: str, impl: str, nbytes: int) -> None:
+    def record(benchmark, *, group: str, impl: str, nbytes: int, op: str = "rms_norm") -> None:
         stats = getattr(benchmark, "stats", None)
         if not stats:                # --benchmark-disable: nothing was timed
             return
@@ -146,7 +151,7 @@ def record_case():
             "copy_gbps": round(copy["gbps"], 3),
             "fraction_of_copy_bw": round(gbps / copy["gbps"], 4),
         })
-        _STATE["cases"].append({"group": group, "impl": impl, "median_s": median,
+        _STATE["cases"].append({"group": group, "impl": impl, "op": op, "median_s": median,
                                 "min_s": stats.stats.min, "rounds": stats.stats.rounds,
                                 "bytes": nbytes, "gbps": gbps})
 
@@ -155,8 +160,9 @@ def record_case():
 
 # -- the summary table ------------------------------------------------------------
 
-IMPL_ORDER = ("kf_inductor", "kf_eager", "torch_F_rms_norm", "torch_add_F_rms_norm",
-              "eager_formula", "compiled_formula")
+IMPL_ORDER = ("kf_inductor", "kf_inductor_inplace", "kf_inductor_nocheck", "kf_eager",
+              "torch_F_rms_norm", "torch_add_F_rms_norm", "eager_formula", "compiled_formula",
+              "hf_eager", "hf_compiled", "range_check_only")
 
 
 def _fmt_time(s: float) -> str:
@@ -194,12 +200,16 @@ def summary_lines() -> list[str]:
             lines.append(f"{g + ' | ' + impl:<{w}} {_fmt_time(c['median_s']):>12} "
                          f"{c['gbps']:8.2f} {100 * c['gbps'] / copy_gbps:9.1f}% "
                          f"{_fmt_time(c['min_s']):>12} {c['rounds']:>6}")
+    rotary = {g for g, impls in groups.items()
+              if any(c.get("op") == "rotary" for c in impls.values())}
+    if len(rotary) == len(groups):
+        return lines + _rotary_lines(groups, copy_gbps)
     lines.append("")
     lines.append("kf_inductor (kernelforge backend='inductor') ratios, from medians of this run; "
                  "goals apply to the 4096x4096 groups:")
     for g, impls in groups.items():
         ind = impls.get("kf_inductor")
-        if ind is None:
+        if ind is None or g in rotary:
             continue
         eager_peer = impls.get("torch_F_rms_norm") or impls.get("torch_add_F_rms_norm")
         comp = impls.get("compiled_formula")
@@ -217,6 +227,44 @@ def summary_lines() -> list[str]:
             parts.append(f"vs kf eager: {impls['kf_eager']['median_s'] / ind['median_s']:.2f}x")
         lines.append(f"  {g}:")
         lines.extend(f"      {p}" for p in parts)
+    if rotary:
+        lines.extend(_rotary_lines({g: i for g, i in groups.items() if g in rotary}, copy_gbps))
+    return lines
+
+
+def _rotary_lines(groups: dict, copy_gbps: float) -> list[str]:
+    """Ratios for the rotary groups (bench/test_rotary_bench.py); the goal
+    applies to the T=4096 groups."""
+    lines = ["", "rotary_embedding kf_inductor ratios, from medians of this run; the goal "
+             "(>= 3x eager HF-style) applies to the T=4096 groups:"]
+    for g, impls in groups.items():
+        ind = impls.get("kf_inductor")
+        if ind is None:
+            continue
+        goal = _goal if "T=4096" in g else (lambda v, _g, fmt: fmt.format(v))
+        parts = []
+        if "hf_eager" in impls:
+            parts.append("vs hf_eager: " + goal(impls["hf_eager"]["median_s"] / ind["median_s"],
+                                                GOAL_ROTARY_VS_HF, "{:.2f}x"))
+        if "hf_compiled" in impls:
+            comp = impls["hf_compiled"]["median_s"] / ind["median_s"]
+            parts.append(f"vs hf_compiled: {comp:.2f}x")
+        if "kf_eager" in impls:
+            parts.append(f"vs kf eager: {impls['kf_eager']['median_s'] / ind['median_s']:.2f}x")
+        parts.append(f"of copy bw: {ind['gbps'] / copy_gbps:.0%}")
+        if "kf_inductor_inplace" in impls:
+            parts.append("in place vs out of place: "
+                         f"{ind['median_s'] / impls['kf_inductor_inplace']['median_s']:.2f}x")
+        if "kf_inductor_nocheck" in impls:
+            nochk = impls["kf_inductor_nocheck"]
+            diff_us = (ind["median_s"] - nochk["median_s"]) * 1e6
+            chk = (f"positions range check: {diff_us:+.1f} us "
+                   "(median check_positions=True - False)")
+            if "range_check_only" in impls:
+                chk += f"; the check alone: {impls['range_check_only']['median_s'] * 1e6:.1f} us"
+            parts.append(chk)
+        lines.append(f"  {g}:")
+        lines.extend(f"      {p}" for p in parts)
     return lines
 
 
@@ -228,7 +276,12 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     finally:
         lines = summary_lines()
         if lines:
-            terminalreporter.section("kernelforge RMSNorm benchmark summary", sep="-")
+            ops = frozenset(c.get("op", "rms_norm") for c in _STATE["cases"])
+            title = {frozenset({"rotary"}): "kernelforge rotary benchmark summary",
+                     frozenset({"rms_norm", "rotary"}):
+                         "kernelforge RMSNorm and rotary benchmark summary",
+                     }.get(ops, "kernelforge RMSNorm benchmark summary")
+            terminalreporter.section(title, sep="-")
             for line in lines:
                 terminalreporter.write_line(line)
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""GPU benchmark of the RMSNorm family: kernelforge's Triton lowering against
-torch peers and the card's measured copy bandwidth.
+"""GPU benchmark of the RMSNorm family and rotary embeddings: kernelforge's
+Triton lowering against torch peers and the card's measured copy bandwidth.
 
     python3 tools/gpu_bench.py            (tools/gpu_check.sh runs it as its last step)
 
@@ -8,12 +8,21 @@ Times with ``triton.testing.do_bench`` (median of its repetitions; it
 flushes L2 between calls): a large device copy (the measured HBM bandwidth),
 then kernelforge ``backend="triton"`` at 4096x4096 bf16 and fp32 and
 ``fused_add_rms_norm`` bf16, with ``torch.nn.functional.rms_norm`` and a
-``torch.compile``'d formula as peers. Each case is checked once against a
-float64 formula (kernelforge.tolerance.assert_close) before it is timed.
-Bytes moved = the op's compulsory reads + writes, once each.
+``torch.compile``'d formula as peers; then ``rotary_embedding`` (T = 64 and
+4096 tokens, 32 query heads, 8 key heads, head size 128, full rotary, fp32
+cos/sin cache of 8192 positions; bf16 and fp32) on Triton out of place, in
+place, and out of place with ``check_positions=False`` (the default check is
+a device min/max plus one host sync per call), against transformers' Llama
+formula eager (``bench/peers.py: hf_rotary``) and ``torch.compile``'d. Each
+case is checked once against a float64 formula
+(kernelforge.tolerance.assert_close; the HF formula in bf16 against a bound
+relative to its two terms, as in bench/test_rotary_bench.py) before it is
+timed. Bytes moved = the op's compulsory reads + writes, once each (rotary:
+query and key read and written, positions, the gathered cache rows).
 
 Prints a table last: case, time (us), GB/s, % of the copy bandwidth, and the
-goal (rms_norm 4096x4096 bf16 on Triton >= 85% of copy). Also written to
+goals (rms_norm 4096x4096 bf16 on Triton >= 85% of copy; rotary T=4096 bf16
+on Triton >= 80% of copy). Also written to
 ``$OUT/gpu_bench.txt`` when $OUT is set. Without a GPU it says so and exits 0.
 Works from a plain working tree: when kernelforge is not installed it is
 imported from the repository (``kernels/`` is ``kernelforge.kernels``).
@@ -29,8 +38,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 EPS = 1e-6
 GOAL_TRITON_BF16_FRACTION = 0.85
+GOAL_ROTARY_BF16_FRACTION = 0.80       # rotary T=4096 bf16 on Triton
 COPY_BYTES_EACH_WAY = 1 << 30          # a 1 GiB source, 1 GiB written
 ROWS, HIDDEN = 4096, 4096
+ROTARY_TOKENS = (64, 4096)
+ROTARY_HQ, ROTARY_HKV, ROTARY_HEAD, ROTARY_MAX_POSITION = 32, 8, 128, 8192
 DEVICE = "cuda"
 
 
@@ -116,12 +128,15 @@ def main() -> int:
         x64 = x.double()
         return x64 / torch.sqrt((x64 * x64).mean(-1, keepdim=True) + EPS) * w.double()
 
-    def run_case(name, fn, refs, dtype, nbytes, goal=None):
+    def run_case(name, fn, refs, dtype, nbytes, goal=None, check=None):
         try:
             got = fn()                       # compiles (Triton / Inductor) outside timing
             got = got if isinstance(got, tuple) else (got,)
             for i, (a, ref) in enumerate(zip(got, refs)):
-                assert_close(a, ref, dtype, f"{name} output {i}")
+                if check is not None:        # check(i, actual, reference, what) raises
+                    check(i, a, ref, f"{name} output {i}")
+                else:
+                    assert_close(a, ref, dtype, f"{name} output {i}")
             ok = "ok"
         except Exception as e:  # noqa: BLE001  a broken case is reported, not fatal
             log(f"{name}: FAILED check: {type(e).__name__}: {str(e)[:300]}")
@@ -175,6 +190,15 @@ def main() -> int:
     run_case(f"{grp} | torch.compile formula", lambda: compiled_fused(x, r, w), refs, dtype,
              nbytes)
 
+    # -- rotary embeddings ----------------------------------------------------------
+    rotary_groups = []
+    try:
+        rotary_groups = rotary_cases(kernelforge, run_case, dev, g)
+    except Exception as e:  # noqa: BLE001  the RMSNorm rows above still get printed
+        log(f"rotary: FAILED to set up: {type(e).__name__}: {str(e)[:300]}")
+        failures.append("rotary set-up")
+    torch.cuda.empty_cache()
+
     # -- the table, last ------------------------------------------------------------
     lines = [f"GPU benchmark: {card} (torch {torch.__version__}, triton {triton.__version__}); "
              "times are do_bench medians; GB/s = compulsory bytes / time",
@@ -185,7 +209,7 @@ def main() -> int:
                      f"{pct:6.1f}%  {row.get('note', '')}")
     by = {row["case"]: row for row in rows}
     for grp in (f"rms_norm {m}x{hidden} bf16", f"rms_norm {m}x{hidden} fp32",
-                f"fused_add_rms_norm {m}x{hidden} bf16"):
+                f"fused_add_rms_norm {m}x{hidden} bf16", *rotary_groups):
         kf = by.get(f"{grp} | kf triton")
         if not kf or kf["ms"] != kf["ms"]:
             continue
@@ -193,6 +217,12 @@ def main() -> int:
                  if k.startswith(grp + " | ") and not k.endswith("kf triton") and v["ms"] == v["ms"]]
         lines.append(f"{grp}: kf triton speed-up " +
                      ", ".join(f"vs {p}: {v['ms'] / kf['ms']:.2f}x" for p, v in peers))
+    if rotary_groups:
+        lines.append(f"rotary: {ROTARY_HQ} query heads, {ROTARY_HKV} key heads, head size "
+                     f"{ROTARY_HEAD}, full rotary, fp32 cos/sin cache [{ROTARY_MAX_POSITION}, "
+                     f"{ROTARY_HEAD}], random positions; 'kf triton' checks positions (device "
+                     "min/max + one host sync per call), 'no pos check' passes "
+                     "check_positions=False")
     lines.append(f"card: {card}")
     if failures:
         lines.append(f"FAILED checks: {', '.join(failures)}")
@@ -205,6 +235,81 @@ def main() -> int:
         path.write_text(text + "\n")
         log(f"table written to {path}")
     return 1 if failures else 0
+
+
+def rotary_cases(kernelforge, run_case, dev, gen) -> list:
+    """Time ``rotary_embedding`` on Triton against the HF formula, eager and
+    compiled, for ROTARY_TOKENS x (bf16, fp32); returns the group names."""
+    import torch
+    from kernelforge.rope import cos_sin_cache
+    from kernelforge.tolerance import assert_close, tolerance
+    from peers import hf_rotary
+
+    ops, D = kernelforge.ops, ROTARY_HEAD
+    cache = cos_sin_cache(D, ROTARY_MAX_POSITION, 10000.0, device=dev)
+
+    def ref_rotary(pos, x):
+        """NeoX RoPE in float64 (full rotary)."""
+        T = pos.shape[0]
+        x64 = x.double().reshape(T, -1, D)
+        c = cache.double()[pos]
+        cos, sin = c[:, None, : D // 2], c[:, None, D // 2:]
+        x1, x2 = x64[..., : D // 2], x64[..., D // 2:]
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1).reshape(x.shape)
+
+    def hf_check(dtype, pos, xs):
+        """The HF formula rounds cos, sin, both products and the sum to the input
+        dtype: bf16 is held to 2 x rtol times |x1 cos| + |x2 sin| (bench/test_rotary_bench.py)."""
+        def check(i, a, ref, what):
+            if dtype == torch.float32:
+                assert_close(a, ref, dtype, what)
+                return
+            T = pos.shape[0]
+            m = xs[i].double().reshape(T, -1, D).abs()
+            c = cache.double()[pos].abs()
+            cos, sin = c[:, None, : D // 2], c[:, None, D // 2:]
+            m1, m2 = m[..., : D // 2], m[..., D // 2:]
+            mag = torch.cat((m1 * cos + m2 * sin, m2 * cos + m1 * sin), -1).reshape(a.shape)
+            tol = tolerance(dtype)
+            err = (a.double() - ref).abs()
+            bad = err > tol.atol + 2 * tol.rtol * mag
+            if bool(bad.any()) or not bool(torch.isfinite(a).all()):
+                raise AssertionError(f"{what}: {int(bad.sum())} elements beyond 2 x rtol x "
+                                     f"(|x1 cos| + |x2 sin|); max error {err.max().item():.3e}")
+        return check
+
+    groups = []
+    for dname, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        hf_compiled = torch.compile(hf_rotary, fullgraph=True, dynamic=False)
+        for T in ROTARY_TOKENS:
+            pos = torch.randint(0, ROTARY_MAX_POSITION, (T,), device=dev, generator=gen)
+            q = torch.randn(T, ROTARY_HQ * D, device=dev, generator=gen).to(dtype)
+            k = torch.randn(T, ROTARY_HKV * D, device=dev, generator=gen).to(dtype)
+            qi, ki = q.clone(), k.clone()            # rotated in place, again on every call
+            refs = (ref_rotary(pos, q), ref_rotary(pos, k))
+            nbytes = (2 * (q.numel() + k.numel()) * q.element_size()
+                      + pos.numel() * pos.element_size() + T * D * cache.element_size())
+            grp = f"rotary T={T} {dname}"
+            groups.append(grp)
+            goal = GOAL_ROTARY_BF16_FRACTION if (dname == "bf16" and T == 4096) else None
+            run_case(f"{grp} | kf triton",
+                     lambda: ops.rotary_embedding(pos, q, k, D, cache, backend="triton"),
+                     refs, dtype, nbytes, goal=goal)
+            run_case(f"{grp} | kf triton in place",
+                     lambda: ops.rotary_embedding(pos, qi, ki, D, cache, inplace=True,
+                                                  backend="triton"),
+                     refs, dtype, nbytes, goal=goal)
+            run_case(f"{grp} | kf triton no pos check",
+                     lambda: ops.rotary_embedding(pos, q, k, D, cache, check_positions=False,
+                                                  backend="triton"),
+                     refs, dtype, nbytes, goal=goal)
+            check = hf_check(dtype, pos, (q, k))
+            run_case(f"{grp} | HF formula eager", lambda: hf_rotary(pos, q, k, cache, D),
+                     refs, dtype, nbytes, check=check)
+            run_case(f"{grp} | torch.compile HF formula",
+                     lambda: hf_compiled(pos, q, k, cache, D), refs, dtype, nbytes, check=check)
+            del pos, q, k, qi, ki, refs
+    return groups
 
 
 if __name__ == "__main__":
