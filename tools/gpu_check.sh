@@ -140,7 +140,7 @@ run_step "kernelforge aot-check" 90 "${KF_CLI[@]}" aot-check
 # -- 4. benchmark -------------------------------------------------------------------------
 step "4. tools/gpu_bench.py"
 if [ "$HAVE_GPU" = 1 ]; then
-    run_step "gpu_bench.py" 150 $PY tools/gpu_bench.py
+    run_step "gpu_bench.py" 200 $PY tools/gpu_bench.py
 else
     $PY tools/gpu_bench.py      # says there is no GPU and exits 0
     record "gpu_bench.py" "skipped (no GPU)"
