@@ -1,7 +1,11 @@
 """The public ops, ``kernelforge.ops.NAME(..., backend=None)``. Each is also
 a torch.library custom op, ``torch.ops.kernelforge.NAME``."""
+from .kernels import attention as _attention
+from .kernels import kv_cache as _kv_cache
 from .kernels import rmsnorm as _rmsnorm
 from .kernels import rotary as _rotary
+from .kernels.attention import attention, paged_attention  # noqa: F401
+from .kernels.kv_cache import reshape_and_cache  # noqa: F401
 from .kernels.rmsnorm import fused_add_rms_norm, rms_norm  # noqa: F401
 from .kernels.rotary import rotary_embedding  # noqa: F401
 
@@ -10,4 +14,8 @@ KERNELS = {
     "rms_norm": (_rmsnorm.rms_norm_fwd,),
     "fused_add_rms_norm": (_rmsnorm.fused_add_rms_norm_fwd,),
     "rotary_embedding": _rotary.all_kernels(),
+    "reshape_and_cache": (_kv_cache.reshape_and_cache_kernel,),
+    "attention": (_attention.attention_kernel(False), _attention.attention_kernel(True)),
+    "paged_attention": (_attention.paged_attention_kernel(False),
+                        _attention.paged_attention_kernel(True)),
 }

@@ -1,0 +1,320 @@
+"""Attention over packed and paged KV caches, written once in the IR.
+
+Both kernels are flash-style: one pass over the keys with an online softmax
+(a carried running max, sum and accumulator, ``kl.ir.lib.online_softmax_step``).
+Which keys a query row sees (causal limit, sliding window, the end of its
+sequence) is one contiguous range per row, computed by the op and handed to
+the kernel as ``key_lo``/``key_hi``; the key loop visits exactly that range
+(``seq_for(start=, stop=)``), so masks never need to be written in the kernel.
+
+* ``attention_kernel``: packed variable-length sequences (prefill). Programs
+  own blocks of query rows of one query head; scores are a ``dot`` (tensor
+  cores in Triton, a batched matmul in the torch lowerings).
+* ``paged_attention_kernel``: keys and values in a paged cache read through
+  a block table. One program per (query token, kv head) covers the group of
+  query heads sharing that kv head, so each key and value row is read once
+  per group; a decode row and a chunked-prefill row are the same program.
+
+The torch lowerings collapse the key loop into one masked pass over the
+whole key axis (numerically the same softmax); Triton keeps the loop.
+"""
+import functools
+
+import kernelforge.lang as kl
+from kernelforge.ir import lib
+
+HEAD_SIZES = (64, 80, 96, 128, 256)
+
+def _cap(s, cap, softcap: bool):
+    """Logit soft-capping (Gemma 2): cap * tanh(s / cap)."""
+    return cap * kl.tanh(s / cap) if softcap else s
+
+
+@functools.lru_cache(maxsize=None)
+def attention_kernel(softcap: bool) -> kl.KernelDef:
+    """Packed attention; ``softcap`` adds tanh capping of the scores."""
+
+    def attention_packed(q: kl.In("T", "HK", "G", "D"), k: kl.In("TK", "HK", "D"),
+                         v: kl.In("TK", "HK", "D"), key_lo: kl.In("T"), key_hi: kl.In("T"),
+                         out: kl.Out("T", "HK", "G", "D"), scale: kl.f32, cap: kl.f32):
+        t = kl.parallel("T", block=16)
+        hk, g = kl.parallel("HK"), kl.parallel("G")
+        d = kl.tile("D")
+        qv = kl.load(q[t, hk, g, d]).to(kl.f32)
+
+        def step(n, m_i, l_i, acc):
+            s = _cap(kl.dot(qv, kl.load(k[n, hk, d]).to(kl.f32), "D") * scale, cap, softcap)
+            m_new, l_new, p, alpha = lib.online_softmax_step(m_i, l_i, s, "TK")
+            return m_new, l_new, acc * alpha + kl.dot(p, kl.load(v[n, hk, d]).to(kl.f32), "TK")
+
+        rows = ("T", "HK", "G")             # (HK and G are one index per program)
+        init = (kl.full(float("-inf"), kl.f32, *rows), kl.zeros(kl.f32, *rows),
+                kl.zeros(kl.f32, *rows, "D"))
+        _, l_i, acc = kl.seq_for("TK", step, init=init, start=kl.load(key_lo[t]),
+                                 stop=kl.load(key_hi[t]))
+        # a row that sees no key (a query longer than its keys, causal) is 0
+        kl.store(out[t, hk, g, d], kl.where(l_i > 0.0, acc / l_i, 0.0).to(out.dtype))
+
+    fn = attention_packed
+    fn.__name__ = fn.__qualname__ = "attention_packed" + ("_softcap" if softcap else "")
+    return kl.kernel(fn, static=("HK", "G", "D"),
+                     examples=({"HK": 8, "G": 4, "D": 128}, {"HK": 8, "G": 1, "D": 64}),
+                     example_dtypes={"key_lo": kl.i32, "key_hi": kl.i32})
+
+
+@functools.lru_cache(maxsize=None)
+def paged_attention_kernel(softcap: bool) -> kl.KernelDef:
+    """Attention over a paged cache; ``softcap`` adds tanh capping."""
+
+    def attention_paged(q: kl.In("T", "HK", "G", "D"),
+                        key_cache: kl.In("NB", "BS", "HK", "D"),
+                        value_cache: kl.In("NB", "BS", "HK", "D"),
+                        block_tables: kl.In("B", "MB"), seq_idx: kl.In("T"),
+                        key_lo: kl.In("T"), key_hi: kl.In("T"),
+                        context: kl.In("N"),      # only its length is read: MB * BS positions
+                        out: kl.Out("T", "HK", "G", "D"), scale: kl.f32, cap: kl.f32):
+        t, hk = kl.parallel("T"), kl.parallel("HK")
+        g, d = kl.tile("G"), kl.tile("D")
+        b = kl.load(seq_idx[t])
+        qv = kl.load(q[t, hk, g, d]).to(kl.f32)
+        block_size = kl.size("BS")
+
+        def step(n, m_i, l_i, acc):
+            block = kl.load(block_tables[b, n // block_size])
+            row = n % block_size
+            kn = kl.load(key_cache[block, row, hk, d]).to(kl.f32)
+            s = _cap(kl.sum(qv * kn, "D") * scale, cap, softcap)           # [G, N]
+            m_new, l_new, p, alpha = lib.online_softmax_step(m_i, l_i, s, "N")
+            vn = kl.load(value_cache[block, row, hk, d]).to(kl.f32)
+            return m_new, l_new, acc * alpha + kl.sum(p * vn, "N")           # [G, D]
+
+        rows = ("T", "HK", "G")             # (T and HK are one index per program)
+        init = (kl.full(float("-inf"), kl.f32, *rows), kl.zeros(kl.f32, *rows),
+                kl.zeros(kl.f32, *rows, "D"))
+        _, l_i, acc = kl.seq_for("N", step, init=init, start=kl.load(key_lo[t]),
+                                 stop=kl.load(key_hi[t]))
+        kl.store(out[t, hk, g, d], kl.where(l_i > 0.0, acc / l_i, 0.0).to(out.dtype))
+
+    fn = attention_paged
+    fn.__name__ = fn.__qualname__ = "attention_paged" + ("_softcap" if softcap else "")
+    return kl.kernel(fn, static=("HK", "G", "D", "BS"),
+                     examples=({"HK": 8, "G": 4, "D": 128, "BS": 16},
+                               {"HK": 8, "G": 1, "D": 64, "BS": 32}),
+                     example_dtypes={"block_tables": kl.i32, "seq_idx": kl.i32,
+                                     "key_lo": kl.i32, "key_hi": kl.i32, "context": kl.i32})
+
+
+def all_kernels() -> tuple:
+    return tuple(f(c) for f in (attention_kernel, paged_attention_kernel) for c in (False, True))
+
+
+# -- the public ops ------------------------------------------------------------------
+
+from typing import Optional  # noqa: E402
+
+import torch  # noqa: E402
+
+from kernelforge import checks  # noqa: E402
+from kernelforge.backends import registry  # noqa: E402
+from kernelforge.dispatch import NewTensor, launch  # noqa: E402
+
+
+def _common(op, q, k, v, k_name, v_name, window, softcap, scale):
+    checks.tensor(op, "q", q)
+    checks.float_dtype(op, "q", q)
+    if q.dim() != 3:
+        checks.fail(op, "q", "[tokens, q_heads, head_size]", list(q.shape))
+    checks.last_dim_contiguous(op, "q", q)
+    D = q.shape[2]
+    if D not in HEAD_SIZES:
+        checks.fail(op, "q", f"a head size in {HEAD_SIZES}", f"head size {D}")
+    for name, x in ((k_name, k), (v_name, v)):
+        checks.tensor(op, name, x)
+        checks.same_dtype(op, name, x, "q", q)
+        checks.same_device(op, name, x, "q", q)
+        if x.shape[-1] != D:
+            checks.fail(op, name, f"head size {D} (the last dim of `q`)", list(x.shape))
+        checks.last_dim_contiguous(op, name, x)
+    checks.shape(op, v_name, v, tuple(k.shape), f" (the shape of `{k_name}`)")
+    hkv = k.shape[-2]
+    if not hkv or q.shape[1] % hkv:
+        checks.fail(op, "q", f"a number of heads that is a multiple of the {hkv} kv heads",
+                    f"{q.shape[1]} heads")
+    if window is not None and (not isinstance(window, int) or isinstance(window, bool)
+                               or window < 0):
+        checks.fail(op, "window", "None or an int >= 0 (keys at most `window` positions "
+                    "to the left)", repr(window))
+    if softcap is not None:
+        checks.positive(op, "softcap", softcap)
+    if scale is not None:
+        checks.positive(op, "scale", scale)
+    registry.select(q.device, None)
+    return D, hkv
+
+
+def _lengths(op, name, cu, device, total=None, total_name=""):
+    """Per-sequence lengths from a cumulative [B+1] int tensor (checked on the host)."""
+    checks.tensor(op, name, cu)
+    if cu.dtype not in (torch.int32, torch.int64) or cu.dim() != 1 or cu.shape[0] < 1:
+        checks.fail(op, name, "a 1-D int32 tensor [batch + 1]", f"{cu.dim()}-D {cu.dtype}")
+    checks.same_device(op, name, cu, "q", torch.empty(0, device=device))
+    host = cu.tolist()
+    if host[0] != 0:
+        checks.fail(op, name, "to start at 0", f"{host[0]}")
+    bad = next((i for i in range(1, len(host)) if host[i] < host[i - 1]), None)
+    if bad is not None:
+        checks.fail(op, name, "non-decreasing offsets", f"{host[bad - 1]} then {host[bad]} "
+                    f"at index {bad}")
+    if total is not None and host[-1] != total:
+        checks.fail(op, name, f"to end at {total} (the tokens in `{total_name}`)",
+                    f"{host[-1]}")
+    return cu.to(torch.int64)
+
+
+def _rows(q_start, q_lens, k_lens, causal, window, device):
+    """Per query token: its sequence and the range [lo, hi) of key positions
+    (within its sequence) it attends to. Causal is aligned to the end of the
+    keys: the last query sees every key (vLLM's and FlashAttention's rule)."""
+    B = q_lens.shape[0]
+    T = int(q_start[-1])
+    seq = torch.repeat_interleave(torch.arange(B, device=device), q_lens, output_size=T)
+    i = torch.arange(T, device=device) - q_start[seq]
+    k_len = k_lens[seq]
+    pos = k_len - q_lens[seq] + i                     # the query's own key position
+    hi = torch.minimum(pos + 1, k_len) if causal else k_len
+    lo = torch.zeros_like(hi) if window is None else (pos - window).clamp(min=0)
+    hi = torch.maximum(hi.clamp(min=0), lo)
+    return seq, lo, hi
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+              cu_seqlens_k: torch.Tensor, *, scale: Optional[float] = None, causal: bool = True,
+              window: Optional[int] = None, softcap: Optional[float] = None,
+              backend: Optional[str] = None) -> torch.Tensor:
+    """Attention over packed variable-length sequences (FlashAttention's varlen form).
+
+    Args:
+        q: [Tq, Hq, D]; k, v: [Tk, Hkv, D], q's dtype (fp32, bf16, fp16); Hq a
+            multiple of Hkv (GQA, MQA); D in (64, 80, 96, 128, 256).
+        cu_seqlens_q, cu_seqlens_k: int32 [B+1], each sequence's first row
+            (0, then cumulative lengths). Zero-length sequences are allowed.
+        scale: score scale, default D ** -0.5.
+        causal: query i of a sequence sees keys up to position
+            ``k_len - q_len + i`` (aligned to the end of the keys).
+        window: sliding window: keys at most ``window`` positions left of the
+            query's own position (FlashAttention's ``window_size[0]``).
+        softcap: scores become ``softcap * tanh(scores / softcap)``.
+    Returns:
+        [Tq, Hq, D] in q's dtype; rows that see no key are 0.
+
+    Example:
+        >>> o = kernelforge.ops.attention(q, k, v, cu, cu)   # causal prefill
+    """
+    op = "attention"
+    D, hkv = _common(op, q, k, v, "k", "v", window, softcap, scale)
+    if k.dim() != 3:
+        checks.fail(op, "k", "[tokens, kv_heads, head_size]", list(k.shape))
+    cq = _lengths(op, "cu_seqlens_q", cu_seqlens_q, q.device, q.shape[0], "q")
+    ck = _lengths(op, "cu_seqlens_k", cu_seqlens_k, q.device, k.shape[0], "k")
+    if cq.shape != ck.shape:
+        checks.fail(op, "cu_seqlens_k", f"{cq.shape[0]} entries (as `cu_seqlens_q`)",
+                    f"{ck.shape[0]}")
+    registry.select(q.device, backend)
+    T = q.shape[0]
+    if not T:
+        return torch.empty_like(q)
+    seq, lo, hi = _rows(cq, cq.diff(), ck.diff(), causal, window, q.device)
+    lo, hi = (ck[seq] + lo).to(torch.int32), (ck[seq] + hi).to(torch.int32)
+    G = q.shape[1] // hkv
+    qg = q.view(T, hkv, G, D) if q.stride(-1) == 1 else q.reshape(T, hkv, G, D)
+    (out,) = launch(attention_kernel(softcap is not None), qg, k, v, lo, hi,
+                    NewTensor(qg.shape, q.dtype, q.device),
+                    float(D ** -0.5 if scale is None else scale), float(softcap or 1.0),
+                    backend=backend)
+    return out.view(T, hkv * G, D)
+
+
+def paged_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                    block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                    query_start_loc: torch.Tensor, *, scale: Optional[float] = None,
+                    causal: bool = True, window: Optional[int] = None,
+                    softcap: Optional[float] = None, check_tables: bool = True,
+                    backend: Optional[str] = None) -> torch.Tensor:
+    """Attention of new query tokens over a paged KV cache, for a batch that
+    mixes decode rows (one query token) and chunked-prefill rows.
+
+    Args:
+        q: [T, Hq, D]: the batch's query tokens, sequence after sequence.
+        key_cache, value_cache: [num_blocks, block_size, Hkv, D], q's dtype;
+            the new tokens' keys and values already written
+            (``reshape_and_cache``).
+        block_tables: int32 [B, max_blocks]: block b of sequence i is
+            ``block_tables[i, b]``; entries past a sequence's length are ignored.
+        seq_lens: int32 [B]: each sequence's context length, new tokens included.
+        query_start_loc: int32 [B+1]: each sequence's first row in q.
+        scale, causal, window, softcap: as in ``attention``; the new tokens are
+            the last ``q_len`` positions of the context.
+        check_tables: verify block-table entries and lengths on the host first.
+    Returns:
+        [T, Hq, D] in q's dtype.
+
+    Example:
+        >>> o = kernelforge.ops.paged_attention(q, kc, vc, tables, lens, qsl)
+    """
+    op = "paged_attention"
+    D, hkv = _common(op, q, key_cache, value_cache, "key_cache", "value_cache", window,
+                     softcap, scale)
+    if key_cache.dim() != 4:
+        checks.fail(op, "key_cache", "[num_blocks, block_size, kv_heads, head_size]",
+                    list(key_cache.shape))
+    nb, bs = key_cache.shape[:2]
+    qsl = _lengths(op, "query_start_loc", query_start_loc, q.device, q.shape[0], "q")
+    B = qsl.shape[0] - 1
+    for name, x, dims in (("block_tables", block_tables, 2), ("seq_lens", seq_lens, 1)):
+        checks.tensor(op, name, x)
+        checks.same_device(op, name, x, "q", q)
+        if x.dtype not in (torch.int32, torch.int64) or x.dim() != dims or x.shape[0] != B:
+            checks.fail(op, name, f"a {dims}-D int32 tensor with {B} rows (one per sequence "
+                        "in `query_start_loc`)", f"{x.dim()}-D {x.dtype} {list(x.shape)}")
+    registry.select(q.device, backend)
+    lens = seq_lens.to(torch.int64)
+    q_lens = qsl.diff()
+    mb = block_tables.shape[1]
+    if check_tables and B:
+        _check_tables(op, block_tables, lens, q_lens, nb, bs, mb)
+    T = q.shape[0]
+    if not T:
+        return torch.empty_like(q)
+    seq, lo, hi = _rows(qsl, q_lens, lens, causal, window, q.device)
+    G = q.shape[1] // hkv
+    qg = q.view(T, hkv, G, D) if q.stride(-1) == 1 else q.reshape(T, hkv, G, D)
+    context = torch.empty(1, dtype=torch.int32, device=q.device).expand(mb * bs)
+    tables = block_tables if block_tables.dtype == torch.int32 else block_tables.to(torch.int32)
+    (out,) = launch(paged_attention_kernel(softcap is not None), qg, key_cache, value_cache,
+                    tables, seq.to(torch.int32), lo.to(torch.int32), hi.to(torch.int32),
+                    context, NewTensor(qg.shape, q.dtype, q.device),
+                    float(D ** -0.5 if scale is None else scale), float(softcap or 1.0),
+                    backend=backend)
+    return out.view(T, hkv * G, D)
+
+
+def _check_tables(op, block_tables, lens, q_lens, nb, bs, mb):
+    """The blocks each sequence uses exist, and its length fits them."""
+    lo_len, hi_len = (int(x) for x in torch.aminmax(lens))
+    if lo_len < 0 or hi_len > mb * bs:
+        bad = lo_len if lo_len < 0 else hi_len
+        checks.fail(op, "seq_lens", f"lengths in [0, {mb * bs}] (the {mb} blocks of "
+                    f"{bs} tokens `block_tables` gives each sequence)", f"length {bad}")
+    short = (q_lens > lens).nonzero()
+    if short.numel():
+        i = int(short[0])
+        checks.fail(op, "seq_lens", f"at least the {int(q_lens[i])} new tokens of sequence "
+                    f"{i} (from `query_start_loc`)", f"{int(lens[i])}")
+    used = torch.arange(mb, device=lens.device)[None, :] < ((lens + bs - 1) // bs)[:, None]
+    if bool(used.any()):
+        vals = block_tables[used]
+        lo, hi = (int(x) for x in torch.aminmax(vals))
+        if lo < 0 or hi >= nb:
+            bad = lo if lo < 0 else hi
+            checks.fail(op, "block_tables", f"block numbers in [0, {nb}) (the blocks of the "
+                        "cache) for every block a sequence uses", f"block {bad}")
