@@ -451,6 +451,10 @@ class _Printer:
             axis, kind = n.arg
             d = self.tdims(x).index(axis)
             e = self.masked(x, axis, self.identity(kind, x.dtype))
+            if kind == "sum":
+                # Triton's own combine: identical code on GPUs, and the interpreter
+                # runs it as one numpy sum instead of a Python call per element
+                return f"tl.reduce({e}, {d}, tl.standard._sum_combine)"
             self.helpers.add(_COMBINE[kind])
             if kind.startswith("arg"):
                 t = self.an.tiles(x)[axis]
