@@ -119,7 +119,7 @@ from kernelforge.backends import registry  # noqa: E402
 from kernelforge.dispatch import NewTensor, launch  # noqa: E402
 
 
-def _common(op, q, k, v, k_name, v_name, window, softcap, scale):
+def _common(op, q, k, v, k_name, v_name, window, softcap, scale, causal, k_dims, k_layout):
     checks.tensor(op, "q", q)
     checks.float_dtype(op, "q", q)
     if q.dim() != 3:
@@ -130,6 +130,8 @@ def _common(op, q, k, v, k_name, v_name, window, softcap, scale):
         checks.fail(op, "q", f"a head size in {HEAD_SIZES}", f"head size {D}")
     for name, x in ((k_name, k), (v_name, v)):
         checks.tensor(op, name, x)
+        if x.dim() != k_dims:
+            checks.fail(op, name, k_layout, list(x.shape))
         checks.same_dtype(op, name, x, "q", q)
         checks.same_device(op, name, x, "q", q)
         if x.shape[-1] != D:
@@ -137,17 +139,22 @@ def _common(op, q, k, v, k_name, v_name, window, softcap, scale):
         checks.last_dim_contiguous(op, name, x)
     checks.shape(op, v_name, v, tuple(k.shape), f" (the shape of `{k_name}`)")
     hkv = k.shape[-2]
-    if not hkv or q.shape[1] % hkv:
+    if not hkv:
+        checks.fail(op, k_name, "at least 1 kv head", list(k.shape))
+    if q.shape[1] % hkv or not q.shape[1]:
         checks.fail(op, "q", f"a number of heads that is a multiple of the {hkv} kv heads",
                     f"{q.shape[1]} heads")
+    if not isinstance(causal, bool):
+        checks.fail(op, "causal", "a bool", repr(causal))
     if window is not None and (not isinstance(window, int) or isinstance(window, bool)
                                or window < 0):
         checks.fail(op, "window", "None or an int >= 0 (keys at most `window` positions "
                     "to the left)", repr(window))
-    if softcap is not None:
-        checks.positive(op, "softcap", softcap)
-    if scale is not None:
-        checks.positive(op, "scale", scale)
+    for name, x in (("softcap", softcap), ("scale", scale)):
+        if x is not None:
+            checks.positive(op, name, x)
+            if x == float("inf"):
+                checks.fail(op, name, "a finite number > 0", repr(x))
     registry.select(q.device, None)
     return D, hkv
 
@@ -156,7 +163,8 @@ def _lengths(op, name, cu, device, total=None, total_name=""):
     """Per-sequence lengths from a cumulative [B+1] int tensor (checked on the host)."""
     checks.tensor(op, name, cu)
     if cu.dtype not in (torch.int32, torch.int64) or cu.dim() != 1 or cu.shape[0] < 1:
-        checks.fail(op, name, "a 1-D int32 tensor [batch + 1]", f"{cu.dim()}-D {cu.dtype}")
+        checks.fail(op, name, "a 1-D int32 tensor [batch + 1] (at least one entry)",
+                    f"{cu.dtype} of shape {list(cu.shape)}")
     checks.same_device(op, name, cu, "q", torch.empty(0, device=device))
     host = cu.tolist()
     if host[0] != 0:
@@ -210,10 +218,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: t
     Example:
         >>> o = kernelforge.ops.attention(q, k, v, cu, cu)   # causal prefill
     """
+    if torch.compiler.is_compiling():       # opaque in the caller's graph; checked when it runs
+        return torch.ops.kernelforge.attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale,
+                                               causal, window, softcap, backend)
     op = "attention"
-    D, hkv = _common(op, q, k, v, "k", "v", window, softcap, scale)
-    if k.dim() != 3:
-        checks.fail(op, "k", "[tokens, kv_heads, head_size]", list(k.shape))
+    D, hkv = _common(op, q, k, v, "k", "v", window, softcap, scale, causal, 3,
+                     "[tokens, kv_heads, head_size]")
     cq = _lengths(op, "cu_seqlens_q", cu_seqlens_q, q.device, q.shape[0], "q")
     ck = _lengths(op, "cu_seqlens_k", cu_seqlens_k, q.device, k.shape[0], "k")
     if cq.shape != ck.shape:
@@ -254,19 +264,26 @@ def paged_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch
         query_start_loc: int32 [B+1]: each sequence's first row in q.
         scale, causal, window, softcap: as in ``attention``; the new tokens are
             the last ``q_len`` positions of the context.
-        check_tables: verify block-table entries and lengths on the host first.
+        check_tables: verify block-table entries and lengths on the host first
+            (one device-to-host copy). With False and a bad table nothing is read
+            outside the cache, but the result is undefined and differs by
+            backend (Triton reads 0 for an out-of-range block, the torch
+            lowerings clamp it into the cache).
     Returns:
         [T, Hq, D] in q's dtype.
 
     Example:
         >>> o = kernelforge.ops.paged_attention(q, kc, vc, tables, lens, qsl)
     """
+    if torch.compiler.is_compiling():
+        return torch.ops.kernelforge.paged_attention(q, key_cache, value_cache, block_tables,
+                                                     seq_lens, query_start_loc, scale, causal,
+                                                     window, softcap, check_tables, backend)
     op = "paged_attention"
     D, hkv = _common(op, q, key_cache, value_cache, "key_cache", "value_cache", window,
-                     softcap, scale)
-    if key_cache.dim() != 4:
-        checks.fail(op, "key_cache", "[num_blocks, block_size, kv_heads, head_size]",
-                    list(key_cache.shape))
+                     softcap, scale, causal, 4, "[num_blocks, block_size, kv_heads, head_size]")
+    if not isinstance(check_tables, bool):
+        checks.fail(op, "check_tables", "a bool", repr(check_tables))
     nb, bs = key_cache.shape[:2]
     qsl = _lengths(op, "query_start_loc", query_start_loc, q.device, q.shape[0], "q")
     B = qsl.shape[0] - 1
@@ -318,3 +335,36 @@ def _check_tables(op, block_tables, lens, q_lens, nb, bs, mb):
             bad = lo if lo < 0 else hi
             checks.fail(op, "block_tables", f"block numbers in [0, {nb}) (the blocks of the "
                         "cache) for every block a sequence uses", f"block {bad}")
+
+
+# -- torch.library custom ops: opaque, compile-safe entry points for engines ---------
+
+@torch.library.custom_op("kernelforge::attention", mutates_args=())
+def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                  cu_seqlens_k: torch.Tensor, scale: Optional[float], causal: bool,
+                  window: Optional[int], softcap: Optional[float],
+                  backend: Optional[str]) -> torch.Tensor:
+    return attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale=scale, causal=causal,
+                     window=window, softcap=softcap, backend=backend)
+
+
+@_attention_op.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, window, softcap, backend):
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
+@torch.library.custom_op("kernelforge::paged_attention", mutates_args=())
+def _paged_op(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+              block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
+              scale: Optional[float], causal: bool, window: Optional[int],
+              softcap: Optional[float], check_tables: bool,
+              backend: Optional[str]) -> torch.Tensor:
+    return paged_attention(q, key_cache, value_cache, block_tables, seq_lens, query_start_loc,
+                           scale=scale, causal=causal, window=window, softcap=softcap,
+                           check_tables=check_tables, backend=backend)
+
+
+@_paged_op.register_fake
+def _(q, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale, causal, window,
+      softcap, check_tables, backend):
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)

@@ -49,6 +49,10 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.T
     Example:
         >>> kernelforge.ops.reshape_and_cache(k, v, k_cache, v_cache, slots)
     """
+    if torch.compiler.is_compiling():       # opaque in the caller's graph; checked when it runs
+        torch.ops.kernelforge.reshape_and_cache(key, value, key_cache, value_cache,
+                                                slot_mapping, check_slots, backend)
+        return
     op = "reshape_and_cache"
     for name, c in (("key_cache", key_cache), ("value_cache", value_cache)):
         checks.tensor(op, name, c)
@@ -91,3 +95,17 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.T
         # the caches are passed as the very objects the caller holds: written in place
         launch(reshape_and_cache_kernel, rows[0], rows[1], slot_mapping, key_cache,
                value_cache, backend=backend)
+
+
+@torch.library.custom_op("kernelforge::reshape_and_cache",
+                         mutates_args=("key_cache", "value_cache"))
+def _reshape_and_cache_op(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
+                          value_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                          check_slots: bool, backend: Optional[str]) -> None:
+    reshape_and_cache(key, value, key_cache, value_cache, slot_mapping,
+                      check_slots=check_slots, backend=backend)
+
+
+@_reshape_and_cache_op.register_fake
+def _(key, value, key_cache, value_cache, slot_mapping, check_slots, backend):
+    return None

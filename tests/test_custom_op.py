@@ -88,3 +88,50 @@ def test_rotary_inside_an_engines_fullgraph_compile():
                  "second rotation (GPT-J) through the graph")
     assert_close(k2, reference.rotary(pos, rk.float(), cache, D, False), torch.float32,
                  "second rotation (GPT-J) through the graph")
+
+
+def test_attention_ops_inside_an_engines_fullgraph_compile():
+    """A decode step as an engine compiles it: write the new keys into the
+    paged cache, then attend; the packed op alongside. No graph break."""
+    g = torch.Generator().manual_seed(0)
+    hkv, group, D, bs = 2, 2, 64, 16
+    lens = [5, 1, 20]
+    k, v = (torch.randn(sum(lens), hkv, D, generator=g) for _ in range(2))
+    q = torch.randn(len(lens), hkv * group, D, generator=g)       # one new token each
+    kc = torch.zeros(6, bs, hkv, D)
+    vc = torch.zeros_like(kc)
+    tables = torch.tensor([[3, 0], [1, 0], [4, 2]], dtype=torch.int32)
+    slots, start = [], 0
+    for b, n in enumerate(lens):
+        slots += [int(tables[b, p // bs]) * bs + p % bs for p in range(n)]
+    slots = torch.tensor(slots)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    qsl = torch.arange(len(lens) + 1, dtype=torch.int32)
+
+    def step(q, k, v, kc, vc):
+        kernelforge.ops.reshape_and_cache(k, v, kc, vc, slots, backend="eager")
+        return kernelforge.ops.paged_attention(q, kc, vc, tables, seq_lens, qsl, backend="eager")
+
+    out = torch.compile(step, fullgraph=True)(q, k, v, kc, vc)
+    cu_k = torch.tensor([0, 5, 6, 26], dtype=torch.int32)
+    ref = reference.attention(q, k, v, qsl, cu_k, D ** -0.5)
+    assert_close(out, ref, torch.float32, "decode step through the graph")
+    packed = torch.compile(lambda q, k, v: kernelforge.ops.attention(
+        q, k, v, qsl, cu_k, backend="eager"), fullgraph=True)(q, k, v)
+    assert_close(packed, ref, torch.float32, "packed attention through the graph")
+
+
+def test_attention_ops_pass_opcheck():
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(5, 2, 64, generator=g) for _ in range(3))
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    torch.library.opcheck(torch.ops.kernelforge.attention.default,
+                          (q, k, v, cu, cu, None, True, None, None, "eager"))
+    kc, vc = torch.randn(2, 16, 2, 64), torch.randn(2, 16, 2, 64)
+    tables = torch.tensor([[0], [1]], dtype=torch.int32)
+    torch.library.opcheck(torch.ops.kernelforge.paged_attention.default,
+                          (q, kc, vc, tables, torch.tensor([2, 3], dtype=torch.int32), cu,
+                           None, True, 4, 30.0, True, "eager"))
+    torch.library.opcheck(torch.ops.kernelforge.reshape_and_cache.default,
+                          (k, v, kc.clone(), vc.clone(), torch.tensor([0, 17, -1, 3, 30]), True,
+                           "eager"))

@@ -1,0 +1,207 @@
+"""Attention: every backend against a float64 per-sequence reference
+(tests/reference.py), paged equals packed, decode equals prefill, and the
+KV-cache write. One tolerance policy (kernelforge/tolerance.py)."""
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+import kernelforge
+from kernelforge.tolerance import assert_close
+from conftest import BACKENDS, DEVICE
+import reference
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+CPU_INTERP = DEVICE.type == "cpu"
+# Inductor compiles per specialisation (tens of seconds cold): fixed shapes
+#   (Hkv, group, D, dtype, softcap)
+INDUCTOR_CASES = [(2, 2, 64, torch.float32, None), (1, 4, 128, torch.bfloat16, 30.0)]
+
+
+def cu(lengths):
+    return torch.tensor([0] + list(torch.tensor(lengths, dtype=torch.int64).cumsum(0)),
+                        dtype=torch.int32, device=DEVICE)
+
+
+def randn(shape, dtype, g, scale=1.0):
+    return (torch.randn(shape, generator=g) * scale).to(dtype).to(DEVICE)
+
+
+@st.composite
+def problems(draw, backend):
+    if backend == "inductor":
+        hkv, group, D, dtype, softcap = draw(st.sampled_from(INDUCTOR_CASES))
+    else:
+        hkv, group = draw(st.sampled_from([1, 2, 4])), draw(st.sampled_from([1, 2, 3, 4]))
+        D = draw(st.sampled_from([64, 80, 96, 128, 256]))
+        dtype = draw(st.sampled_from(DTYPES))
+        softcap = draw(st.one_of(st.none(), st.sampled_from([5.0, 30.0])))
+    small = backend == "triton" and CPU_INTERP
+    length = st.one_of(st.sampled_from([0, 1, 17]), st.integers(0, 40 if small else 70))
+    B = draw(st.integers(1, 3))
+    q_lens, k_lens = [], []
+    for _ in range(B):
+        k_len = draw(length)
+        q_lens.append(draw(st.integers(0, k_len)) if draw(st.booleans()) else k_len)
+        k_lens.append(k_len)
+    causal = draw(st.booleans())
+    window = draw(st.one_of(st.none(), st.integers(0, 20)))
+    seed = draw(st.integers(0, 2 ** 31 - 1))
+    return hkv, group, D, dtype, softcap, q_lens, k_lens, causal, window, seed
+
+
+def check(out, ref, dtype, what):
+    assert out.dtype == dtype
+    assert_close(out, ref, dtype, what)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(data=st.data())
+def test_attention_matches_float64(backend, data):
+    hkv, group, D, dtype, softcap, q_lens, k_lens, causal, window, seed = \
+        data.draw(problems(backend))
+    g = torch.Generator().manual_seed(seed)
+    q = randn((sum(q_lens), hkv * group, D), dtype, g)
+    k, v = (randn((sum(k_lens), hkv, D), dtype, g) for _ in range(2))
+    out = kernelforge.ops.attention(q, k, v, cu(q_lens), cu(k_lens), causal=causal,
+                                    window=window, softcap=softcap, backend=backend)
+    ref = reference.attention(q, k, v, cu(q_lens), cu(k_lens), D ** -0.5, causal, window,
+                              softcap)
+    check(out, ref, dtype, f"attention[{backend}] q_lens={q_lens} k_lens={k_lens}")
+
+
+@pytest.mark.parametrize("backend", ["eager", "inductor"])
+def test_long_sequences(backend):
+    """At least 1000 tokens per sequence, causal, GQA."""
+    g = torch.Generator().manual_seed(7)
+    hkv, group, D, dtype, softcap = INDUCTOR_CASES[0]
+    lens = [1000, 1100]
+    q = randn((sum(lens), hkv * group, D), dtype, g)
+    k, v = (randn((sum(lens), hkv, D), dtype, g) for _ in range(2))
+    out = kernelforge.ops.attention(q, k, v, cu(lens), cu(lens), backend=backend)
+    ref = reference.attention(q, k, v, cu(lens), cu(lens), D ** -0.5)
+    check(out, ref, dtype, f"long sequences[{backend}]")
+
+
+def test_long_sequence_triton():
+    """Triton through the interpreter: one 1000-token sequence, one head."""
+    g = torch.Generator().manual_seed(8)
+    q, k, v = (randn((1000, 1, 64), torch.float32, g) for _ in range(3))
+    out = kernelforge.ops.attention(q, k, v, cu([1000]), cu([1000]), window=300,
+                                    backend="triton")
+    check(out, reference.attention(q, k, v, cu([1000]), cu([1000]), 0.125, True, 300),
+          torch.float32, "1000 tokens[triton]")
+
+
+def scatter_to_pages(k, v, k_lens, block_size, g, extra_blocks=3):
+    """Each sequence's keys and values in randomly permuted cache blocks; the
+    block table holds garbage past each sequence's blocks."""
+    B = len(k_lens)
+    need = [(n + block_size - 1) // block_size for n in k_lens]
+    nb = sum(need) + extra_blocks
+    max_blocks = max(need + [1]) + 1
+    kc = randn((nb, block_size, *k.shape[1:]), k.dtype, g, 100.0)    # junk in free slots
+    vc = randn((nb, block_size, *v.shape[1:]), v.dtype, g, 100.0)
+    perm = torch.randperm(nb, generator=g).tolist()
+    tables = torch.randint(-5, 10 ** 6, (B, max_blocks), generator=g, dtype=torch.int32)
+    start, used = 0, 0
+    for b, n in enumerate(k_lens):
+        for j in range(need[b]):
+            blk = perm[used]
+            used += 1
+            tables[b, j] = blk
+            rows = slice(j * block_size, min(n, (j + 1) * block_size))
+            m = rows.stop - rows.start
+            kc[blk, :m] = k[start + rows.start:start + rows.stop]
+            vc[blk, :m] = v[start + rows.start:start + rows.stop]
+        start += n
+    lens = torch.tensor(k_lens, dtype=torch.int32, device=DEVICE)
+    return kc, vc, tables.to(DEVICE), lens
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(data=st.data(), block_size=st.sampled_from([16, 32]))
+def test_paged_equals_packed(backend, data, block_size):
+    """The same sequences scattered into permuted cache blocks give the
+    rows attention() gives on the packed tensors (and the float64 reference)."""
+    hkv, group, D, dtype, softcap, q_lens, k_lens, causal, window, seed = \
+        data.draw(problems(backend))
+    if backend == "inductor":
+        block_size = 16        # one specialisation
+    g = torch.Generator().manual_seed(seed)
+    q = randn((sum(q_lens), hkv * group, D), dtype, g)
+    k, v = (randn((sum(k_lens), hkv, D), dtype, g) for _ in range(2))
+    kc, vc, tables, lens = scatter_to_pages(k, v, k_lens, block_size, g)
+    paged = kernelforge.ops.paged_attention(q, kc, vc, tables, lens, cu(q_lens), causal=causal,
+                                            window=window, softcap=softcap, backend=backend)
+    ref = reference.attention(q, k, v, cu(q_lens), cu(k_lens), D ** -0.5, causal, window,
+                              softcap)
+    check(paged, ref, dtype, f"paged[{backend}] q_lens={q_lens} k_lens={k_lens}")
+    packed = kernelforge.ops.attention(q, k, v, cu(q_lens), cu(k_lens), causal=causal,
+                                       window=window, softcap=softcap, backend=backend)
+    # both are within the policy of the reference; with fp32 math they agree closely
+    assert_close(paged, packed.double(), dtype, f"paged vs packed[{backend}]")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decode_equals_prefill(backend):
+    """Writing a prompt's keys into the cache and decoding token by token
+    reproduces the rows of one causal prefill over the whole prompt."""
+    g = torch.Generator().manual_seed(11)
+    hkv, group, D, dtype, _ = INDUCTOR_CASES[0]
+    n, bs = 37 if backend != "triton" else 20, 16
+    q = randn((n, hkv * group, D), dtype, g)
+    k, v = (randn((n, hkv, D), dtype, g) for _ in range(2))
+    prefill = kernelforge.ops.attention(q, k, v, cu([n]), cu([n]), backend=backend)
+    nb = (n + bs - 1) // bs + 2
+    kc = torch.zeros(nb, bs, hkv, D, dtype=dtype, device=DEVICE)
+    vc = torch.zeros_like(kc)
+    table = torch.randperm(nb, generator=g)[None, :].to(torch.int32).to(DEVICE)
+    rows = []
+    for t in range(n):       # one step: write token t, attend with its one query
+        slot = (table[0, t // bs] * bs + t % bs).view(1).long()
+        kernelforge.ops.reshape_and_cache(k[t:t + 1], v[t:t + 1], kc, vc, slot, backend=backend)
+        lens = torch.tensor([t + 1], dtype=torch.int32, device=DEVICE)
+        rows.append(kernelforge.ops.paged_attention(q[t:t + 1], kc, vc, table, lens, cu([1]),
+                                                    backend=backend))
+    assert_close(torch.cat(rows), prefill.double(), dtype, f"decode vs prefill[{backend}]")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mixed_decode_and_chunked_prefill_batch(backend):
+    """One call serves decode rows and chunked-prefill rows that attend to
+    earlier context in the cache and to themselves."""
+    g = torch.Generator().manual_seed(12)
+    hkv, group, D, dtype, _ = INDUCTOR_CASES[0]
+    k_lens = [30, 1, 45, 17]            # context lengths, new tokens included
+    q_lens = [1, 1, 13, 17]             # decode, decode (first token), chunk, whole prompt
+    q = randn((sum(q_lens), hkv * group, D), dtype, g)
+    k, v = (randn((sum(k_lens), hkv, D), dtype, g) for _ in range(2))
+    kc, vc, tables, lens = scatter_to_pages(k, v, k_lens, 16, g)
+    out = kernelforge.ops.paged_attention(q, kc, vc, tables, lens, cu(q_lens), backend=backend)
+    ref = reference.attention(q, k, v, cu(q_lens), cu(k_lens), D ** -0.5)
+    check(out, ref, dtype, f"mixed batch[{backend}]")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(data=st.data())
+def test_reshape_and_cache_writes_exactly_the_slots(backend, data):
+    T = data.draw(st.integers(0, 12))
+    bs = data.draw(st.sampled_from([16, 32]))
+    nb = data.draw(st.integers(1, 4))
+    dtype = data.draw(st.sampled_from(DTYPES))
+    layout = data.draw(st.sampled_from(["3d", "flat"]))
+    seed = data.draw(st.integers(0, 2 ** 31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    hkv, D = 2, 64
+    free = torch.randperm(nb * bs, generator=g)[:T]
+    pad = torch.rand(T, generator=g) < 0.3
+    slots = torch.where(pad, torch.full_like(free, -1), free).to(DEVICE)
+    k, v = (randn((T, hkv, D), dtype, g) for _ in range(2))
+    kc, vc = (randn((nb, bs, hkv, D), dtype, g) for _ in range(2))
+    want_k, want_v = kc.clone().view(-1, hkv, D), vc.clone().view(-1, hkv, D)
+    for t in range(T):
+        if slots[t] >= 0:
+            want_k[slots[t]], want_v[slots[t]] = k[t], v[t]
+    args = (k, v) if layout == "3d" else (k.view(T, hkv * D), v.view(T, hkv * D))
+    kernelforge.ops.reshape_and_cache(*args, kc, vc, slots, backend=backend)
+    assert torch.equal(kc.view(-1, hkv, D), want_k) and torch.equal(vc.view(-1, hkv, D), want_v)
