@@ -1,19 +1,21 @@
 """Shared state for the CPU benchmark suite (bench/test_rmsnorm_bench.py,
-bench/test_rotary_bench.py).
+bench/test_rotary_bench.py, bench/test_attention_bench.py).
 
 * ``copy_bandwidth``: this machine's memory bandwidth in GB/s (1e9 bytes/s),
   from a large ``dst.copy_(src)``. The copy benchmark in the suite sets it from
   its own median; when that case is deselected (``-k smoke``) the fixture
   measures a shorter copy itself, so every case can still report the fraction.
 * ``record_case``: each case hands its median, byte count and labels (and
-  its op: ``rms_norm``, the default, or ``rotary``) here;
+  its op: ``rms_norm``, the default, ``rotary``, ``attention`` or
+  ``paged_attention``; attention cases also their FLOPs) here;
   ``pytest_terminal_summary`` prints one table from them at the end, with the
   ratios that are goals (all from medians of this same run), per op.
 
 Bandwidth model: bytes moved = what the op must read plus what it must
 write, once each (rms_norm: x + out + weight; fused: x + residual + out +
 residual_out + weight; rotary: query and key read and written, positions and
-the gathered cos/sin cache rows; copy: src + dst). An implementation that
+the gathered cos/sin cache rows; attention: q + k + v + out, paged decode
+counting the used cache blocks; copy: src + dst). An implementation that
 moves more than that (a second read of x, a temporary) shows as a lower GB/s.
 """
 from __future__ import annotations
@@ -62,6 +64,8 @@ GOAL_VS_EAGER = 3.0                  # kf inductor at least 3x faster than eager
 GOAL_VS_COMPILE = 0.95               # kf inductor within 5% of a hand-written torch.compile
 GOAL_COPY_FRACTION = 0.50            # kf inductor reaches half of the copy bandwidth
 GOAL_ROTARY_VS_HF = 3.0              # rotary: kf inductor at least 3x eager HF-style, T=4096
+GOAL_ATTN_PREFILL_VS_SDPA = 0.8      # attention prefill: kf inductor at least 0.8x SDPA (causal)
+GOAL_PAGED_DECODE_VS_GATHER = 2.0    # paged decode: kf inductor at least 2x gather + SDPA
 
 _STATE: dict = {"copy": None, "cases": [], "load_start": None}
 
@@ -135,11 +139,13 @@ def record_copy():
 
 @pytest.fixture
 def record_case():
-    """``record_case(benchmark, group=, impl=, nbytes=, op="rms_norm")`` after
-    the timed call: fills ``benchmark.extra_info`` and remembers the case for
-    the summary (``op`` picks the block of goal ratios the group appears in)."""
+    """``record_case(benchmark, group=, impl=, nbytes=, op="rms_norm", flops=None)``
+    after the timed call: fills ``benchmark.extra_info`` and remembers the case
+    for the summary (``op`` picks the block of goal ratios the group appears
+    in; ``flops``, the work of one call, adds GFLOP/s)."""
 
-    def record(benchmark, *, group: str, impl: str, nbytes: int, op: str = "rms_norm") -> None:
+    def record(benchmark, *, group: str, impl: str, nbytes: int, op: str = "rms_norm",
+               flops: float | None = None) -> None:
         stats = getattr(benchmark, "stats", None)
         if not stats:                # --benchmark-disable: nothing was timed
             return
@@ -151,9 +157,14 @@ def record_case():
             "copy_gbps": round(copy["gbps"], 3),
             "fraction_of_copy_bw": round(gbps / copy["gbps"], 4),
         })
-        _STATE["cases"].append({"group": group, "impl": impl, "op": op, "median_s": median,
-                                "min_s": stats.stats.min, "rounds": stats.stats.rounds,
-                                "bytes": nbytes, "gbps": gbps})
+        case = {"group": group, "impl": impl, "op": op, "median_s": median,
+                "min_s": stats.stats.min, "rounds": stats.stats.rounds,
+                "bytes": nbytes, "gbps": gbps}
+        if flops is not None:
+            case["flops"] = flops
+            case["gflops"] = flops / median / 1e9
+            benchmark.extra_info.update({"flops": flops, "gflops": round(case["gflops"], 3)})
+        _STATE["cases"].append(case)
 
     return record
 
@@ -162,7 +173,9 @@ def record_case():
 
 IMPL_ORDER = ("kf_inductor", "kf_inductor_inplace", "kf_inductor_nocheck", "kf_eager",
               "torch_F_rms_norm", "torch_add_F_rms_norm", "eager_formula", "compiled_formula",
-              "hf_eager", "hf_compiled", "range_check_only")
+              "hf_eager", "hf_compiled", "range_check_only",
+              "torch_sdpa", "gather_sdpa_gqa", "gather_sdpa_repeat")
+ATTENTION_OPS = ("attention", "paged_attention")
 
 
 def _fmt_time(s: float) -> str:
@@ -202,14 +215,22 @@ def summary_lines() -> list[str]:
                          f"{_fmt_time(c['min_s']):>12} {c['rounds']:>6}")
     rotary = {g for g, impls in groups.items()
               if any(c.get("op") == "rotary" for c in impls.values())}
+    attention = {g for g, impls in groups.items()
+                 if any(c.get("op") in ATTENTION_OPS for c in impls.values())}
     if len(rotary) == len(groups):
         return lines + _rotary_lines(groups, copy_gbps)
+    if len(rotary | attention) == len(groups):          # no RMSNorm group ran
+        if rotary:
+            lines.extend(_rotary_lines({g: i for g, i in groups.items() if g in rotary},
+                                       copy_gbps))
+        return lines + _attention_lines({g: i for g, i in groups.items() if g in attention},
+                                        copy_gbps)
     lines.append("")
     lines.append("kf_inductor (kernelforge backend='inductor') ratios, from medians of this run; "
                  "goals apply to the 4096x4096 groups:")
     for g, impls in groups.items():
         ind = impls.get("kf_inductor")
-        if ind is None or g in rotary:
+        if ind is None or g in rotary or g in attention:
             continue
         eager_peer = impls.get("torch_F_rms_norm") or impls.get("torch_add_F_rms_norm")
         comp = impls.get("compiled_formula")
@@ -229,6 +250,9 @@ def summary_lines() -> list[str]:
         lines.extend(f"      {p}" for p in parts)
     if rotary:
         lines.extend(_rotary_lines({g: i for g, i in groups.items() if g in rotary}, copy_gbps))
+    if attention:
+        lines.extend(_attention_lines({g: i for g, i in groups.items() if g in attention},
+                                      copy_gbps))
     return lines
 
 
@@ -268,6 +292,39 @@ def _rotary_lines(groups: dict, copy_gbps: float) -> list[str]:
     return lines
 
 
+def _attention_lines(groups: dict, copy_gbps: float) -> list[str]:
+    """GFLOP/s of every implementation and kf_inductor's ratios for the
+    attention groups (bench/test_attention_bench.py): prefill against SDPA
+    (goal >= 0.8x), paged decode against gather + SDPA (goal >= 2x the
+    enable_gqa peer, the faster one)."""
+    lines = ["", "attention kf_inductor ratios, from medians of this run; goals: prefill >= "
+             f"{GOAL_ATTN_PREFILL_VS_SDPA:g}x torch_sdpa (kf time <= "
+             f"{1 / GOAL_ATTN_PREFILL_VS_SDPA:.2f}x SDPA's), paged decode >= "
+             f"{GOAL_PAGED_DECODE_VS_GATHER:g}x gather_sdpa_gqa; FLOPs count unmasked "
+             "(query, key) pairs only:"]
+    for g, impls in groups.items():
+        lines.append(f"  {g}:")
+        for impl in sorted(impls, key=lambda i: IMPL_ORDER.index(i) if i in IMPL_ORDER else 99):
+            c = impls[impl]
+            gf = f"{c['gflops']:8.2f} GFLOP/s" if "gflops" in c else " " * 16
+            lines.append(f"      {impl:<20} {_fmt_time(c['median_s'])}  {gf}  "
+                         f"{c['gbps']:7.2f} GB/s ({c['gbps'] / copy_gbps:.0%} of copy bw)")
+        ind = impls.get("kf_inductor")
+        if ind is None:
+            continue
+        decode = any(c.get("op") == "paged_attention" for c in impls.values())
+        goal_peer, goal = (("gather_sdpa_gqa", GOAL_PAGED_DECODE_VS_GATHER) if decode
+                           else ("torch_sdpa", GOAL_ATTN_PREFILL_VS_SDPA))
+        for impl, c in impls.items():
+            if impl == "kf_inductor":
+                continue
+            ratio = c["median_s"] / ind["median_s"]
+            label = f"kf_inductor vs {impl}: "
+            lines.append("      " + label + (_goal(ratio, goal, "{:.2f}x") if impl == goal_peer
+                                             else f"{ratio:.2f}x"))
+    return lines
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     # after pytest-benchmark's own table, and even when it reports a regression
@@ -281,6 +338,12 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                      frozenset({"rms_norm", "rotary"}):
                          "kernelforge RMSNorm and rotary benchmark summary",
                      }.get(ops, "kernelforge RMSNorm benchmark summary")
+            if ops & set(ATTENTION_OPS):
+                names = [n for n, o in (("RMSNorm", "rms_norm"), ("rotary", "rotary"))
+                         if o in ops] + ["attention"]
+                title = ("kernelforge " + (" and ".join(names) if len(names) < 3 else
+                                           ", ".join(names[:-1]) + " and " + names[-1])
+                         + " benchmark summary")
             terminalreporter.section(title, sep="-")
             for line in lines:
                 terminalreporter.write_line(line)

@@ -59,3 +59,58 @@ def hf_rotary_compiled():
     if not _HF_COMPILED:
         _HF_COMPILED.append(torch.compile(hf_rotary, fullgraph=True, dynamic=False))
     return _HF_COMPILED[0]
+
+
+# -- attention ----------------------------------------------------------------------
+
+def sdpa_prefill(q, k, v, *, causal=True):
+    """``torch.nn.functional.scaled_dot_product_attention`` on one sequence in
+    the [1, heads, S, D] layout it takes (``q``, ``k``, ``v`` already in it;
+    callers transpose packed [S, H, D] tensors outside the timed region).
+    ``is_causal`` is top-left aligned, the same as bottom-right when the query
+    and key lengths are equal, the only case used here."""
+    import torch.nn.functional as F
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
+def gather_kv(cache, block_tables, ctx):
+    """The first ``ctx`` positions of every sequence, gathered from a paged
+    cache [num_blocks, block_size, Hkv, D] through ``block_tables`` [B, max_blocks]
+    into [B, Hkv, ctx, D]: one ``index_select`` of the used blocks (a copy),
+    then a transposed view (SDPA reads it with strides; one more copy to
+    make it contiguous measured no faster in total on CPU)."""
+    B = block_tables.shape[0]
+    bs = cache.shape[1]
+    nblk = (ctx + bs - 1) // bs
+    ids = block_tables[:, :nblk].reshape(-1).to(torch.int64)
+    kv = cache.index_select(0, ids).view(B, nblk * bs, *cache.shape[2:])[:, :ctx]
+    return kv.transpose(1, 2)
+
+
+def gather_sdpa(q, key_cache, value_cache, block_tables, seq_lens, *, gqa=True):
+    """Paged decode as plain torch: gather each sequence's K/V blocks, then
+    SDPA with its single query token.
+
+    ``q`` [B, Hq, D] (one token per sequence); caches [num_blocks, block_size,
+    Hkv, D]; ``block_tables`` int [B, max_blocks]; ``seq_lens`` int [B]. The
+    keys are gathered up to the longest context; shorter sequences get a
+    key-padding mask (none when every length is the same, as in the
+    benchmarks). ``gqa=True`` passes ``enable_gqa=True``; ``gqa=False``
+    repeats the kv heads to the Hq query heads first (``repeat_interleave``,
+    as models without enable_gqa do). Returns [B, Hq, D]."""
+    import torch.nn.functional as F
+    B, Hq, D = q.shape
+    lens = seq_lens.tolist()
+    ctx = max(lens)
+    k = gather_kv(key_cache, block_tables, ctx)              # [B, Hkv, ctx, D]
+    v = gather_kv(value_cache, block_tables, ctx)
+    if not gqa and k.shape[1] != Hq:
+        k = k.repeat_interleave(Hq // k.shape[1], dim=1)
+        v = v.repeat_interleave(Hq // v.shape[1], dim=1)
+    mask = None
+    if min(lens) != ctx:
+        mask = (torch.arange(ctx, device=q.device)[None, :]
+                < seq_lens.to(q.device)[:, None])[:, None, None, :]
+    out = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask,
+                                         enable_gqa=gqa and k.shape[1] != Hq)
+    return out.squeeze(2)
