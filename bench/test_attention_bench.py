@@ -59,12 +59,12 @@ Compiles (never timed): one Inductor graph per kernel (packed, paged).
 """
 from __future__ import annotations
 
-import time
 
 import pytest
 import torch
 
 import kernelforge
+from timing import run_timed  # noqa: E402  (bench/ is on sys.path under pytest)
 from kernelforge.tolerance import assert_close
 
 from peers import gather_sdpa, sdpa_prefill  # bench/ is on sys.path under pytest
@@ -217,12 +217,7 @@ def test_attention(benchmark, copy_bandwidth, record_case, kind, impl):
     assert got.dtype == torch.float32
     assert_close(got, x["ref"], torch.float32, f"{group} {impl}")
     del got
-    t = time.perf_counter()
-    fn()
-    est = max(time.perf_counter() - t, 1e-7)
-    rounds = int(min(MAX_ROUNDS, max(MIN_ROUNDS, TARGET_S / est)))
-
-    benchmark.group = group
-    benchmark.pedantic(fn, rounds=rounds, warmup_rounds=1, iterations=1)
+    run_timed(benchmark, fn, group=group, target_s=TARGET_S, min_rounds=MIN_ROUNDS,
+              max_rounds=MAX_ROUNDS)
     record_case(benchmark, group=group, impl=impl, nbytes=x["nbytes"], op=op,
                 flops=x["flops"])

@@ -21,13 +21,13 @@ The ``smoke`` cases are tiny; the regression-flow test selects them with
 """
 from __future__ import annotations
 
-import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import kernelforge
+from timing import run_timed  # noqa: E402  (bench/ is on sys.path under pytest)
 from kernelforge.tolerance import assert_close
 
 EPS = 1e-6
@@ -164,11 +164,6 @@ def test_rmsnorm(benchmark, copy_bandwidth, record_case, op, m, n, dt, impl):
         assert a.dtype == dtype and a.shape == ref.shape
         assert_close(a, ref, dtype, f"{group} {impl} output {i}")
     del got
-    t = time.perf_counter()
-    fn()
-    est = max(time.perf_counter() - t, 1e-7)
-    rounds = int(min(MAX_ROUNDS, max(MIN_ROUNDS, TARGET_S / est)))
-
-    benchmark.group = group
-    benchmark.pedantic(fn, rounds=rounds, warmup_rounds=1, iterations=1)
+    run_timed(benchmark, fn, group=group, target_s=TARGET_S, min_rounds=MIN_ROUNDS,
+              max_rounds=MAX_ROUNDS)
     record_case(benchmark, group=group, impl=impl, nbytes=nbytes)

@@ -43,13 +43,13 @@ once per (T, dtype).
 """
 from __future__ import annotations
 
-import time
 
 import pytest
 import torch
 
 import kernelforge
 from kernelforge.rope import cos_sin_cache
+from timing import run_timed  # noqa: E402  (bench/ is on sys.path under pytest)
 from kernelforge.tolerance import assert_close, tolerance
 
 from peers import hf_rotary, hf_rotary_compiled  # bench/ is on sys.path under pytest
@@ -195,11 +195,6 @@ def test_rotary(benchmark, copy_bandwidth, record_case, T, dt, impl):
         if impl == "kf_inductor_inplace":
             assert got[0] is x_q and got[1] is x_k
     del got
-    t = time.perf_counter()
-    fn()
-    est = max(time.perf_counter() - t, 1e-7)
-    rounds = int(min(MAX_ROUNDS, max(MIN_ROUNDS, TARGET_S / est)))
-
-    benchmark.group = group
-    benchmark.pedantic(fn, rounds=rounds, warmup_rounds=1, iterations=1)
+    run_timed(benchmark, fn, group=group, target_s=TARGET_S, min_rounds=MIN_ROUNDS,
+              max_rounds=MAX_ROUNDS)
     record_case(benchmark, group=group, impl=impl, nbytes=nbytes, op="rotary")

@@ -30,6 +30,17 @@ def _cap(s, cap, softcap: bool):
     return cap * kl.tanh(s / cap) if softcap else s
 
 
+def _flash_loop(axis: str, step, lo, hi):
+    """Walk keys ``[lo, hi)`` of ``axis`` carrying each (token, kv head, group
+    head) row's running max, sum and output; returns the normalised output,
+    0 for a row that sees no key (a causal query longer than its keys)."""
+    rows = ("T", "HK", "G")
+    init = (kl.full(float("-inf"), kl.f32, *rows), kl.zeros(kl.f32, *rows),
+            kl.zeros(kl.f32, *rows, "D"))
+    _, l_i, acc = kl.seq_for(axis, step, init=init, start=lo, stop=hi)
+    return kl.where(l_i > 0.0, acc / l_i, 0.0)
+
+
 @functools.lru_cache(maxsize=None)
 def attention_kernel(softcap: bool) -> kl.KernelDef:
     """Packed attention; ``softcap`` adds tanh capping of the scores."""
@@ -47,13 +58,8 @@ def attention_kernel(softcap: bool) -> kl.KernelDef:
             m_new, l_new, p, alpha = lib.online_softmax_step(m_i, l_i, s, "TK")
             return m_new, l_new, acc * alpha + kl.dot(p, kl.load(v[n, hk, d]).to(kl.f32), "TK")
 
-        rows = ("T", "HK", "G")             # (HK and G are one index per program)
-        init = (kl.full(float("-inf"), kl.f32, *rows), kl.zeros(kl.f32, *rows),
-                kl.zeros(kl.f32, *rows, "D"))
-        _, l_i, acc = kl.seq_for("TK", step, init=init, start=kl.load(key_lo[t]),
-                                 stop=kl.load(key_hi[t]))
-        # a row that sees no key (a query longer than its keys, causal) is 0
-        kl.store(out[t, hk, g, d], kl.where(l_i > 0.0, acc / l_i, 0.0).to(out.dtype))
+        o = _flash_loop("TK", step, kl.load(key_lo[t]), kl.load(key_hi[t]))
+        kl.store(out[t, hk, g, d], o.to(out.dtype))
 
     fn = attention_packed
     fn.__name__ = fn.__qualname__ = "attention_packed" + ("_softcap" if softcap else "")
@@ -88,12 +94,8 @@ def paged_attention_kernel(softcap: bool) -> kl.KernelDef:
             vn = kl.load(value_cache[block, row, hk, d]).to(kl.f32)
             return m_new, l_new, acc * alpha + kl.sum(p * vn, "N")           # [G, D]
 
-        rows = ("T", "HK", "G")             # (T and HK are one index per program)
-        init = (kl.full(float("-inf"), kl.f32, *rows), kl.zeros(kl.f32, *rows),
-                kl.zeros(kl.f32, *rows, "D"))
-        _, l_i, acc = kl.seq_for("N", step, init=init, start=kl.load(key_lo[t]),
-                                 stop=kl.load(key_hi[t]))
-        kl.store(out[t, hk, g, d], kl.where(l_i > 0.0, acc / l_i, 0.0).to(out.dtype))
+        o = _flash_loop("N", step, kl.load(key_lo[t]), kl.load(key_hi[t]))
+        kl.store(out[t, hk, g, d], o.to(out.dtype))
 
     fn = attention_paged
     fn.__name__ = fn.__qualname__ = "attention_paged" + ("_softcap" if softcap else "")

@@ -101,7 +101,7 @@ def test_attention_ops_inside_an_engines_fullgraph_compile():
     kc = torch.zeros(6, bs, hkv, D)
     vc = torch.zeros_like(kc)
     tables = torch.tensor([[3, 0], [1, 0], [4, 2]], dtype=torch.int32)
-    slots, start = [], 0
+    slots = []
     for b, n in enumerate(lens):
         slots += [int(tables[b, p // bs]) * bs + p % bs for p in range(n)]
     slots = torch.tensor(slots)
