@@ -19,8 +19,14 @@ The torch lowerings collapse the key loop into one masked pass over the
 whole key axis (numerically the same softmax); Triton keeps the loop.
 """
 import functools
+from typing import Optional
+
+import torch
 
 import kernelforge.lang as kl
+from kernelforge import checks
+from kernelforge.backends import registry
+from kernelforge.dispatch import NewTensor, launch
 from kernelforge.ir import lib
 
 HEAD_SIZES = (64, 80, 96, 128, 256)
@@ -111,14 +117,6 @@ def all_kernels() -> tuple:
 
 
 # -- the public ops ------------------------------------------------------------------
-
-from typing import Optional  # noqa: E402
-
-import torch  # noqa: E402
-
-from kernelforge import checks  # noqa: E402
-from kernelforge.backends import registry  # noqa: E402
-from kernelforge.dispatch import NewTensor, launch  # noqa: E402
 
 
 def _common(op, q, k, v, k_name, v_name, window, softcap, scale, causal, k_dims, k_layout):

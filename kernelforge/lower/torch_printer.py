@@ -357,7 +357,9 @@ class _Printer:
         if loop.bounded:
             axes = tuple(a for a in self.k.axes
                          if a == loop.axis or any(a in b.axes for b in loop.bounds()))
-            ar = expand(f"torch.arange({loop.axis}, device=_dev)", (loop.axis,), axes)
+            # int32 like the IR's tiles: int64 compares cost the mask a wider pass
+            ar = expand(f"torch.arange({loop.axis}, device=_dev, dtype=torch.int32)",
+                        (loop.axis,), axes)
             parts = []
             for b, op in ((loop.start, ">="), (loop.stop, "<")):
                 if b is not None:
