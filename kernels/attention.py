@@ -57,10 +57,13 @@ def attention_kernel(softcap: bool) -> kl.KernelDef:
         t = kl.parallel("T", block=16)
         hk, g = kl.parallel("HK"), kl.parallel("G")
         d = kl.tile("D")
-        qv = kl.load(q[t, hk, g, d]).to(kl.f32)
+        qt = kl.load(q[t, hk, g, d])
 
         def step(n, m_i, l_i, acc):
-            s = _cap(kl.dot(qv, kl.load(k[n, hk, d]).to(kl.f32), "D") * scale, cap, softcap)
+            # q.k in the input dtype, accumulated in fp32: the products of bf16 or
+            # fp16 values are exact in fp32, so this equals casting first (and
+            # runs on tensor cores). p.v stays fp32: rounding p would cost accuracy.
+            s = _cap(kl.dot(qt, kl.load(k[n, hk, d]), "D") * scale, cap, softcap)
             m_new, l_new, p, alpha = lib.online_softmax_step(m_i, l_i, s, "TK")
             return m_new, l_new, acc * alpha + kl.dot(p, kl.load(v[n, hk, d]).to(kl.f32), "TK")
 

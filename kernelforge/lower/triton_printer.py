@@ -94,11 +94,20 @@ def _argmin_combine(v1, i1, v2, i2):
     return tl.where(take1, v1, v2), tl.where(take1, i1, i2)''',
 }
 
-_TO_BF16 = '''# True while this module runs under the Triton interpreter (read at import).
-_INTERPRET = tl.constexpr(triton.knobs.runtime.interpret)
+_INTERPRET_FLAG = '''# True while this module runs under the Triton interpreter (read at import).
+_INTERPRET = tl.constexpr(triton.knobs.runtime.interpret)'''
 
+_DOT_OPERAND = '''@triton.jit
+def _dot_operand(x):
+    # bf16/f16 dots run on tensor cores with fp32 accumulation (products are
+    # exact in fp32); the interpreter gets bf16 dots wrong, so it multiplies
+    # the same values in fp32
+    if _INTERPRET:
+        return x.to(tl.float32)
+    else:
+        return x'''
 
-@triton.jit
+_TO_BF16 = '''@triton.jit
 def _to_bf16(x):
     # GPUs round f32 -> bf16 to nearest even (cvt.rn); the Triton interpreter
     # truncates, so it gets the same rounding spelled out in integer ops.
@@ -440,7 +449,7 @@ class _Printer:
         if op == Op.CAST:
             x = n.src[0]
             if n.dtype == dt.bf16 and x.dtype.is_float:
-                self.helpers.add(_TO_BF16)
+                self.helpers.update((_INTERPRET_FLAG, _TO_BF16))
                 e = self.name(x) if x.dtype == dt.f32 else f"tl.cast({self.name(x)}, tl.float32)"
                 return f"_to_bf16({e})"
             return f"tl.cast({self.name(x)}, {n.dtype.triton})"
@@ -503,6 +512,9 @@ class _Printer:
         y = next(d for d in bd if d != k)
         ea = self.dot_operand(a, k)
         eb = self.dot_operand(b, k)
+        if a.dtype in (dt.bf16, dt.f16):
+            self.helpers.update((_INTERPRET_FLAG, _DOT_OPERAND))
+            ea, eb = f"_dot_operand({ea})", f"_dot_operand({eb})"
         ea = ea if ad == (x, k) else f"tl.trans({ea})"
         eb = eb if bd == (k, y) else f"tl.trans({eb})"
         prec = ', input_precision="ieee"' if a.dtype == dt.f32 else ""
