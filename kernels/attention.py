@@ -158,17 +158,16 @@ def _common(op, q, k, v, k_name, v_name, window, softcap, scale, causal, k_dims,
             checks.positive(op, name, x)
             if x == float("inf"):
                 checks.fail(op, name, "a finite number > 0", repr(x))
-    registry.select(q.device, None)
     return D, hkv
 
 
-def _lengths(op, name, cu, device, total=None, total_name=""):
-    """Per-sequence lengths from a cumulative [B+1] int tensor (checked on the host)."""
+def _lengths(op, name, cu, q, total=None, total_name=""):
+    """Per-sequence offsets from a cumulative [B+1] int tensor (checked on the host)."""
     checks.tensor(op, name, cu)
     if cu.dtype not in (torch.int32, torch.int64) or cu.dim() != 1 or cu.shape[0] < 1:
         checks.fail(op, name, "a 1-D int32 tensor [batch + 1] (at least one entry)",
                     f"{cu.dtype} of shape {list(cu.shape)}")
-    checks.same_device(op, name, cu, "q", torch.empty(0, device=device))
+    checks.same_device(op, name, cu, "q", q)
     host = cu.tolist()
     if host[0] != 0:
         checks.fail(op, name, "to start at 0", f"{host[0]}")
@@ -227,8 +226,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: t
     op = "attention"
     D, hkv = _common(op, q, k, v, "k", "v", window, softcap, scale, causal, 3,
                      "[tokens, kv_heads, head_size]")
-    cq = _lengths(op, "cu_seqlens_q", cu_seqlens_q, q.device, q.shape[0], "q")
-    ck = _lengths(op, "cu_seqlens_k", cu_seqlens_k, q.device, k.shape[0], "k")
+    cq = _lengths(op, "cu_seqlens_q", cu_seqlens_q, q, q.shape[0], "q")
+    ck = _lengths(op, "cu_seqlens_k", cu_seqlens_k, q, k.shape[0], "k")
     if cq.shape != ck.shape:
         checks.fail(op, "cu_seqlens_k", f"{cq.shape[0]} entries (as `cu_seqlens_q`)",
                     f"{ck.shape[0]}")
@@ -288,7 +287,7 @@ def paged_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch
     if not isinstance(check_tables, bool):
         checks.fail(op, "check_tables", "a bool", repr(check_tables))
     nb, bs = key_cache.shape[:2]
-    qsl = _lengths(op, "query_start_loc", query_start_loc, q.device, q.shape[0], "q")
+    qsl = _lengths(op, "query_start_loc", query_start_loc, q, q.shape[0], "q")
     B = qsl.shape[0] - 1
     for name, x, dims in (("block_tables", block_tables, 2), ("seq_lens", seq_lens, 1)):
         checks.tensor(op, name, x)

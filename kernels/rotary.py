@@ -297,22 +297,13 @@ def _impl(positions, query, key, qh, kh, cos_sin_cache, is_neox, inplace, backen
 
 # -- torch.library custom ops: opaque, compile-safe entry points for engines ---------
 
-def _views(query, key, head_size):
-    T = query.shape[0]
-    qh = query if query.dim() == 3 else query.view(T, -1, head_size)
-    kh = None if key is None else (key if key.dim() == 3 else key.view(T, -1, head_size))
-    return qh, kh
-
-
 @torch.library.custom_op("kernelforge::rotary_embedding", mutates_args=())
 def _rotary_op(positions: torch.Tensor, query: torch.Tensor, key: Optional[torch.Tensor],
                head_size: int, cos_sin_cache: torch.Tensor, is_neox: bool,
                check_positions: bool, backend: Optional[str]) -> list[torch.Tensor]:
     """Out of place; returns [query] or [query, key]."""
-    if check_positions and positions.shape[0]:
-        _check_range("rotary_embedding", positions, cos_sin_cache.shape[0])
-    qh, kh = _views(query, key, head_size)
-    q, k = _impl(positions, query, key, qh, kh, cos_sin_cache, is_neox, False, backend)
+    q, k = rotary_embedding(positions, query, key, head_size, cos_sin_cache, is_neox,
+                            check_positions=check_positions, backend=backend)
     return [q] if k is None else [q, k]
 
 
@@ -330,10 +321,8 @@ def _rotary_inplace_op(positions: torch.Tensor, query: torch.Tensor,
                        cos_sin_cache: torch.Tensor, is_neox: bool, check_positions: bool,
                        backend: Optional[str]) -> None:
     """In place on query and key."""
-    if check_positions and positions.shape[0]:
-        _check_range("rotary_embedding", positions, cos_sin_cache.shape[0])
-    qh, kh = _views(query, key, head_size)
-    _impl(positions, query, key, qh, kh, cos_sin_cache, is_neox, True, backend)
+    rotary_embedding(positions, query, key, head_size, cos_sin_cache, is_neox, inplace=True,
+                     check_positions=check_positions, backend=backend)
 
 
 @_rotary_inplace_op.register_fake

@@ -67,11 +67,13 @@ class InductorBackend(Backend):
                 if g is None:
                     g = variants[()] = _Graph(kernel, self.source(kernel, returns), returns, set())
                 return g(args)
-            g = variants.get(aliases)
-            if g is None and not _views_overlap(args, [j for j, _ in aliases], tensors):
-                names = tuple((params[j].name, params[i].name) for j, i in aliases)
-                src = self.source(kernel, returns, names)
-                g = variants[aliases] = _Graph(kernel, src, returns, {j for j, _ in aliases})
+            g = None
+            if not _views_overlap(args, [j for j, _ in aliases], tensors):   # (per call)
+                g = variants.get(aliases)
+                if g is None:
+                    names = tuple((params[j].name, params[i].name) for j, i in aliases)
+                    src = self.source(kernel, returns, names)
+                    g = variants[aliases] = _Graph(kernel, src, returns, {j for j, _ in aliases})
             if g is not None and not g.broken:
                 try:
                     return g(args)

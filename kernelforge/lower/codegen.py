@@ -60,6 +60,21 @@ def expand(name: str, have: tuple[str, ...], want: tuple[str, ...]) -> str:
     return f"{name}[{', '.join(parts)}]"
 
 
+def identity(kind: str, d) -> str:
+    """The literal a masked or padded lane holds for reduction ``kind`` in
+    dtype ``d``, so it can never win (``REDUCE_IDENTITY``, typed)."""
+    from ..ir.nodes import REDUCE_IDENTITY
+    v = REDUCE_IDENTITY[kind]
+    if d.kind == "bool":                 # max is "any", min is "all"
+        return "False" if v < 0 else "True"
+    if d.is_float:
+        return literal(v)
+    if v == 0.0:
+        return "0"
+    big = (1 << (d.bits - (0 if d.kind == "uint" else 1))) - 1
+    return str(-big - 1 if v < 0 else big) if d.kind != "uint" else ("0" if v < 0 else str(big))
+
+
 def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 

@@ -16,8 +16,8 @@ import jinja2
 from ..ir import dtypes as dt
 from ..ir.analysis import Analysis, linearize
 from ..ir.errors import KernelError
-from ..ir.nodes import Node, Op, REDUCE_IDENTITY
-from .codegen import Lines, expand, literal, next_pow2, spec_text
+from ..ir.nodes import Node, Op
+from .codegen import Lines, expand, identity, literal, next_pow2, spec_text
 
 
 @dataclass(frozen=True)
@@ -412,17 +412,6 @@ class _Printer:
         raise KernelError(f"no tile for axis {axis} indexing {param.name}")  # pragma: no cover
 
     # -- expressions --------------------------------------------------------------
-    def identity(self, kind: str, d: dt.DType) -> str:
-        v = REDUCE_IDENTITY[kind]
-        if d == dt.bool_:                  # max is "any", min is "all"
-            return "False" if v < 0 else "True"
-        if d.is_float:
-            return literal(v)
-        if v == 0.0:
-            return "0"
-        big = (1 << (d.bits - (0 if d.kind == "uint" else 1))) - 1
-        return str(-big - 1 if v < 0 else big) if d.kind != "uint" else ("0" if v < 0 else str(big))
-
     def masked(self, x: Node, axis: str, fill: str) -> str:
         want = self.tdims(x)
         t = self.an.tiles(x).get(axis)
@@ -459,7 +448,7 @@ class _Printer:
             (x,) = n.src
             axis, kind = n.arg
             d = self.tdims(x).index(axis)
-            e = self.masked(x, axis, self.identity(kind, x.dtype))
+            e = self.masked(x, axis, identity(kind, x.dtype))
             if kind == "sum":
                 # Triton's own combine: identical code on GPUs, and the interpreter
                 # runs it as one numpy sum instead of a Python call per element
@@ -476,7 +465,7 @@ class _Printer:
             (x,) = n.src
             axis, kind = n.arg
             d = self.tdims(x).index(axis)
-            e = self.masked(x, axis, self.identity(kind, x.dtype))
+            e = self.masked(x, axis, identity(kind, x.dtype))
             self.helpers.add(_COMBINE[kind])
             return f"tl.associative_scan({e}, {d}, _{kind}_combine)"
         if op in (Op.SORT, Op.TOPK):
@@ -484,7 +473,7 @@ class _Printer:
             axis = n.arg[0]
             d = self.tdims(x).index(axis)
             desc = op == Op.TOPK or n.arg[1]
-            e = self.masked(x, axis, self.identity("max" if desc else "min", x.dtype))
+            e = self.masked(x, axis, identity("max" if desc else "min", x.dtype))
             if op == Op.SORT:
                 return f"tl.sort({e}, dim={d}, descending={bool(desc)})"
             if n.arg[1] & (n.arg[1] - 1):
