@@ -53,6 +53,9 @@ def compile_one(kdef, dtypes, sizes, target: str, backend) -> Result:
         kernel = kdef.specialize(dtypes, sizes)
         mod = backend.load(kernel, interpret=False)
         fn = getattr(mod, f"{kernel.name}_kernel")
+        if hasattr(mod, "_F32_DOT"):    # chosen at import from the GPU present: none here
+            import triton.language as tl
+            mod._F32_DOT = tl.constexpr("tf32x3" if TARGETS[target][0] == "cuda" else "ieee")
         src = ASTSource(fn=fn, signature=mod.SIGNATURE)
         compiled = triton.compile(src, target=GPUTarget(*TARGETS[target]),
                                   options={"num_warps": mod.NUM_WARPS})

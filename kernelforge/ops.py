@@ -15,7 +15,8 @@ KERNELS = {
     "fused_add_rms_norm": (_rmsnorm.fused_add_rms_norm_fwd,),
     "rotary_embedding": _rotary.all_kernels(),
     "reshape_and_cache": (_kv_cache.reshape_and_cache_kernel,),
-    "attention": (_attention.attention_kernel(False), _attention.attention_kernel(True)),
+    # 16 query rows per program on CPUs, 128 on GPUs (_query_block)
+    "attention": tuple(_attention.attention_kernel(c, b) for b in (16, 128) for c in (False, True)),
     "paged_attention": (_attention.paged_attention_kernel(False),
                         _attention.paged_attention_kernel(True)),
 }

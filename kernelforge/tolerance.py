@@ -44,7 +44,7 @@ def assert_close(actual: torch.Tensor, reference: torch.Tensor, dtype: torch.dty
     """Check ``actual`` against a float64 ``reference`` under the policy for
     ``dtype``; NaN and inf must appear in the same places with the same sign."""
     tol = tolerance(dtype)
-    a, r = actual.double(), reference.double()
+    a, r = actual.detach().double().cpu(), reference.detach().double().cpu()
     if a.shape != r.shape:
         raise AssertionError(f"{what}: shape {list(a.shape)} != reference {list(r.shape)}")
     nan_a, nan_r = a.isnan(), r.isnan()

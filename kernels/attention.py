@@ -48,13 +48,14 @@ def _flash_loop(axis: str, step, lo, hi):
 
 
 @functools.lru_cache(maxsize=None)
-def attention_kernel(softcap: bool) -> kl.KernelDef:
-    """Packed attention; ``softcap`` adds tanh capping of the scores."""
+def attention_kernel(softcap: bool, block_q: int = 16) -> kl.KernelDef:
+    """Packed attention; ``softcap`` adds tanh capping of the scores;
+    ``block_q`` query rows per program."""
 
     def attention_packed(q: kl.In("T", "HK", "G", "D"), k: kl.In("TK", "HK", "D"),
                          v: kl.In("TK", "HK", "D"), key_lo: kl.In("T"), key_hi: kl.In("T"),
                          out: kl.Out("T", "HK", "G", "D"), scale: kl.f32, cap: kl.f32):
-        t = kl.parallel("T", block=16)
+        t = kl.parallel("T", block=block_q)
         hk, g = kl.parallel("HK"), kl.parallel("G")
         d = kl.tile("D")
         qt = kl.load(q[t, hk, g, d])
@@ -71,7 +72,8 @@ def attention_kernel(softcap: bool) -> kl.KernelDef:
         kl.store(out[t, hk, g, d], o.to(out.dtype))
 
     fn = attention_packed
-    fn.__name__ = fn.__qualname__ = "attention_packed" + ("_softcap" if softcap else "")
+    fn.__name__ = fn.__qualname__ = ("attention_packed" + ("_softcap" if softcap else "")
+                                     + ("" if block_q == 16 else f"_q{block_q}"))
     return kl.kernel(fn, static=("HK", "G", "D"),
                      examples=({"HK": 8, "G": 4, "D": 128}, {"HK": 8, "G": 1, "D": 64}),
                      example_dtypes={"key_lo": kl.i32, "key_hi": kl.i32})
@@ -115,8 +117,17 @@ def paged_attention_kernel(softcap: bool) -> kl.KernelDef:
                                      "key_lo": kl.i32, "key_hi": kl.i32, "context": kl.i32})
 
 
+def _query_block(device: torch.device) -> int:
+    """Query rows per program of the packed kernel: 128 on GPUs (tensor-core
+    tiles; 2x faster than 16 on an H200, docs/benchmarks.md), 16 elsewhere
+    (the torch lowerings' batched matmuls and the interpreter gain nothing
+    from more, and short sequences would pad more)."""
+    return 128 if device.type == "cuda" else 16
+
+
 def all_kernels() -> tuple:
-    return tuple(f(c) for f in (attention_kernel, paged_attention_kernel) for c in (False, True))
+    return tuple(f(c) for f in (attention_kernel, paged_attention_kernel) for c in (False, True)
+                 ) + tuple(attention_kernel(c, 128) for c in (False, True))
 
 
 # -- the public ops ------------------------------------------------------------------
@@ -239,7 +250,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: t
     lo, hi = (ck[seq] + lo).to(torch.int32), (ck[seq] + hi).to(torch.int32)
     G = q.shape[1] // hkv
     qg = q.view(T, hkv, G, D) if q.stride(-1) == 1 else q.reshape(T, hkv, G, D)
-    (out,) = launch(attention_kernel(softcap is not None), qg, k, v, lo, hi,
+    (out,) = launch(attention_kernel(softcap is not None, _query_block(q.device)), qg, k, v, lo, hi,
                     NewTensor(qg.shape, q.dtype, q.device),
                     float(D ** -0.5 if scale is None else scale), float(softcap or 1.0),
                     backend=backend)

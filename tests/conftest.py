@@ -15,6 +15,10 @@ os.environ.setdefault("KERNELFORGE_TRITON_MAX_BLOCK", "1024")
 settings.register_profile(
     "ci", max_examples=30, deadline=None, derandomize=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+# tools/gpu_check.sh: native Triton compiles each new shape, so fewer examples
+settings.register_profile(
+    "gpu", max_examples=8, deadline=None, derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.register_profile(
     "dev", max_examples=40, deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -145,7 +145,18 @@ def main() -> int:
         x64 = x.double()
         return x64 / torch.sqrt((x64 * x64).mean(-1, keepdim=True) + EPS) * w.double()
 
-    def run_case(name, fn, refs, dtype, nbytes, goal=None, check=None):
+    def graph_ms(fn) -> float:
+        """Device time alone: the call replayed from a CUDA graph (no host
+        overhead). Only for calls without host syncs (nan if capture fails)."""
+        try:
+            from triton.testing import do_bench_cudagraph
+            return float(do_bench_cudagraph(fn, rep=50, return_mode="median"))
+        except Exception as e:  # noqa: BLE001
+            log(f"CUDA graph timing failed: {type(e).__name__}: {str(e)[:120]}")
+            torch.cuda.synchronize()
+            return float("nan")
+
+    def run_case(name, fn, refs, dtype, nbytes, goal=None, check=None, graph=False):
         try:
             got = fn()                       # compiles (Triton / Inductor) outside timing
             got = got if isinstance(got, tuple) else (got,)
@@ -167,7 +178,8 @@ def main() -> int:
         if goal is not None:
             frac = gbps / copy_gbps
             note = f"goal >= {goal:.0%} of copy: {'met' if frac >= goal else 'MISSED'}"
-        rows.append({"case": name, "ms": ms, "gbps": gbps, "note": note, "check": ok})
+        rows.append({"case": name, "ms": ms, "gbps": gbps, "note": note, "check": ok,
+                     "graph_ms": graph_ms(fn) if graph else float("nan")})
         log(f"{name}: {ms * 1e3:.1f} us, {gbps:.0f} GB/s")
 
     ops = kernelforge.ops
@@ -181,10 +193,12 @@ def main() -> int:
         grp = f"rms_norm {m}x{hidden} {dname}"
         compiled = torch.compile(formula, fullgraph=True, dynamic=False)
         run_case(f"{grp} | kf triton", lambda: ops.rms_norm(x, w, EPS, backend="triton"),
-                 refs, dtype, nbytes, goal=GOAL_TRITON_BF16_FRACTION if dname == "bf16" else None)
+                 refs, dtype, nbytes, goal=GOAL_TRITON_BF16_FRACTION if dname == "bf16" else None,
+                 graph=True)
         run_case(f"{grp} | torch F.rms_norm", lambda: F.rms_norm(x, (hidden,), w, EPS),
-                 refs, dtype, nbytes)
-        run_case(f"{grp} | torch.compile formula", lambda: compiled(x, w), refs, dtype, nbytes)
+                 refs, dtype, nbytes, graph=True)
+        run_case(f"{grp} | torch.compile formula", lambda: compiled(x, w), refs, dtype, nbytes,
+                 graph=True)
         del x, w, refs
 
     dtype = torch.bfloat16
@@ -228,10 +242,14 @@ def main() -> int:
     # -- the table, last ------------------------------------------------------------
     lines = [f"GPU benchmark: {card} (torch {torch.__version__}, triton {triton.__version__}); "
              "times are do_bench medians; GB/s = compulsory bytes / time",
-             f"{'case':<52} {'time (us)':>10} {'GB/s':>8} {'% copy':>7}  note"]
+             "graph (us): the same call replayed from a CUDA graph (device time, no host "
+             "overhead), for calls without host syncs",
+             f"{'case':<52} {'time (us)':>10} {'graph (us)':>10} {'GB/s':>8} {'% copy':>7}  note"]
     for row in rows:
         pct = 100 * row["gbps"] / copy_gbps
-        lines.append(f"{row['case']:<52} {row['ms'] * 1e3:10.1f} {row['gbps']:8.0f} "
+        gr = row.get("graph_ms", float("nan"))
+        gr = f"{gr * 1e3:10.1f}" if gr == gr else f"{'-':>10}"
+        lines.append(f"{row['case']:<52} {row['ms'] * 1e3:10.1f} {gr} {row['gbps']:8.0f} "
                      f"{pct:6.1f}%  {row.get('note', '')}")
     by = {row["case"]: row for row in rows}
     for grp in (f"rms_norm {m}x{hidden} bf16", f"rms_norm {m}x{hidden} fp32",
@@ -329,7 +347,7 @@ def rotary_cases(kernelforge, run_case, dev, gen) -> list:
             run_case(f"{grp} | kf triton no pos check",
                      lambda: ops.rotary_embedding(pos, q, k, D, cache, check_positions=False,
                                                   backend="triton"),
-                     refs, dtype, nbytes, goal=goal)
+                     refs, dtype, nbytes, goal=goal, graph=True)
             check = hf_check(dtype, pos, (q, k))
             run_case(f"{grp} | HF formula eager", lambda: hf_rotary(pos, q, k, cache, D),
                      refs, dtype, nbytes, check=check)
@@ -431,6 +449,11 @@ def attention_cases(kernelforge, run_case, rows, dev, gen):
         goals.append(f"{grp}: kf triton vs {flash_name}: {ratio:.2f}x (goal >= "
                      f"{GOAL_ATTN_PREFILL_VS_SDPA:g}x: "
                      f"{'met' if ratio >= GOAL_ATTN_PREFILL_VS_SDPA else 'MISSED'})")
+    if VARIANTS:
+        goals.extend(variant_cases(
+            kernelforge, run_case, rows, f"{grp} | kf variant",
+            lambda: ops.attention(q, k, v, cu, cu, backend="triton"), refs, dtype, nbytes,
+            PREFILL_VARIANTS, by_name(f"{grp} | {flash_name}"), "TFLOP/s", flops))
     del q, k, v, qt, kt, vt, ref, mag, refs
     torch.cuda.empty_cache()
 
@@ -465,6 +488,13 @@ def attention_cases(kernelforge, run_case, rows, dev, gen):
         run_case(f"{grp} | gather + SDPA gqa",
                  lambda: gather_sdpa(q, kc, vc, tables, lens), (ref,), dtype, nbytes,
                  check=peer_check((mag,)))
+        if VARIANTS and ctx == max(ATTN_DECODE_CTX):
+            goals.extend(variant_cases(
+                kernelforge, run_case, rows, f"{grp} | kf variant",
+                lambda: ops.paged_attention(q, kc, vc, tables, lens, qsl, check_tables=False,
+                                            backend="triton"),
+                (ref,), dtype, nbytes, DECODE_VARIANTS,
+                by_name(f"{grp} | gather + SDPA gqa"), "GB/s", None))
         del kc, vc, tables, q, ref, mag
         torch.cuda.empty_cache()
     goals.append(f"attention: prefill one causal sequence, {H} query and kv heads, head size "
@@ -474,6 +504,87 @@ def attention_cases(kernelforge, run_case, rows, dev, gen):
                  "checks the block tables on the host first, 'no check' passes "
                  "check_tables=False; the gather peer reads seq_lens on the host")
     return groups, goals
+
+
+# -- launch-parameter exploration ------------------------------------------------------
+# The same attention kernels with other launch parameters, to choose the
+# printer's defaults from measurements: query rows per program (bq, a kernel
+# parameter), warps (w), key-loop chunk (kb) and the precision of the fp32
+# p.v dot (ieee, or tf32x3: three TF32 tensor-core products, about fp32
+# accuracy). Set KF_GPU_VARIANTS=0 to skip.
+VARIANTS = os.environ.get("KF_GPU_VARIANTS", "1") != "0"
+# (the defaults since the first H200 run: bq=128, w=8, kb=64, tf32x3 for
+# prefill; w=4, kb=32 for paged decode; that run's grid is in docs/benchmarks.md)
+PREFILL_VARIANTS = (
+    dict(bq=64, w=4), dict(bq=128, w=4), dict(bq=128, w=8, kb=128, stages=2),
+    dict(bq=128, w=8, stages=2), dict(bq=128, w=8, stages=4), dict(bq=256, w=8),
+    dict(bq=128, w=8, prec="ieee"),
+)
+DECODE_VARIANTS = (dict(w=2), dict(w=8), dict(kb=16), dict(kb=16, w=2), dict(stages=2),
+                   dict(stages=4))
+
+
+def variant_cases(kernelforge, run_case, rows, prefix, fn, refs, dtype, nbytes, variants,
+                  peer, unit, flops):
+    """Time ``fn`` (an attention op on Triton) under each variant by patching
+    the generated source; returns summary lines (speed against ``peer``)."""
+    import re
+    from kernelforge.backends import triton as tb
+    import kernelforge.kernels.attention as A
+
+    cls, orig_source, orig_key = tb.TritonBackend, tb.TritonBackend.source, \
+        tb.TritonBackend.schedule_key
+    orig_block = A._query_block
+    state: dict = {}
+
+    def source(self, kernel):
+        s = orig_source(self, kernel)
+        v = state.get("v")
+        if not v or "attention" not in kernel.name:
+            return s
+        if "w" in v:
+            s = re.sub(r"NUM_WARPS = \d+", f"NUM_WARPS = {v['w']}", s)
+        if "kb" in v:    # the key loop's chunk: tl.range(lo_x, hi_x, 64) and its aranges
+            loop = re.search(r"for start_(\w+) in tl\.range\((lo_\w+), (hi_\w+), (\d+)\)", s)
+            if loop:
+                axis, old = loop.group(1), loop.group(4)
+                s = s.replace(f"tl.range({loop.group(2)}, {loop.group(3)}, {old})",
+                              f"tl.range({loop.group(2)}, {loop.group(3)}, {v['kb']})")
+                s = s.replace(f"offs_{axis} = start_{axis} + tl.arange(0, {old})",
+                              f"offs_{axis} = start_{axis} + tl.arange(0, {v['kb']})")
+        if "prec" in v:
+            s = s.replace("input_precision=_F32_DOT", f'input_precision="{v["prec"]}"')
+        if "stages" in v:
+            s = s.replace("num_warps=NUM_WARPS,", f"num_warps=NUM_WARPS, num_stages={v['stages']},")
+        return s
+
+    def schedule_key(self):
+        return orig_key(self) + (repr(state.get("v")),)
+
+    lines = []
+    cls.source, cls.schedule_key = source, schedule_key
+    try:
+        for v in variants:
+            state["v"] = v
+            if "bq" in v:
+                A._query_block = lambda device, bq=v["bq"]: bq
+            name = f"{prefix} " + " ".join(f"{k}={x}" for k, x in v.items())
+            run_case(name, fn, refs, dtype, nbytes)
+            row = next((r for r in rows if r["case"] == name), None)
+            if not row or row["ms"] != row["ms"]:
+                lines.append(f"{name}: failed")
+                continue
+            rate = (f"{flops / (row['ms'] * 1e-3) / 1e12:.1f} TFLOP/s" if unit == "TFLOP/s"
+                    else f"{row['gbps']:.0f} GB/s")
+            vs = (f", {peer['ms'] / row['ms']:.2f}x {peer['case'].split(' | ')[1]}"
+                  if peer and peer["ms"] == peer["ms"] else "")
+            lines.append(f"{name}: {row['ms'] * 1e3:.0f} us, {rate}{vs}")
+            row["note"] = rate
+    finally:
+        cls.source, cls.schedule_key = orig_source, orig_key
+        A._query_block = orig_block
+        state.clear()
+    return lines
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ when one chunk covers the axis).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import jinja2
@@ -107,6 +108,21 @@ def _dot_operand(x):
     else:
         return x'''
 
+_F32_DOT = '''def _f32_dot_precision():
+    # fp32 dots: three TF32 tensor-core products (about fp32 accuracy; 6x
+    # faster than fp32 FMAs for attention's p.v on an H200) on NVIDIA GPUs,
+    # fp32 FMAs elsewhere (the interpreter, AMD, no GPU: aot-check).
+    if triton.knobs.runtime.interpret:
+        return "ieee"
+    try:
+        backend = triton.runtime.driver.active.get_current_target().backend
+    except Exception:  # no GPU driver on this machine
+        return "ieee"
+    return "tf32x3" if backend == "cuda" else "ieee"
+
+
+_F32_DOT = tl.constexpr(_f32_dot_precision())'''
+
 _TO_BF16 = '''@triton.jit
 def _to_bf16(x):
     # GPUs round f32 -> bf16 to nearest even (cvt.rn); the Triton interpreter
@@ -143,9 +159,20 @@ _SCALAR = {dt.f32: "fp32", dt.f64: "fp64", dt.i32: "i32", dt.i64: "i64", dt.u32:
            dt.bool_: "i1", dt.f16: "fp16", dt.bf16: "bf16"}
 
 
+# Values (elements per program) a chunk of a loop over a runtime-sized axis may
+# span: paged decode's [group, head, chunk] products spill past it (measured
+# on an H200: chunk 32 at 4 warps moved 1.4x the bytes/s of chunk 64 at 16).
+LOOP_VALUE_BUDGET = 16384
+
+
 def print_module(k, schedule: TritonSchedule = TritonSchedule()) -> str:
-    p = _Printer(k, Analysis(k), schedule)
+    an = Analysis(k)
+    p = _Printer(k, an, schedule)
     p.run()
+    while p.loop_values > LOOP_VALUE_BUDGET and schedule.dynamic_block > 16:
+        schedule = dataclasses.replace(schedule, dynamic_block=schedule.dynamic_block // 2)
+        p = _Printer(k, an, schedule)
+        p.run()
     return p.module()
 
 
@@ -158,6 +185,9 @@ class _Printer:
         self.helpers: set[str] = set()
         self.tile_names: dict[int, tuple[str, str | None]] = {}   # tile -> (offs, mask)
         self.max_elems = 1
+        self.values = 1           # the largest value (elements per program)
+        self.loop_values = 1      # ... among values over a runtime-sized loop chunk
+        self.has_dot = False
         self.straight: set[int] = set()      # loops printed as one straight-line chunk
         # bounded loops: tile -> (per-row mask name, its axes) when the bounds vary per row
         self.row_masks: dict[int, tuple[str, tuple[str, ...]]] = {}
@@ -283,10 +313,22 @@ class _Printer:
             if s.op == Op.RANGE:
                 self.ensure_tile(s)
         expr = self.expr(n)
+        self.count_values(n)
         self.out.src(n.loc)
         nm = self.names[id(n)] = f"v{self.count}"
         self.count += 1
         self.out.line(f"{nm} = {expr}")
+
+    def count_values(self, n: Node) -> None:
+        elems, dynamic = 1, False
+        dims = self.tdims(n)
+        for a, t in self.an.tiles(n).items():
+            if a in dims:
+                elems *= self.block(t)
+                dynamic |= t.arg[1] == "seq" and self.k.axes[a].size is None
+        self.values = max(self.values, elems)
+        if dynamic:
+            self.loop_values = max(self.loop_values, elems)
 
     def ev_begin(self, s: Node) -> None:
         loop, o = s.arg, self.out
@@ -506,7 +548,11 @@ class _Printer:
             ea, eb = f"_dot_operand({ea})", f"_dot_operand({eb})"
         ea = ea if ad == (x, k) else f"tl.trans({ea})"
         eb = eb if bd == (k, y) else f"tl.trans({eb})"
-        prec = ', input_precision="ieee"' if a.dtype == dt.f32 else ""
+        self.has_dot = True
+        prec = ""
+        if a.dtype == dt.f32:
+            self.helpers.add(_F32_DOT)
+            prec = ", input_precision=_F32_DOT"
         e = f"tl.dot({ea}, {eb}, out_dtype={n.dtype.triton}{prec})"
         return e if self.tdims(n) == (x, y) else f"tl.trans({e})"
 
@@ -550,7 +596,12 @@ class _Printer:
             grid.append(self.size(axis) if b == 1 else f"triton.cdiv({self.size(axis)}, {b})")
         blocks = ", ".join(f"{t.arg[0]}={self.block(t)}" for t in self._all_tiles()) or "none"
         e = self.max_elems
-        num_warps = 16 if e >= 8192 else 8 if e >= 2048 else 4 if e >= 512 else 2
+        if self.has_dot:            # H200: 16-row tiles ran 1.7x faster at 4 warps than 16
+            num_warps = 8 if self.values >= 16384 else 4
+        elif self.loop_values > 1:  # chunks of a runtime-sized loop (see LOOP_VALUE_BUDGET)
+            num_warps = 4
+        else:
+            num_warps = 16 if e >= 8192 else 8 if e >= 2048 else 4 if e >= 512 else 2
         return _MODULE.render(
             k=k, spec=spec_text(k), blocks=blocks, helpers="\n\n\n".join(sorted(self.helpers)),
             dynamic_args=dynamic, kernel_args=kernel_args, body=self.out.text(),
