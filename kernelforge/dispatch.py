@@ -62,15 +62,16 @@ def specialization(kdef, args) -> tuple[dict, dict]:
 def compiled(kdef, args, backend: str | None = None):
     """The callable that would run ``kdef`` on ``args`` (returning the
     tensors for its NewTensor arguments), and the backend decision."""
-    tensors, static, qualname, _ = _plan(kdef)
-    check_shapes(kdef, args)
-    device = args[tensors[0][0]].device
+    tensors, static, qualname, same = _plan(kdef)
+    if same:
+        check_shapes(kdef, args)
+    ts = [args[i] for i, _ in tensors]
+    device = ts[0].device
     decision = registry.select(device, backend)
     be = decision.backend
-    new = tuple(i for i, _ in tensors if isinstance(args[i], NewTensor))
-    key = (kdef, be.name, device.type,
-           tuple(args[i].dtype for i, _ in tensors),
-           tuple(args[i].shape[d] for _, (i, d) in static), be.schedule_key(), new)
+    new = tuple([i for i, _ in tensors if isinstance(args[i], NewTensor)])
+    key = (kdef, be.name, device.type, tuple([t.dtype for t in ts]),
+           tuple([args[i].shape[d] for _, (i, d) in static]), be.schedule_key(), new)
 
     def build():
         dtypes, sizes = specialization(kdef, args)

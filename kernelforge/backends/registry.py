@@ -94,6 +94,17 @@ def select(device: torch.device, explicit: str | None = None) -> Decision:
 
 
 def _forced(device, name: str, source: str) -> Decision:
+    # cached: a backend's answer for a device type does not change (register() clears)
+    if not isinstance(name, str):
+        return _forced_uncached(device, name, source)    # raises: names the argument
+    key = (device.type, device.index, name, source)
+    hit = _defaults.get(key)
+    if hit is None:
+        hit = _defaults[key] = _forced_uncached(device, name, source)
+    return hit
+
+
+def _forced_uncached(device, name, source: str) -> Decision:
     bs = backends()
     if not isinstance(name, str) or name not in bs:
         raise ValueError(f"backend: expected one of {sorted(bs)} (from the {source}), "
