@@ -1,6 +1,7 @@
 """The public ops, ``kernelforge.ops.NAME(..., backend=None)``. Each is also
 a torch.library custom op, ``torch.ops.kernelforge.NAME``."""
 from .kernels import attention as _attention
+from .kernels import attention_split as _attention_split
 from .kernels import kv_cache as _kv_cache
 from .kernels import rmsnorm as _rmsnorm
 from .kernels import rotary as _rotary
@@ -18,5 +19,5 @@ KERNELS = {
     # 16 query rows per program on CPUs, 128 on GPUs (_query_block)
     "attention": tuple(_attention.attention_kernel(c, b) for b in (16, 128) for c in (False, True)),
     "paged_attention": (_attention.paged_attention_kernel(False),
-                        _attention.paged_attention_kernel(True)),
+                        _attention.paged_attention_kernel(True)) + _attention_split.all_kernels(),
 }

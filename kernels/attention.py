@@ -265,6 +265,7 @@ def paged_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch
                     query_start_loc: torch.Tensor, *, scale: Optional[float] = None,
                     causal: bool = True, window: Optional[int] = None,
                     softcap: Optional[float] = None, check_tables: bool = True,
+                    splits: Optional[int] = None,
                     backend: Optional[str] = None) -> torch.Tensor:
     """Attention of new query tokens over a paged KV cache, for a batch that
     mixes decode rows (one query token) and chunked-prefill rows.
@@ -285,6 +286,10 @@ def paged_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch
             outside the cache, but the result is undefined and differs by
             backend (Triton reads 0 for an out-of-range block, the torch
             lowerings clamp it into the cache).
+        splits: cut each row's keys into this many parts walked by separate
+            programs, then merged (flash-decoding, ``kernels/attention_split.py``);
+            None chooses: several on GPUs when rows are few and contexts long,
+            1 elsewhere.
     Returns:
         [T, Hq, D] in q's dtype.
 
@@ -300,6 +305,9 @@ def paged_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch
                      softcap, scale, causal, 4, "[num_blocks, block_size, kv_heads, head_size]")
     if not isinstance(check_tables, bool):
         checks.fail(op, "check_tables", "a bool", repr(check_tables))
+    if splits is not None and (not isinstance(splits, int) or isinstance(splits, bool)
+                               or not 1 <= splits <= 64):
+        checks.fail(op, "splits", "None or an int in [1, 64]", repr(splits))
     nb, bs = key_cache.shape[:2]
     qsl = _lengths(op, "query_start_loc", query_start_loc, q, q.shape[0], "q")
     B = qsl.shape[0] - 1
@@ -323,11 +331,24 @@ def paged_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch
     qg = q.view(T, hkv, G, D) if q.stride(-1) == 1 else q.reshape(T, hkv, G, D)
     context = torch.empty(1, dtype=torch.int32, device=q.device).expand(mb * bs)
     tables = block_tables if block_tables.dtype == torch.int32 else block_tables.to(torch.int32)
-    (out,) = launch(paged_attention_kernel(softcap is not None), qg, key_cache, value_cache,
-                    tables, seq.to(torch.int32), lo.to(torch.int32), hi.to(torch.int32),
-                    context, NewTensor(qg.shape, q.dtype, q.device),
-                    float(D ** -0.5 if scale is None else scale), float(softcap or 1.0),
-                    backend=backend)
+    args = (qg, key_cache, value_cache, tables, seq.to(torch.int32), lo.to(torch.int32),
+            hi.to(torch.int32), context)
+    scalars = (float(D ** -0.5 if scale is None else scale), float(softcap or 1.0))
+    from . import attention_split    # (it imports this module)
+    if splits is None:
+        splits = attention_split.choose_splits(T * hkv, mb * bs, q.device)
+    if splits == 1:
+        (out,) = launch(paged_attention_kernel(softcap is not None), *args,
+                        NewTensor(qg.shape, q.dtype, q.device), *scalars, backend=backend)
+    else:
+        f32, dev = torch.float32, q.device
+        part = launch(attention_split.paged_split_kernel(softcap is not None), *args,
+                      NewTensor((T, hkv, splits, G), f32, dev),
+                      NewTensor((T, hkv, splits, G), f32, dev),
+                      NewTensor((T, hkv, splits, G, D), f32, dev), *scalars,
+                      -(-mb * bs // splits), backend=backend)
+        (out,) = launch(attention_split.paged_combine_kernel, *part,
+                        NewTensor(qg.shape, q.dtype, dev), backend=backend)
     return out.view(T, hkv * G, D)
 
 

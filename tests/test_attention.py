@@ -167,6 +167,29 @@ def test_decode_equals_prefill(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("splits", [2, 3, 16])
+def test_split_keys_match_float64(backend, splits):
+    """Flash-decoding (keys cut into splits, merged by a second kernel;
+    kernels/attention_split.py) on a mixed batch, with splits longer than some
+    rows (empty splits), a window and softcapping: against float64."""
+    g = torch.Generator().manual_seed(20 + splits)
+    hkv, group, D, dtype, softcap = INDUCTOR_CASES[1] if backend == "inductor" else \
+        (2, 3, 64, torch.float16, 20.0)
+    k_lens = [70, 1, 0, 45, 33]
+    q_lens = [1, 1, 0, 3, 33]
+    q = randn((sum(q_lens), hkv * group, D), dtype, g)
+    k, v = (randn((sum(k_lens), hkv, D), dtype, g) for _ in range(2))
+    kc, vc, tables, lens = scatter_to_pages(k, v, k_lens, 16, g)
+    for window in (None, 9):
+        out = kernelforge.ops.paged_attention(q, kc, vc, tables, lens, cu(q_lens),
+                                              softcap=softcap, window=window, splits=splits,
+                                              backend=backend)
+        ref = reference.attention(q, k, v, cu(q_lens), cu(k_lens), D ** -0.5, softcap=softcap,
+                                  window=window)
+        check(out, ref, dtype, f"splits={splits} window={window} [{backend}]")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_mixed_decode_and_chunked_prefill_batch(backend):
     """One call serves decode rows and chunked-prefill rows that attend to
     earlier context in the cache and to themselves."""

@@ -520,8 +520,11 @@ PREFILL_VARIANTS = (
     dict(bq=128, w=8, stages=2), dict(bq=128, w=8, stages=4), dict(bq=256, w=8),
     dict(bq=128, w=8, prec="ieee"),
 )
-DECODE_VARIANTS = (dict(w=2), dict(w=8), dict(kb=16), dict(kb=16, w=2), dict(stages=2),
-                   dict(stages=4))
+# decode: splits = flash-decoding split count (kernels/attention_split.py; None = the
+# op's choice, 16 at this shape), 1 = the single-pass kernel
+DECODE_VARIANTS = (dict(splits=1), dict(splits=1, stages=4), dict(splits=4), dict(splits=8),
+                   dict(splits=16, w=8), dict(splits=16, kb=64), dict(splits=32),
+                   dict(splits=16, stages=4))
 
 
 def variant_cases(kernelforge, run_case, rows, prefix, fn, refs, dtype, nbytes, variants,
@@ -535,6 +538,8 @@ def variant_cases(kernelforge, run_case, rows, prefix, fn, refs, dtype, nbytes, 
     cls, orig_source, orig_key = tb.TritonBackend, tb.TritonBackend.source, \
         tb.TritonBackend.schedule_key
     orig_block = A._query_block
+    import kernelforge.kernels.attention_split as AS
+    orig_choose = AS.choose_splits
     state: dict = {}
 
     def source(self, kernel):
@@ -566,6 +571,10 @@ def variant_cases(kernelforge, run_case, rows, prefix, fn, refs, dtype, nbytes, 
     try:
         for v in variants:
             state["v"] = v
+            if "splits" in v:
+                AS.choose_splits = lambda *a, n=v["splits"]: n
+            else:
+                AS.choose_splits = orig_choose
             if "bq" in v:
                 A._query_block = lambda q, bq=v["bq"]: bq
             name = f"{prefix} " + " ".join(f"{k}={x}" for k, x in v.items())
@@ -583,6 +592,7 @@ def variant_cases(kernelforge, run_case, rows, prefix, fn, refs, dtype, nbytes, 
     finally:
         cls.source, cls.schedule_key = orig_source, orig_key
         A._query_block = orig_block
+        AS.choose_splits = orig_choose
         state.clear()
     return lines
 

@@ -1,0 +1,128 @@
+"""Split-key paged attention (flash-decoding), written once in the IR.
+
+A decode batch has few (token, kv head) rows: 32 sequences x 8 kv heads is
+256 programs, two per streaming multiprocessor of an H100, each walking its
+whole context alone, too few loads in flight to fill HBM bandwidth. Here
+each row's key range is cut into ``S`` splits walked by separate programs
+(``attention_paged_split``), each leaving its running max, sum and
+unnormalised output; a second kernel (``attention_paged_combine``) merges
+the splits with the same rescaling the online softmax uses between chunks:
+
+    M = max_s m_s,   L = sum_s l_s exp(m_s - M),   O = sum_s acc_s exp(m_s - M) / L
+
+Same result as ``attention_paged`` up to fp32 summation order. The op picks
+it (``paged_attention(..., splits=)``) for GPUs when rows are few and
+contexts long; see ``choose_splits``.
+"""
+import functools
+
+import torch
+
+import kernelforge.lang as kl
+from kernelforge.ir import lib
+
+from .attention import _cap
+
+ROWS = ("T", "HK", "S", "G")
+
+
+@functools.lru_cache(maxsize=None)
+def paged_split_kernel(softcap: bool) -> kl.KernelDef:
+    """Partial attention over split ``s`` of each row's keys: keys
+    ``[lo + s * split_len, min(hi, lo + (s + 1) * split_len))``."""
+
+    def attention_paged_split(q: kl.In("T", "HK", "G", "D"),
+                              key_cache: kl.In("NB", "BS", "HK", "D"),
+                              value_cache: kl.In("NB", "BS", "HK", "D"),
+                              block_tables: kl.In("B", "MB"), seq_idx: kl.In("T"),
+                              key_lo: kl.In("T"), key_hi: kl.In("T"),
+                              context: kl.In("N"),   # only its length is read: MB * BS positions
+                              m_out: kl.Out("T", "HK", "S", "G"),
+                              l_out: kl.Out("T", "HK", "S", "G"),
+                              acc_out: kl.Out("T", "HK", "S", "G", "D"),
+                              scale: kl.f32, cap: kl.f32, split_len: kl.i32):
+        t, hk, s = kl.parallel("T"), kl.parallel("HK"), kl.parallel("S")
+        g, d = kl.tile("G"), kl.tile("D")
+        b = kl.load(seq_idx[t])
+        qv = kl.load(q[t, hk, g, d]).to(kl.f32)
+        block_size = kl.size("BS")
+        hi = kl.load(key_hi[t])
+        start = kl.minimum(kl.load(key_lo[t]) + s * split_len, hi)
+        stop = kl.minimum(start + split_len, hi)
+
+        def step(n, m_i, l_i, acc):
+            block = kl.load(block_tables[b, n // block_size])
+            row = n % block_size
+            kn = kl.load(key_cache[block, row, hk, d]).to(kl.f32)
+            sc = _cap(kl.sum(qv * kn, "D") * scale, cap, softcap)          # [G, N]
+            m_new, l_new, p, alpha = lib.online_softmax_step(m_i, l_i, sc, "N")
+            vn = kl.load(value_cache[block, row, hk, d]).to(kl.f32)
+            return m_new, l_new, acc * alpha + kl.sum(p * vn, "N")          # [G, D]
+
+        init = (kl.full(float("-inf"), kl.f32, *ROWS), kl.zeros(kl.f32, *ROWS),
+                kl.zeros(kl.f32, *ROWS, "D"))
+        m_i, l_i, acc = kl.seq_for("N", step, init=init, start=start, stop=stop)
+        kl.store(m_out[t, hk, s, g], m_i)
+        kl.store(l_out[t, hk, s, g], l_i)
+        kl.store(acc_out[t, hk, s, g, d], acc)
+
+    fn = attention_paged_split
+    fn.__name__ = fn.__qualname__ = "attention_paged_split" + ("_softcap" if softcap else "")
+    # S static: it sizes only outputs, which Inductor allocates itself
+    return kl.kernel(fn, static=("HK", "G", "D", "BS", "S"),
+                     examples=({"HK": 8, "G": 4, "D": 128, "BS": 16, "S": 16},
+                               {"HK": 8, "G": 1, "D": 64, "BS": 32, "S": 4}),
+                     example_dtypes={"block_tables": kl.i32, "seq_idx": kl.i32,
+                                     "key_lo": kl.i32, "key_hi": kl.i32, "context": kl.i32,
+                                     "m_out": kl.f32, "l_out": kl.f32, "acc_out": kl.f32})
+
+
+def _combine(m_in: kl.In("T", "HK", "S", "G"), l_in: kl.In("T", "HK", "S", "G"),
+             acc_in: kl.In("T", "HK", "S", "G", "D"), out: kl.Out("T", "HK", "G", "D")):
+    t, hk = kl.parallel("T"), kl.parallel("HK")
+    s, g, d = kl.tile("S"), kl.tile("G"), kl.tile("D")
+    m = kl.load(m_in[t, hk, s, g])                                  # [S, G]
+    m_max = kl.max(m, "S")                                          # [G]
+    # a split that saw no key has m = -inf (weight 0); a row that saw none, all -inf
+    w = kl.exp(m - kl.where(m_max == float("-inf"), 0.0, m_max))   # [S, G]
+    l_sum = kl.sum(kl.load(l_in[t, hk, s, g]) * w, "S")
+    acc = kl.sum(kl.load(acc_in[t, hk, s, g, d]) * w, "S")         # [G, D]
+    kl.store(out[t, hk, g, d], kl.where(l_sum > 0.0, acc / l_sum, 0.0).to(out.dtype))
+
+
+_combine.__name__ = _combine.__qualname__ = "attention_paged_combine"
+paged_combine_kernel = kl.kernel(_combine, static=("HK", "S", "G", "D"),
+                                 examples=({"HK": 8, "S": 16, "G": 4, "D": 128},
+                                           {"HK": 8, "S": 4, "G": 1, "D": 64}),
+                                 example_dtypes={"m_in": kl.f32, "l_in": kl.f32,
+                                                 "acc_in": kl.f32})
+
+#: key positions per split at least (shorter splits cost more in the combine than they gain)
+MIN_SPLIT_LEN = 256
+#: split counts the op uses (each a specialisation of the combine kernel)
+SPLIT_COUNTS = (4, 16)
+
+
+def choose_splits(rows: int, max_len: int, device: torch.device) -> int:
+    """Splits per row for a GPU batch of ``rows`` (token, kv head) programs:
+    enough programs to cover the card a few times over, each split at least
+    MIN_SPLIT_LEN keys; 1 (no split) on other devices, where the torch
+    lowerings walk the keys in one pass anyway."""
+    if device.type != "cuda" or max_len < 2 * MIN_SPLIT_LEN:
+        return 1
+    sms = _multiprocessors(device.index)
+    if rows >= 4 * sms:
+        return 1
+    for n in reversed(SPLIT_COUNTS):
+        if max_len >= n * MIN_SPLIT_LEN:
+            return n
+    return 1
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(index) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def all_kernels() -> tuple:
+    return (paged_split_kernel(False), paged_split_kernel(True), paged_combine_kernel)
