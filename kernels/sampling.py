@@ -41,24 +41,29 @@ RADIX_BITS = 4          # bits of the threshold found per pass (1, 2, 4 or 8)
 _U32_MASK = 0xFFFFFFFF
 
 
-def _order_key(x):
-    """f32 -> u32 whose unsigned order is the float order (-0.0 as +0.0)."""
-    bits = kl.where(x == 0.0, 0.0, x).bitcast(kl.u32)
-    return kl.where((bits >> 31) == 1, ~bits, bits | 0x80000000)
+def _as_float(c):
+    """A u32 order key back to the f32 it orders (``key(x) >= c`` iff
+    ``x >= _as_float(c)`` for every non-NaN x); keys past +-inf clamp to +-inf.
+    Thresholds are found as keys but compared as floats: the passes over a
+    row stay in f32 (vectorised on CPUs), only per-row scalars touch u32."""
+    c = kl.minimum(kl.maximum(c, 0x007FFFFF), 0xFF800000)      # key(-inf), key(+inf)
+    bits = kl.where(c >= 0x80000000, c ^ 0x80000000, ~c)
+    return bits.bitcast(kl.f32)
 
 
-def _threshold(key, weight, target, bits: int):
-    """The largest u32 ``c`` with ``sum(weight, key >= c) >= target``, found
-    ``bits`` bits per pass over the row (a radix search). The sum is
-    non-increasing in ``c``, so each pass counts how many of the
-    ``2**bits - 1`` candidate digits still meet the target."""
+def _threshold(x_at, weight, target, bits: int):
+    """The largest u32 order key ``c`` with ``sum(weight, x >= float(c)) >=
+    target``, ``bits`` bits per pass over the row (a radix search). The sum is
+    non-increasing in ``c``, so each pass counts how many of the ``2**bits - 1``
+    candidate digits still meet the target. The largest such key is always the
+    key of a logit in the row (the sum only changes at those)."""
     ans = kl.zeros(kl.u32, "B")
     for shift in range(32 - bits, -1, -bits):
-        cands = [ans | (d << shift) for d in range(1, 1 << bits)]
+        cands = [_as_float(ans | (d << shift)) for d in range(1, 1 << bits)]
 
         def body(n, *acc, cands=cands):
-            kn, wn = key(n), weight(n)
-            return tuple(a + kl.sum(kl.where(kn >= c, wn, 0.0), "V") for a, c in zip(acc, cands))
+            xn, wn = x_at(n), weight(n)
+            return tuple(a + kl.sum(kl.where(xn >= c, wn, 0.0), "V") for a, c in zip(acc, cands))
 
         sums = kl.seq_for("V", body, init=tuple(kl.zeros(kl.f32, "B") for _ in cands))
         digit = (sums[0] >= target).to(kl.u32)
@@ -95,18 +100,15 @@ def sample_kernel(bits: int = RADIX_BITS) -> kl.KernelDef:
         it = kl.where(greedy, 1.0, it)
         lmp = kl.load(log_min_p[b])
 
-        def key_at(n):
-            return _order_key(x_at(n))
-
         def s_at(n):
             return (x_at(n) - m_safe) * it
 
         # 2. top-k: the k-th largest order key (k = V keeps every token)
-        t_k = _threshold(key_at, lambda n: 1.0, kl.load(top_k[b]).to(kl.f32), bits)
+        t_k = _as_float(_threshold(x_at, lambda n: 1.0, kl.load(top_k[b]).to(kl.f32), bits))
 
         # 3. min-p, and the kept set so far
         def kept_km(n):
-            return (key_at(n) >= t_k) & (s_at(n) >= lmp)
+            return (x_at(n) >= t_k) & (s_at(n) >= lmp)
 
         def mass(n):
             return kl.where(kept_km(n), kl.exp(s_at(n)), 0.0)
@@ -117,8 +119,8 @@ def sample_kernel(bits: int = RADIX_BITS) -> kl.KernelDef:
 
         z = kl.seq_for("V", total, init=kl.zeros(kl.f32, "B"))
         p = kl.load(top_p[b])
-        t_p = _threshold(key_at, mass, p * z, bits)
-        t = kl.maximum(t_k, kl.where(p >= 1.0, kl.zeros(kl.u32, "B"), t_p))
+        t_p = _as_float(_threshold(x_at, mass, p * z, bits))
+        t = kl.where(p >= 1.0, t_k, kl.maximum(t_k, t_p))
 
         # 5. Gumbel-max over the kept tokens
         k0, k1 = kl.load(seed_lo[b]).to(kl.u32), kl.load(seed_hi[b]).to(kl.u32)
@@ -130,7 +132,7 @@ def sample_kernel(bits: int = RADIX_BITS) -> kl.KernelDef:
             r, _, _, _ = lib.philox4x32(c0, c0 * 0, c2, c3, k0, k1)
             u = ((r >> 8).to(kl.i32).to(kl.f32) + 0.5) * (1.0 / 16777216.0)   # (0, 1)
             sn = s_at(n)
-            kept = (key_at(n) >= t) & (sn >= lmp)
+            kept = (xn >= t) & (sn >= lmp)
             score = kl.where(greedy, xn, kl.where(kept, sn - kl.log(-kl.log(u)),
                                                   float("-inf")))
             c_max, c_arg = kl.max(score, "V"), kl.argmax(score, "V")

@@ -166,8 +166,8 @@ def test_decode_equals_prefill(backend):
     assert_close(torch.cat(rows), prefill.double(), dtype, f"decode vs prefill[{backend}]")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("splits", [2, 3, 16])
+@pytest.mark.parametrize("backend,splits", [(b, n) for b in BACKENDS for n in (2, 3, 16)
+                                            if b != "inductor" or n == 3])  # compiles per S
 def test_split_keys_match_float64(backend, splits):
     """Flash-decoding (keys cut into splits, merged by a second kernel;
     kernels/attention_split.py) on a mixed batch, with splits longer than some

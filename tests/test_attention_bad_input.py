@@ -537,3 +537,21 @@ def test_reshape_and_cache_zero_tokens_and_padding():
     rc(key, value, kc, vc, torch.tensor([-1, 17, -1]))     # -1 is padding: not written
     assert torch.equal(kc[1, 1], key[1]) and torch.equal(vc[1, 1], value[1])
     assert kc.abs().sum(dim=(2, 3)).ne(0).sum() == 1
+
+
+@pytest.mark.parametrize("splits", [0, -1, 65, 2.0, True, "4"])
+def test_paged_bad_splits(splits):
+    q, kc, vc, bt, sl, qsl = paged()
+    with pytest.raises(OpArgError, match=r"^paged_attention: `splits` expected None or an int "
+                                         r"in \[1, 64\]"):
+        pattn(q, kc, vc, bt, sl, qsl, splits=splits)
+
+
+@pytest.mark.parametrize("splits", [1, 2, 64])
+def test_paged_splits_are_the_same_result(splits):
+    """More splits than keys leaves empty splits; the result does not change
+    beyond fp32 summation order."""
+    q, kc, vc, bt, sl, qsl = paged(seed=5)
+    want = pattn(q, kc, vc, bt, sl, qsl, splits=1)
+    got = pattn(q, kc, vc, bt, sl, qsl, splits=splits)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
