@@ -37,40 +37,54 @@ from kernelforge.backends import registry
 from kernelforge.dispatch import NewTensor, launch
 from kernelforge.ir import lib
 
-RADIX_BITS = 4          # bits of the threshold found per pass (1, 2, 4 or 8)
+RADIX_BITS = 2          # bits of the threshold found per pass (1, 2, 4 or 8)
 _U32_MASK = 0xFFFFFFFF
 
 
-def _as_float(c):
-    """A u32 order key back to the f32 it orders (``key(x) >= c`` iff
-    ``x >= _as_float(c)`` for every non-NaN x); keys past +-inf clamp to +-inf.
-    Thresholds are found as keys but compared as floats: the passes over a
-    row stay in f32 (vectorised on CPUs), only per-row scalars touch u32."""
-    c = kl.minimum(kl.maximum(c, 0x007FFFFF), 0xFF800000)      # key(-inf), key(+inf)
-    bits = kl.where(c >= 0x80000000, c ^ 0x80000000, ~c)
-    return bits.bitcast(kl.f32)
+# Order keys: a float's bits as i32, negative floats with their magnitude bits
+# flipped, so that signed i32 order is float order; they run from
+# key(-inf) = _KEY_LO to key(+inf) = _KEY_HI (NaN keys lie outside).
+_KEY_LO, _KEY_HI = -0x7F800001, 0x7F800000
+_SIGN = -0x80000000
+
+
+def _as_float(key):
+    """An order key (i32) back to the float it orders: ``x >= _as_float(k)``
+    iff ``key(x) >= k`` for every non-NaN x (-0.0 and +0.0 compare equal,
+    which the search never needs to tell apart); keys past +-inf clamp to
+    +-inf. Thresholds are found as keys but compared as floats, so the passes
+    over a row stay in f32; only per-row values touch the integer keys."""
+    key = kl.minimum(kl.maximum(key, _KEY_LO), _KEY_HI)
+    return kl.where(key < 0, key ^ 0x7FFFFFFF, key).bitcast(kl.f32)
+
+
+def _i32(v: int) -> int:
+    """A 32-bit pattern as the i32 literal with those bits."""
+    return v - (1 << 32) if v >= 1 << 31 else v
 
 
 def _threshold(x_at, weight, target, bits: int):
-    """The largest u32 order key ``c`` with ``sum(weight, x >= float(c)) >=
-    target``, ``bits`` bits per pass over the row (a radix search). The sum is
-    non-increasing in ``c``, so each pass counts how many of the ``2**bits - 1``
-    candidate digits still meet the target. The largest such key is always the
-    key of a logit in the row (the sum only changes at those)."""
-    ans = kl.zeros(kl.u32, "B")
+    """The largest order key ``k`` with ``sum(weight, x >= _as_float(k)) >=
+    target``, found ``bits`` bits per pass over the row (a radix search over
+    the unsigned image ``k ^ _SIGN``, most significant digit first). The sum
+    is non-increasing in ``k``, so each pass sums the weights above all
+    ``2**bits - 1`` candidate digits and counts those that still meet the
+    target. The answer is the key of a logit of the row (the sum changes only
+    there)."""
+    ans = kl.zeros(kl.i32, "B")               # unsigned image, as i32 bits
     for shift in range(32 - bits, -1, -bits):
-        cands = [_as_float(ans | (d << shift)) for d in range(1, 1 << bits)]
+        cands = [_as_float((ans | _i32(d << shift)) ^ _SIGN) for d in range(1, 1 << bits)]
 
         def body(n, *acc, cands=cands):
             xn, wn = x_at(n), weight(n)
             return tuple(a + kl.sum(kl.where(xn >= c, wn, 0.0), "V") for a, c in zip(acc, cands))
 
         sums = kl.seq_for("V", body, init=tuple(kl.zeros(kl.f32, "B") for _ in cands))
-        digit = (sums[0] >= target).to(kl.u32)
-        for s in sums[1:]:
-            digit = digit + (s >= target).to(kl.u32)
+        digit = (sums[0] >= target).to(kl.i32)
+        for sm in sums[1:]:
+            digit = digit + (sm >= target).to(kl.i32)
         ans = ans | (digit << shift)
-    return ans
+    return ans ^ _SIGN
 
 
 @functools.lru_cache(maxsize=None)

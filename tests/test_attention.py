@@ -228,3 +228,29 @@ def test_reshape_and_cache_writes_exactly_the_slots(backend, data):
     args = (k, v) if layout == "3d" else (k.view(T, hkv * D), v.view(T, hkv * D))
     kernelforge.ops.reshape_and_cache(*args, kc, vc, slots, backend=backend)
     assert torch.equal(kc.view(-1, hkv, D), want_k) and torch.equal(vc.view(-1, hkv, D), want_v)
+
+
+@given(lens=st.lists(st.tuples(st.integers(0, 300), st.integers(0, 300)), min_size=1,
+                     max_size=6),
+       causal=st.booleans(), window=st.one_of(st.none(), st.integers(0, 50)),
+       max_rows=st.sampled_from([1, 16, 128]))
+def test_launch_pieces_cover_each_row_and_its_keys(lens, causal, window, max_rows):
+    """The host plan for lowerings that collapse the key loop: every query
+    row in exactly one piece, in order, and each piece's key span holds the
+    keys each of its rows sees (from _rows, computed independently per row)."""
+    from kernelforge.kernels.attention import _pieces, _rows
+    q_lens = [min(a, b) if causal else a for a, b in lens]
+    k_lens = [b for _, b in lens]
+    cq = [0] + torch.tensor(q_lens).cumsum(0).tolist()
+    ck = [0] + torch.tensor(k_lens).cumsum(0).tolist()
+    pieces = _pieces(cq, ck, causal, window, max_rows)
+    assert [r for p in pieces for r in range(p[0], p[1])] == list(range(cq[-1]))
+    assert all(p[1] - p[0] <= max_rows for p in pieces)
+    if not cq[-1]:
+        return
+    seq, lo, hi = _rows(torch.tensor(cq), torch.tensor(q_lens), torch.tensor(k_lens), causal,
+                        window, torch.device("cpu"))
+    for r0, r1, k0, k1 in pieces:
+        for r in range(r0, r1):
+            a, b = ck[int(seq[r])] + int(lo[r]), ck[int(seq[r])] + int(hi[r])
+            assert a == b or k0 <= a <= b <= k1, (r, a, b, k0, k1)

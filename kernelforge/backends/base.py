@@ -13,6 +13,11 @@ class Backend:
     name: str = ""
     #: one line for ``kernelforge ops`` and ``explain``
     description: str = ""
+    #: True when a loop with per-row bounds (``seq_for(start=, stop=)``) runs as
+    #: one masked pass over the whole axis, so work grows with the axis, not
+    #: with the rows' ranges: ops then launch over pieces whose ranges are
+    #: tight (attention: blocks of query rows with their own key span)
+    collapses_loops: bool = False
 
     def default_priority(self, device: torch.device) -> tuple[int | None, str]:
         """How much this backend wants to be the default for ``device``

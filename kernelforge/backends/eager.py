@@ -10,6 +10,7 @@ from .base import Backend
 class EagerBackend(Backend):
     name = "eager"
     description = "plain eager torch (reference; runs wherever torch does)"
+    collapses_loops = True      # the torch printer runs each seq_for as one pass
 
     def default_priority(self, device):
         return 10, "eager torch runs on every device"

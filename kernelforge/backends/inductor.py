@@ -24,6 +24,7 @@ _log = logging.getLogger("kernelforge.inductor")
 class InductorBackend(Backend):
     name = "inductor"
     description = "torch.compile (Inductor): fused C++/OpenMP on CPU, any torch device"
+    collapses_loops = True      # the torch printer runs each seq_for as one pass
 
     def default_priority(self, device):
         if device.type == "cuda":
