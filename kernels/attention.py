@@ -175,13 +175,17 @@ def _common(op, q, k, v, k_name, v_name, window, softcap, scale, causal, k_dims,
     return D, hkv
 
 
-def _lengths(op, name, cu, q, total=None, total_name=""):
-    """Per-sequence offsets from a cumulative [B+1] int tensor (checked on the host)."""
+def _lengths(op, name, cu, q, total=None, total_name="", host_check=True):
+    """Per-sequence offsets from a cumulative [B+1] int tensor, and their host
+    copy; ``host_check=False`` checks only dtype, shape and device (no
+    device-to-host copy: the caller vouches for the values) and returns None."""
     checks.tensor(op, name, cu)
     if cu.dtype not in (torch.int32, torch.int64) or cu.dim() != 1 or cu.shape[0] < 1:
         checks.fail(op, name, "a 1-D int32 tensor [batch + 1] (at least one entry)",
                     f"{cu.dtype} of shape {list(cu.shape)}")
     checks.same_device(op, name, cu, "q", q)
+    if not host_check:
+        return cu.to(torch.int64), None
     host = cu.tolist()
     if host[0] != 0:
         checks.fail(op, name, "to start at 0", f"{host[0]}")
@@ -195,14 +199,16 @@ def _lengths(op, name, cu, q, total=None, total_name=""):
     return cu.to(torch.int64), host
 
 
-def _rows(q_start, q_lens, k_lens, causal, window, device):
+def _rows(q_start, q_lens, k_lens, causal, window, device, T):
     """Per query token: its sequence and the range [lo, hi) of key positions
     (within its sequence) it attends to. Causal is aligned to the end of the
     keys: the last query sees every key (vLLM's and FlashAttention's rule)."""
     B = q_lens.shape[0]
-    T = int(q_start[-1])
-    seq = torch.repeat_interleave(torch.arange(B, device=device), q_lens, output_size=T)
-    i = torch.arange(T, device=device) - q_start[seq]
+    rows = torch.arange(T, device=device)
+    # the sequence of each row by search, not repeat_interleave: no host sync,
+    # and unchecked offsets that do not sum to T cannot write out of bounds
+    seq = torch.searchsorted(q_start[1:], rows, right=True).clamp_(max=max(B - 1, 0))
+    i = rows - q_start[seq]
     k_len = k_lens[seq]
     pos = k_len - q_lens[seq] + i                     # the query's own key position
     hi = torch.minimum(pos + 1, k_len) if causal else k_len
@@ -249,7 +255,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: t
     T = q.shape[0]
     if not T:
         return torch.empty_like(q)
-    seq, lo, hi = _rows(cq, cq.diff(), ck.diff(), causal, window, q.device)
+    seq, lo, hi = _rows(cq, cq.diff(), ck.diff(), causal, window, q.device, T)
     lo, hi = (ck[seq] + lo).to(torch.int32), (ck[seq] + hi).to(torch.int32)
     G = q.shape[1] // hkv
     qg = q.view(T, hkv, G, D) if q.stride(-1) == 1 else q.reshape(T, hkv, G, D)
@@ -324,11 +330,13 @@ def paged_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch
         query_start_loc: int32 [B+1]: each sequence's first row in q.
         scale, causal, window, softcap: as in ``attention``; the new tokens are
             the last ``q_len`` positions of the context.
-        check_tables: verify block-table entries and lengths on the host first
-            (one device-to-host copy). With False and a bad table nothing is read
-            outside the cache, but the result is undefined and differs by
-            backend (Triton reads 0 for an out-of-range block, the torch
-            lowerings clamp it into the cache).
+        check_tables: verify block-table entries, lengths and
+            ``query_start_loc`` on the host first (device-to-host copies).
+            With False the call makes no host sync (it can be captured in a
+            CUDA graph); with a bad table or offsets nothing is read outside
+            the cache, but the result is undefined and differs by backend
+            (Triton reads 0 for an out-of-range block, the torch lowerings
+            clamp it into the cache).
         splits: cut each row's keys into this many parts walked by separate
             programs, then merged (flash-decoding, ``kernels/attention_split.py``);
             None chooses: several on GPUs when rows are few and contexts long,
@@ -352,7 +360,8 @@ def paged_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch
                                or not 1 <= splits <= 64):
         checks.fail(op, "splits", "None or an int in [1, 64]", repr(splits))
     nb, bs = key_cache.shape[:2]
-    qsl, _ = _lengths(op, "query_start_loc", query_start_loc, q, q.shape[0], "q")
+    qsl, _ = _lengths(op, "query_start_loc", query_start_loc, q, q.shape[0], "q",
+                      host_check=check_tables)
     B = qsl.shape[0] - 1
     for name, x, dims in (("block_tables", block_tables, 2), ("seq_lens", seq_lens, 1)):
         checks.tensor(op, name, x)
@@ -369,7 +378,7 @@ def paged_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch
     T = q.shape[0]
     if not T:
         return torch.empty_like(q)
-    seq, lo, hi = _rows(qsl, q_lens, lens, causal, window, q.device)
+    seq, lo, hi = _rows(qsl, q_lens, lens, causal, window, q.device, T)
     G = q.shape[1] // hkv
     qg = q.view(T, hkv, G, D) if q.stride(-1) == 1 else q.reshape(T, hkv, G, D)
     context = torch.empty(1, dtype=torch.int32, device=q.device).expand(mb * bs)

@@ -249,7 +249,7 @@ def test_launch_pieces_cover_each_row_and_its_keys(lens, causal, window, max_row
     if not cq[-1]:
         return
     seq, lo, hi = _rows(torch.tensor(cq), torch.tensor(q_lens), torch.tensor(k_lens), causal,
-                        window, torch.device("cpu"))
+                        window, torch.device("cpu"), cq[-1])
     for r0, r1, k0, k1 in pieces:
         for r in range(r0, r1):
             a, b = ck[int(seq[r])] + int(lo[r]), ck[int(seq[r])] + int(hi[r])
