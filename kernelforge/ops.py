@@ -5,10 +5,12 @@ from .kernels import attention_split as _attention_split
 from .kernels import kv_cache as _kv_cache
 from .kernels import rmsnorm as _rmsnorm
 from .kernels import rotary as _rotary
+from .kernels import sampling as _sampling
 from .kernels.attention import attention, paged_attention  # noqa: F401
 from .kernels.kv_cache import reshape_and_cache  # noqa: F401
 from .kernels.rmsnorm import fused_add_rms_norm, rms_norm  # noqa: F401
 from .kernels.rotary import rotary_embedding  # noqa: F401
+from .kernels.sampling import apply_penalties, sample  # noqa: F401
 
 #: op name -> the IR kernels it launches (for `kernelforge ops`, `show`, `aot-check`)
 KERNELS = {
@@ -20,4 +22,5 @@ KERNELS = {
     "attention": tuple(_attention.attention_kernel(c, b) for b in (16, 128) for c in (False, True)),
     "paged_attention": (_attention.paged_attention_kernel(False),
                         _attention.paged_attention_kernel(True)) + _attention_split.all_kernels(),
+    "sample": (_sampling.sample_kernel(),),
 }

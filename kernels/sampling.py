@@ -8,10 +8,10 @@ the same on every backend bit for bit. The pipeline per row:
 1. one pass: max ``m`` and ``sum(exp(x - m))`` of the raw logits (the
    log-normaliser for logprobs) and the validity of the row (no NaN, max
    finite);
-2. top-k: the k-th largest logit by a radix search over the logits' order
-   keys (f32 bits mapped to u32 so that unsigned order is float order), from
-   counts ``#{key >= c}``: exact, no sort; every token equal to the k-th
-   value is kept (ties are kept whole);
+2. top-k: the k-th largest logit by a radix search over order keys (f32
+   bits mapped to i32 so that integer order is float order), from counts
+   ``#{x >= float(c)}``: exact, no sort; every token equal to the k-th value
+   is kept (ties are kept whole);
 3. min-p: keep ``s >= log(min_p)`` where ``s = (x - m) / T`` (``p >= min_p * p_max``);
 4. top-p: the same radix search over the masses ``sum(exp(s), key >= c)`` of
    the tokens kept so far: keep token i iff the mass of tokens with a strictly
@@ -23,7 +23,7 @@ the same on every backend bit for bit. The pipeline per row:
    on ties).
 
 Each search step is one pass over the row with ``2**RADIX_BITS - 1``
-candidate thresholds at once, so the kernel makes ``2 + 2 * 32 / RADIX_BITS``
+candidate thresholds at once, so the kernel makes ``3 + 2 * 32 / RADIX_BITS``
 passes. See docs/sampling.md.
 """
 import functools
@@ -37,7 +37,7 @@ from kernelforge.backends import registry
 from kernelforge.dispatch import NewTensor, launch
 from kernelforge.ir import lib
 
-RADIX_BITS = 2          # bits of the threshold found per pass (1, 2, 4 or 8)
+RADIX_BITS = 2          # bits of a threshold found per pass over the row (1, 2 or 4)
 _U32_MASK = 0xFFFFFFFF
 
 
@@ -169,3 +169,236 @@ def sample_kernel(bits: int = RADIX_BITS) -> kl.KernelDef:
                      example_dtypes={"inv_temp": kl.f32, "top_k": kl.i32, "top_p": kl.f32,
                                      "log_min_p": kl.f32, "token_logprob": kl.f32,
                                      "lse": kl.f32, **ints})
+
+
+# -- the public ops ------------------------------------------------------------------
+
+_I64_MAX = 2 ** 63 - 1
+
+
+def _per_row(op, name, v, B, logits, kind):
+    """A parameter as a [B] tensor on the logits' device: a Python number or a
+    [B] (or 0-d) tensor; ``kind`` "float" or "int"."""
+    if isinstance(v, torch.Tensor):
+        if v.dim() == 0:
+            v = v.reshape(1).expand(B)
+        if v.dim() != 1 or v.shape[0] != B:
+            checks.fail(op, name, f"a number or a tensor of shape [{B}] (one per row of "
+                        "`logits`)", f"shape {list(v.shape)}")
+        checks.same_device(op, name, v, "logits", logits)
+        if kind == "int" and (v.dtype.is_floating_point or v.dtype == torch.bool
+                              or v.is_complex()):
+            checks.fail(op, name, "an integer tensor", v.dtype)
+        if kind == "float" and (v.dtype == torch.bool or v.is_complex()):
+            checks.fail(op, name, "a float tensor", v.dtype)
+        return v
+    ok = isinstance(v, int) if kind == "int" else isinstance(v, (int, float))
+    if not ok or isinstance(v, bool):
+        checks.fail(op, name, f"{'an int' if kind == 'int' else 'a number'} or a [{B}] tensor",
+                    repr(v))
+    dtype = torch.int64 if kind == "int" else torch.float64
+    return torch.full((B,), v, dtype=dtype, device=logits.device)
+
+
+def _check_range(op, name, v, lo, hi, lo_open, why):
+    """Every entry of ``v`` finite and in the interval (one host sync)."""
+    v64 = v.double()
+    bad = ~((v64 > lo) if lo_open else (v64 >= lo)) | ~(v64 <= hi) | ~torch.isfinite(v64)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        checks.fail(op, name, why, f"{float(v64[i])!r} at row {i}")
+
+
+def sample(logits: torch.Tensor, *, temperature, top_k=None, top_p=None, min_p=None,
+           seeds=None, offsets=None, logprobs: Optional[int] = None, validate: bool = True,
+           backend: Optional[str] = None):
+    """Sample one token per row of ``logits``, each row with its own parameters.
+
+    Args:
+        logits: [B, V] float32, bfloat16 or float16, the last dim contiguous.
+        temperature: a number or [B]; 0 means greedy (argmax, the lowest index
+            on ties) for that row; must be >= 0.
+        top_k: None, an int or int [B]; <= 0 (or >= V) keeps every token.
+            Tokens equal to the k-th largest logit are all kept.
+        top_p: None, a number or [B] in (0, 1]; 1 keeps every token. Keeps a
+            token iff the probability of the tokens with a strictly larger
+            logit is < top_p (so tie groups are kept whole). Applied after
+            min_p and top_k, over their renormalised distribution (vLLM's order).
+        min_p: None, a number or [B] in [0, 1]: keeps ``p >= min_p * p_max``.
+        seeds: None, an int or int64 [B]: the generator key of each row; None
+            draws one per row from torch's global generator.
+        offsets: None, an int or int64 [B] (the step number, say): the same
+            (seed, offset, logits row, parameters) gives the same token on
+            every backend, whatever the batch around it.
+        logprobs: None, or n >= 0: also return logprobs of the raw logits
+            (``log_softmax(logits)``, before temperature and filters): the
+            sampled token's and the top n (ids and values; plain torch.topk).
+        validate: check parameter values and rows on the host (a device sync)
+            and raise ``OpArgError`` naming the argument. With False a row
+            holding NaN or +inf, or all -inf, gets token -1 (logprob NaN), and
+            parameters out of range give an unspecified (but in-range) token.
+        backend: "eager", "inductor", "triton" or None (chosen per device).
+    Returns:
+        int64 [B] tokens; with ``logprobs=n`` a tuple ``(tokens,
+        token_logprobs [B], top_ids int64 [B, n], top_logprobs [B, n])``.
+
+    Example:
+        >>> tok = kernelforge.ops.sample(logits, temperature=0.8, top_k=50, top_p=0.9,
+        ...                              seeds=seeds, offsets=step)
+    """
+    op = "sample"
+    checks.tensor(op, "logits", logits)
+    checks.float_dtype(op, "logits", logits)
+    if logits.dim() != 2:
+        checks.fail(op, "logits", "a 2-D tensor [batch, vocab]", f"shape {list(logits.shape)}")
+    checks.last_dim_contiguous(op, "logits", logits)
+    B, V = logits.shape
+    if V < 1:
+        checks.fail(op, "logits", "a vocabulary of at least 1 token", f"shape {list(logits.shape)}")
+    if logprobs is not None and (not isinstance(logprobs, int) or isinstance(logprobs, bool)
+                                 or not 0 <= logprobs <= V):
+        checks.fail(op, "logprobs", f"None or an int in [0, {V}]", repr(logprobs))
+    if not isinstance(validate, bool):
+        checks.fail(op, "validate", "a bool", repr(validate))
+    t = _per_row(op, "temperature", temperature, B, logits, "float")
+    k = _per_row(op, "top_k", 0 if top_k is None else top_k, B, logits, "int")
+    p = _per_row(op, "top_p", 1.0 if top_p is None else top_p, B, logits, "float")
+    mp = _per_row(op, "min_p", 0.0 if min_p is None else min_p, B, logits, "float")
+    if seeds is None:
+        seeds = torch.randint(0, _I64_MAX, (B,), device=logits.device)
+    s = _per_row(op, "seeds", seeds, B, logits, "int")
+    o = _per_row(op, "offsets", 0 if offsets is None else offsets, B, logits, "int")
+    if not torch.compiler.is_compiling():
+        registry.select(logits.device, backend)
+        if validate and B:
+            _check_range(op, "temperature", t, 0.0, float("inf"), False,
+                         "a finite number >= 0 (0: greedy)")
+            _check_range(op, "top_p", p, 0.0, 1.0, True, "a number in (0, 1]")
+            _check_range(op, "min_p", mp, 0.0, 1.0, False, "a number in [0, 1]")
+    tokens, tok_lp, lse = _sample_call(logits, t, k, p, mp, s, o, validate, backend)
+    if logprobs is None:
+        return tokens
+    top = torch.topk(logits, logprobs, dim=-1)
+    return tokens, tok_lp, top.indices, top.values.float() - lse[:, None]
+
+
+def _sample_call(logits, t, k, p, mp, s, o, validate, backend):
+    if torch.compiler.is_compiling():
+        return torch.ops.kernelforge.sample(logits, t, k, p, mp, s, o, validate, backend)
+    return _sample_impl(logits, t, k, p, mp, s, o, validate, backend)
+
+
+def _sample_impl(logits, t, k, p, mp, s, o, validate, backend):
+    B, V = logits.shape
+    dev = logits.device
+    if not B:
+        return (torch.empty(0, dtype=torch.int64, device=dev),
+                torch.empty(0, dtype=torch.float32, device=dev),
+                torch.empty(0, dtype=torch.float32, device=dev))
+    # per-row parameters, computed here once (the same torch ops whatever the backend)
+    t32 = t.to(torch.float32)
+    inv_temp = torch.where(t32 > 0, 1.0 / t32, 0.0)          # 0 marks a greedy row
+    k64 = k.to(torch.int64)
+    top_k = torch.where((k64 <= 0) | (k64 > V), V, k64).to(torch.int32)
+    log_min_p = torch.log(mp.to(torch.float32))               # log(0) = -inf keeps all
+    s64, o64 = s.to(torch.int64), o.to(torch.int64)
+    lo32 = 0xFFFFFFFF
+    (tokens, tok_lp, lse) = launch(
+        sample_kernel(), logits, inv_temp, top_k, p.to(torch.float32), log_min_p,
+        s64 & lo32, (s64 >> 32) & lo32, o64 & lo32, (o64 >> 32) & lo32,
+        NewTensor((B,), torch.int64, dev), NewTensor((B,), torch.float32, dev),
+        NewTensor((B,), torch.float32, dev), backend=backend)
+    if validate:
+        bad = (tokens < 0).nonzero()
+        if bad.numel():
+            i = int(bad[0])
+            row = logits[i].float()
+            what = ("a NaN" if bool(row.isnan().any()) else "+inf" if bool(row.isposinf().any())
+                    else "only -inf")
+            checks.fail("sample", "logits", "rows without NaN or +inf and with at least one "
+                        "finite logit", f"row {i} holding {what}")
+    return tokens, tok_lp, lse
+
+
+def apply_penalties(logits: torch.Tensor, prompt_tokens: torch.Tensor,
+                    output_tokens: torch.Tensor, *, repetition_penalty=1.0,
+                    frequency_penalty=0.0, presence_penalty=0.0) -> torch.Tensor:
+    """Repetition, frequency and presence penalties with vLLM's semantics,
+    out of place, in plain torch (a scatter-add of token counts and one
+    elementwise pass; no IR kernel).
+
+    Args:
+        logits: [B, V] float.
+        prompt_tokens: int [B, P], each row's prompt ids padded with -1.
+        output_tokens: int [B, O], each row's generated ids padded with -1.
+        repetition_penalty: a number or [B], > 0 (1 disables): a token seen in
+            the prompt or the output has its logit divided by it when > 0,
+            multiplied by it otherwise.
+        frequency_penalty: a number or [B]: subtracted times the token's count
+            in the output.
+        presence_penalty: a number or [B]: subtracted once if the token occurs
+            in the output.
+    Returns:
+        the penalised logits, [B, V] in the logits' dtype (math in float32).
+    """
+    op = "apply_penalties"
+    checks.tensor(op, "logits", logits)
+    checks.float_dtype(op, "logits", logits)
+    if logits.dim() != 2:
+        checks.fail(op, "logits", "a 2-D tensor [batch, vocab]", f"shape {list(logits.shape)}")
+    B, V = logits.shape
+    counts = []
+    for name, ids in (("prompt_tokens", prompt_tokens), ("output_tokens", output_tokens)):
+        checks.tensor(op, name, ids)
+        checks.same_device(op, name, ids, "logits", logits)
+        if ids.dim() != 2 or ids.shape[0] != B or ids.dtype.is_floating_point \
+                or ids.dtype == torch.bool:
+            checks.fail(op, name, f"an integer tensor [{B}, length] padded with -1",
+                        f"{ids.dtype} of shape {list(ids.shape)}")
+        ids64 = ids.to(torch.int64)
+        if ids.numel():
+            lo, hi = (int(v) for v in torch.aminmax(ids64))
+            if lo < -1 or hi >= V:
+                checks.fail(op, name, f"token ids in [0, {V}) or -1 (padding)",
+                            f"{lo if lo < -1 else hi}")
+        c = torch.zeros(B, V + 1, dtype=torch.float32, device=logits.device)
+        c.scatter_add_(1, torch.where(ids64 < 0, V, ids64), torch.ones_like(ids64, dtype=c.dtype))
+        counts.append(c[:, :V])
+    rep = _per_row(op, "repetition_penalty", repetition_penalty, B, logits, "float")
+    freq = _per_row(op, "frequency_penalty", frequency_penalty, B, logits, "float")
+    pres = _per_row(op, "presence_penalty", presence_penalty, B, logits, "float")
+    _check_range(op, "repetition_penalty", rep, 0.0, float("inf"), True, "a finite number > 0")
+    for name, v in (("frequency_penalty", freq), ("presence_penalty", pres)):
+        _check_range(op, name, v, -float("inf"), float("inf"), False, "a finite number")
+    x = logits.float()
+    seen = (counts[0] > 0) | (counts[1] > 0)
+    r = torch.where(seen, rep.float()[:, None], 1.0)
+    x = torch.where(x > 0, x / r, x * r)
+    x = x - freq.float()[:, None] * counts[1] - pres.float()[:, None] * (counts[1] > 0).float()
+    return x.to(logits.dtype)
+
+
+# -- torch.library custom op: opaque, compile-safe entry point for engines -------------
+
+@torch.library.custom_op("kernelforge::sample", mutates_args=())
+def _sample_op(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+               top_p: torch.Tensor, min_p: torch.Tensor, seeds: torch.Tensor,
+               offsets: torch.Tensor, validate: bool,
+               backend: Optional[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[B] tensors for every parameter; returns (tokens, token logprobs, log-normaliser)."""
+    if validate and logits.shape[0]:
+        for name, v, lo, hi, open_, why in (
+                ("temperature", temperature, 0.0, float("inf"), False, "a finite number >= 0"),
+                ("top_p", top_p, 0.0, 1.0, True, "a number in (0, 1]"),
+                ("min_p", min_p, 0.0, 1.0, False, "a number in [0, 1]")):
+            _check_range("sample", name, v, lo, hi, open_, why)
+    return _sample_impl(logits, temperature, top_k, top_p, min_p, seeds, offsets, validate,
+                        backend)
+
+
+@_sample_op.register_fake
+def _(logits, temperature, top_k, top_p, min_p, seeds, offsets, validate, backend):
+    B = logits.shape[0]
+    return (torch.empty(B, dtype=torch.int64, device=logits.device),
+            torch.empty(B, dtype=torch.float32, device=logits.device),
+            torch.empty(B, dtype=torch.float32, device=logits.device))
