@@ -114,3 +114,16 @@ def gather_sdpa(q, key_cache, value_cache, block_tables, seq_lens, *, gqa=True):
     out = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask,
                                          enable_gqa=gqa and k.shape[1] != Hq)
     return out.squeeze(2)
+
+
+def torch_sort_sample(logits, k, p, generator=None):
+    """Top-k then top-p by a full sort, vLLM's PyTorch-native sampler."""
+    logits_sort, idx = logits.sort(dim=-1, descending=False)
+    kth = logits_sort.gather(1, (logits_sort.size(1) - k.long()).unsqueeze(1))
+    logits_sort = logits_sort.masked_fill(logits_sort < kth, float("-inf"))
+    cum = logits_sort.softmax(dim=-1).cumsum(dim=-1)
+    mask = cum <= 1 - p.unsqueeze(1)
+    mask[:, -1] = False
+    logits_sort = logits_sort.masked_fill(mask, float("-inf"))
+    probs = logits.scatter(-1, idx, logits_sort).softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)

@@ -22,24 +22,12 @@ import pytest
 import torch
 
 import kernelforge
-from timing import run_timed  # noqa: E402  (bench/ is on sys.path under pytest)
+from peers import torch_sort_sample  # noqa: E402  (bench/ is on sys.path under pytest)
+from timing import run_timed  # noqa: E402
 
 B, V, TOP_K, TOP_P = 32, 128256, 50, 0.9
 GOAL_VS_SORT = 2.0
 _MEDIANS: dict = {}
-
-
-def torch_sort_sample(logits, k, p, generator=None):
-    """Top-k then top-p by a full sort, vLLM's PyTorch-native sampler."""
-    logits_sort, idx = logits.sort(dim=-1, descending=False)
-    kth = logits_sort.gather(1, (logits_sort.size(1) - k.long()).unsqueeze(1))
-    logits_sort = logits_sort.masked_fill(logits_sort < kth, float("-inf"))
-    cum = logits_sort.softmax(dim=-1).cumsum(dim=-1)
-    mask = cum <= 1 - p.unsqueeze(1)
-    mask[:, -1] = False
-    logits_sort = logits_sort.masked_fill(mask, float("-inf"))
-    probs = logits.scatter(-1, idx, logits_sort).softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
 def _kept_top_k_top_p(x, k, p):

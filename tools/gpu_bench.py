@@ -239,6 +239,15 @@ def main() -> int:
         failures.append("attention set-up")
     torch.cuda.empty_cache()
 
+    # -- sampling -------------------------------------------------------------------
+    sampling_groups = []
+    try:
+        sampling_groups = sampling_cases(kernelforge, run_case, dev, g)
+    except Exception as e:  # noqa: BLE001
+        log(f"sampling: FAILED to set up: {type(e).__name__}: {str(e)[:300]}")
+        failures.append("sampling set-up")
+    torch.cuda.empty_cache()
+
     # -- the table, last ------------------------------------------------------------
     lines = [f"GPU benchmark: {card} (torch {torch.__version__}, triton {triton.__version__}); "
              "times are do_bench medians; GB/s = compulsory bytes / time",
@@ -253,7 +262,8 @@ def main() -> int:
                      f"{pct:6.1f}%  {row.get('note', '')}")
     by = {row["case"]: row for row in rows}
     for grp in (f"rms_norm {m}x{hidden} bf16", f"rms_norm {m}x{hidden} fp32",
-                f"fused_add_rms_norm {m}x{hidden} bf16", *rotary_groups, *attention_groups):
+                f"fused_add_rms_norm {m}x{hidden} bf16", *rotary_groups, *attention_groups,
+                *sampling_groups):
         kf = by.get(f"{grp} | kf triton")
         if not kf or kf["ms"] != kf["ms"]:
             continue
@@ -504,6 +514,51 @@ def attention_cases(kernelforge, run_case, rows, dev, gen):
                  "checks the block tables on the host first, 'no check' passes "
                  "check_tables=False; the gather peer reads seq_lens on the host")
     return groups, goals
+
+
+SAMPLE_B, SAMPLE_V, SAMPLE_TOP_K, SAMPLE_TOP_P = 32, 128256, 50, 0.9
+
+
+def sampling_cases(kernelforge, run_case, dev, gen) -> list:
+    """``sample`` on Triton (B=32, V=128256, fp32, per-request top_k=50 and
+    top_p=0.9, seeds) against vLLM's sort-based torch sampler (goal >= 10x).
+    Checked: every drawn token lies in the float64 kept set."""
+    import torch
+    from peers import torch_sort_sample
+
+    B, V = SAMPLE_B, SAMPLE_V
+    logits = torch.randn(B, V, device=dev, generator=gen) * 3
+    k = torch.full((B,), SAMPLE_TOP_K, dtype=torch.int64, device=dev)
+    p = torch.full((B,), SAMPLE_TOP_P, device=dev)
+    x = logits.double()
+    vals, order = torch.sort(x, dim=-1, descending=True)
+    keep = x >= vals[:, SAMPLE_TOP_K - 1:SAMPLE_TOP_K]
+    w = torch.where(keep, torch.exp(x - x.max(-1, keepdim=True).values), 0.0)
+    w = w / w.sum(-1, keepdim=True)
+    ws = w.gather(1, order)
+    above = torch.empty_like(w).scatter_(1, order, ws.cumsum(-1) - ws)
+    kept = keep & (above < SAMPLE_TOP_P)
+
+    def check(i, a, ref, what):
+        if a.shape != (B,) or not bool(kept[torch.arange(B, device=dev), a].all()):
+            raise AssertionError(f"{what}: a token outside the top-k/top-p kept set")
+
+    seeds = torch.arange(B, device=dev)
+    grp = f"sample B={B} V={V} fp32"
+    nbytes = logits.numel() * 4
+    run_case(f"{grp} | kf triton",
+             lambda: kernelforge.ops.sample(logits, temperature=1.0, top_k=k, top_p=p,
+                                            seeds=seeds, offsets=0, backend="triton"),
+             (None,), torch.float32, nbytes, check=check)
+    run_case(f"{grp} | kf triton no validate",
+             lambda: kernelforge.ops.sample(logits, temperature=1.0, top_k=k, top_p=p,
+                                            seeds=seeds, offsets=0, validate=False,
+                                            backend="triton"),
+             (None,), torch.float32, nbytes, check=check, graph=True)
+    gen2 = torch.Generator(device=dev).manual_seed(0)
+    run_case(f"{grp} | torch sort-based", lambda: torch_sort_sample(logits, k, p, gen2),
+             (None,), torch.float32, nbytes, check=check)
+    return [grp]
 
 
 # -- launch-parameter exploration ------------------------------------------------------
