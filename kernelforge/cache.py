@@ -14,6 +14,7 @@ import hashlib
 import importlib.util
 import os
 import sys
+import types
 import tempfile
 import threading
 import warnings
@@ -75,6 +76,13 @@ def load_module(kind: str, name: str, source: str, before_exec=None):
     modname = f"kernelforge_generated.{kind}_{name}_{digest(source)[:20]}"
     spec = importlib.util.spec_from_file_location(modname, path)
     mod = importlib.util.module_from_spec(spec)
+    # registered, so that tools which look a function's module up by name
+    # (Dynamo tracing an inlined op, pickling, inspect) find it
+    if "kernelforge_generated" not in sys.modules:
+        pkg = types.ModuleType("kernelforge_generated")
+        pkg.__path__ = []
+        sys.modules["kernelforge_generated"] = pkg
+    sys.modules[modname] = mod
     if before_exec is not None:
         with before_exec():
             spec.loader.exec_module(mod)

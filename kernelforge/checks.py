@@ -70,3 +70,25 @@ def rows(t: torch.Tensor) -> tuple[torch.Tensor, bool]:
         return t.view(-1, t.shape[-1]), False
     except RuntimeError:
         return t.reshape(-1, t.shape[-1]), True     # not viewable: reshape copies
+
+
+def inlining() -> bool:
+    """True while a torch.compile trace runs an op inline (config.inline()):
+    the op's torch lowering joins the caller's graph instead of an opaque call."""
+    from . import config
+    return torch.compiler.is_compiling() and config.inline()
+
+
+def opaque() -> bool:
+    """True while a torch.compile trace should record an opaque custom op."""
+    from . import config
+    return torch.compiler.is_compiling() and not config.inline()
+
+
+def no_host_check_inline(op: str, arg: str, value: bool) -> None:
+    """Checks that read tensor values need a host sync, which a compiled
+    graph cannot make: inline, the caller must turn them off explicitly."""
+    if value and inlining():
+        fail(op, arg, "False when the op is traced into a compiled graph "
+             "(kernelforge.config.inline()): the check reads values on the host; "
+             "check them before the graph", repr(value))

@@ -4,6 +4,7 @@ KERNELFORGE_BACKEND      force a lowering for every op (eager, inductor, triton,
 KERNELFORGE_CACHE_DIR    where generated sources live (default ~/.cache/kernelforge)
 KERNELFORGE_DUMP=1       print each generated module to stderr when it is built
 KERNELFORGE_TRITON_MAX_BLOCK  cap on a Triton chunk along one axis (default 8192)
+KERNELFORGE_INLINE=1     under torch.compile, trace ops into the caller's graph (see inline())
 """
 from __future__ import annotations
 
@@ -29,3 +30,25 @@ def dump() -> bool:
 
 def triton_max_block() -> int:
     return int(os.environ.get("KERNELFORGE_TRITON_MAX_BLOCK", "8192"))
+
+
+_inline: bool | None = None
+
+
+def inline() -> bool:
+    """Whether ops called inside a torch.compile'd function are traced into
+    its graph (the torch lowering, fused by Inductor with the code around
+    it) instead of staying opaque ``torch.ops.kernelforge.*`` calls. Off by
+    default (the opaque ops are what engines register); set_inline(True) or
+    KERNELFORGE_INLINE=1 turns it on. Ops that need a host sync to check
+    their input (positions, tables) skip those checks while inlined only
+    when the caller passes check_positions=False / check_tables=False."""
+    if _inline is not None:
+        return _inline
+    return os.environ.get("KERNELFORGE_INLINE", "") not in ("", "0")
+
+
+def set_inline(on: bool | None) -> None:
+    """Turn inlining into compiled graphs on or off (None: back to the env)."""
+    global _inline
+    _inline = on

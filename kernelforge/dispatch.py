@@ -2,6 +2,9 @@
 the compiled kernel for this specialisation, call it."""
 from __future__ import annotations
 
+import functools
+import types
+
 import torch
 
 from . import cache
@@ -109,8 +112,71 @@ def _runner(be, kernel, device, new: tuple, new_names: list):
 def launch(kdef, *args, backend: str | None = None) -> tuple:
     """Run kernel ``kdef`` with ``args`` in its declaration order; returns the
     outputs given as ``NewTensor`` (in order), allocated by the backend."""
+    if torch.compiler.is_compiling():
+        return _traced(kdef, args)
     fn, _ = compiled(kdef, args, backend)
     return fn(*args)
+
+
+def _traced(kdef, args) -> tuple:
+    """Inside a torch.compile trace (config.inline()): run the kernel's torch
+    lowering as plain torch ops, so they join the caller's graph. Static axes
+    specialise the trace (int() guards on them)."""
+    tensors, static, _, _ = _plan(kdef)
+    dtypes = tuple((name, args[i].dtype) for i, name in tensors)
+    sizes = tuple((a, int(args[i].shape[d])) for a, (i, d) in static)
+    fn = getattr(_LOWERINGS, _torch_lowering(kdef, dtypes, sizes))
+    args = list(args)
+    outs = []
+    for i, _ in tensors:
+        spec = args[i]
+        if isinstance(spec, NewTensor):
+            args[i] = t = torch.empty(spec.shape, dtype=spec.dtype, device=spec.device)
+            outs.append(t)
+    fn(*args)
+    return tuple(outs)
+
+
+# Objects a trace fetches by a key computed outside it (assume_constant_result):
+# module attributes, which Dynamo reads when accessed (a dict would be read
+# once, at its first access in the trace, and miss entries added later).
+_LOWERINGS = types.ModuleType("kernelforge_traced_lowerings")
+_FACTORIES = types.ModuleType("kernelforge_traced_factories")
+
+
+def kernel_factory(fn):
+    """``functools.lru_cache`` for functions that build a KernelDef from
+    constant arguments (``attention_kernel(softcap, block_q)``), callable
+    inside a torch.compile trace: the trace looks the kernel up by a string
+    key instead of tracing the kernel's construction."""
+    cached = functools.lru_cache(maxsize=None)(fn)
+
+    @torch._dynamo.assume_constant_result
+    def key_of(*args) -> str:
+        key = "k" + cache.digest(f"{fn.__module__}.{fn.__qualname__}{args!r}")[:32]
+        setattr(_FACTORIES, key, cached(*args))
+        return key
+
+    @functools.wraps(fn)
+    def factory(*args):
+        if torch.compiler.is_compiling():
+            return getattr(_FACTORIES, key_of(*args))
+        return cached(*args)
+
+    factory.cache_clear = cached.cache_clear
+    return factory
+
+
+@torch._dynamo.assume_constant_result
+def _torch_lowering(kdef, dtypes: tuple, sizes: tuple) -> str:
+    """Build (outside the trace, while tracing) the torch printer's function
+    for a specialisation and return its name in _LOWERINGS; the trace then
+    reads it from there (a global it can guard on) and inlines its torch ops."""
+    name = "k" + cache.digest(repr((kdef.name, id(kdef), dtypes, sizes)))[:32]
+    if not hasattr(_LOWERINGS, name):
+        kernel = kdef.specialize({n: dt.from_torch(d) for n, d in dtypes}, dict(sizes))
+        setattr(_LOWERINGS, name, registry.backends()["eager"].build(kernel, torch.device("cpu")))
+    return name
 
 
 def source(kdef, args, backend: str) -> str:

@@ -18,7 +18,6 @@ the kernel as ``key_lo``/``key_hi``; the key loop visits exactly that range
 The torch lowerings collapse the key loop into one masked pass over the
 whole key axis (numerically the same softmax); Triton keeps the loop.
 """
-import functools
 from typing import Optional
 
 import torch
@@ -26,7 +25,7 @@ import torch
 import kernelforge.lang as kl
 from kernelforge import checks
 from kernelforge.backends import registry
-from kernelforge.dispatch import NewTensor, launch
+from kernelforge.dispatch import NewTensor, launch, kernel_factory
 from kernelforge.ir import lib
 
 HEAD_SIZES = (64, 80, 96, 128, 256)
@@ -47,7 +46,7 @@ def _flash_loop(axis: str, step, lo, hi):
     return kl.where(l_i > 0.0, acc / l_i, 0.0)
 
 
-@functools.lru_cache(maxsize=None)
+@kernel_factory
 def attention_kernel(softcap: bool, block_q: int = 16) -> kl.KernelDef:
     """Packed attention; ``softcap`` adds tanh capping of the scores;
     ``block_q`` query rows per program."""
@@ -79,7 +78,7 @@ def attention_kernel(softcap: bool, block_q: int = 16) -> kl.KernelDef:
                      example_dtypes={"key_lo": kl.i32, "key_hi": kl.i32})
 
 
-@functools.lru_cache(maxsize=None)
+@kernel_factory
 def paged_attention_kernel(softcap: bool) -> kl.KernelDef:
     """Attention over a paged cache; ``softcap`` adds tanh capping."""
 
@@ -240,7 +239,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: t
     Example:
         >>> o = kernelforge.ops.attention(q, k, v, cu, cu)   # causal prefill
     """
-    if torch.compiler.is_compiling():       # opaque in the caller's graph; checked when it runs
+    if torch.compiler.is_compiling():       # opaque in the caller's graph, inline or not:
+        # its launch plan needs cu_seqlens on the host; checked when it runs
         return torch.ops.kernelforge.attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale,
                                                causal, window, softcap, backend)
     op = "attention"
@@ -347,7 +347,7 @@ def paged_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch
     Example:
         >>> o = kernelforge.ops.paged_attention(q, kc, vc, tables, lens, qsl)
     """
-    if torch.compiler.is_compiling():
+    if checks.opaque():
         return torch.ops.kernelforge.paged_attention(q, key_cache, value_cache, block_tables,
                                                      seq_lens, query_start_loc, scale, causal,
                                                      window, softcap, check_tables, backend)
@@ -356,6 +356,7 @@ def paged_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch
                      softcap, scale, causal, 4, "[num_blocks, block_size, kv_heads, head_size]")
     if not isinstance(check_tables, bool):
         checks.fail(op, "check_tables", "a bool", repr(check_tables))
+    checks.no_host_check_inline(op, "check_tables", check_tables)
     if splits is not None and (not isinstance(splits, int) or isinstance(splits, bool)
                                or not 1 <= splits <= 64):
         checks.fail(op, "splits", "None or an int in [1, 64]", repr(splits))

@@ -19,6 +19,7 @@ import functools
 import torch
 
 import kernelforge.lang as kl
+from kernelforge.dispatch import kernel_factory
 from kernelforge.ir import lib
 
 from .attention import _cap
@@ -26,7 +27,7 @@ from .attention import _cap
 ROWS = ("T", "HK", "S", "G")
 
 
-@functools.lru_cache(maxsize=None)
+@kernel_factory
 def paged_split_kernel(softcap: bool) -> kl.KernelDef:
     """Partial attention over split ``s`` of each row's keys: keys
     ``[lo + s * split_len, min(hi, lo + (s + 1) * split_len))``."""

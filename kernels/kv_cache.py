@@ -49,7 +49,7 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.T
     Example:
         >>> kernelforge.ops.reshape_and_cache(k, v, k_cache, v_cache, slots)
     """
-    if torch.compiler.is_compiling():       # opaque in the caller's graph; checked when it runs
+    if checks.opaque():                     # opaque in the caller's graph; checked when it runs
         torch.ops.kernelforge.reshape_and_cache(key, value, key_cache, value_cache,
                                                 slot_mapping, check_slots, backend)
         return
@@ -84,6 +84,7 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.T
                         "head size as in the cache)", list(x.shape))
         checks.last_dim_contiguous(op, name, x)
         rows.append(x)
+    checks.no_host_check_inline(op, "check_slots", check_slots)
     if check_slots and T and not torch.compiler.is_compiling():
         lo, hi = (int(v) for v in torch.aminmax(slot_mapping))
         if lo < -1 or hi >= nb * bs:

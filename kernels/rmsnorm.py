@@ -131,7 +131,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, offset
         checks.same_dtype(op, "out", out, "x", x)
         checks.same_device(op, "out", out, "x", x)
         checks.last_dim_contiguous(op, "out", out)
-    if torch.compiler.is_compiling():
+    if checks.opaque():
         y = torch.ops.kernelforge.rms_norm(x, weight, float(eps), float(offset), backend)
         return y if out is None else out.copy_(y)
     return _rms_norm_impl(x, weight, eps, offset, out, backend)
@@ -162,7 +162,7 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     checks.same_dtype(op, "residual", residual, "x", x)
     checks.same_device(op, "residual", residual, "x", x)
     checks.last_dim_contiguous(op, "residual", residual)
-    if torch.compiler.is_compiling():
+    if checks.opaque():
         if inplace:
             torch.ops.kernelforge.fused_add_rms_norm_(x, residual, weight, float(eps),
                                                       float(offset), backend)

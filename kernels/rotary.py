@@ -19,7 +19,6 @@ The kernels are built by ``rotary_kernel(style, with_key, tail)`` and cached:
 """
 # (no `from __future__ import annotations`: kernel annotations below are built
 # from closure variables and must be evaluated where they are written)
-import functools
 from typing import Optional
 
 import torch
@@ -27,7 +26,7 @@ import torch
 import kernelforge.lang as kl
 from kernelforge import checks
 from kernelforge.backends import registry
-from kernelforge.dispatch import NewTensor, launch
+from kernelforge.dispatch import NewTensor, launch, kernel_factory
 
 STYLES = ("neox", "gptj")
 
@@ -83,7 +82,7 @@ def _rotate_gptj(t, pos, cache, heads, tail: bool):
         kl.seq_for("PT", copy)
 
 
-@functools.lru_cache(maxsize=None)
+@kernel_factory
 def rotary_kernel(style: str, with_key: bool, tail: bool) -> kl.KernelDef:
     """The rotary kernel for one calling variant.
 
@@ -202,6 +201,7 @@ def _check(op, positions, query, key, head_size, cos_sin_cache, is_neox, check_p
     if not is_neox and head_size % 2:
         checks.fail(op, "head_size", "an even head size for interleaved (GPT-J) pairs",
                     head_size)
+    checks.no_host_check_inline(op, "check_positions", check_positions)
     if check_positions and T and not torch.compiler.is_compiling():
         _check_range(op, positions, cos_sin_cache.shape[0])
     if not torch.compiler.is_compiling():
@@ -270,7 +270,7 @@ def rotary_embedding(positions: torch.Tensor, query: torch.Tensor,
     op = "rotary_embedding"
     qh, kh = _check(op, positions, query, key, head_size, cos_sin_cache, is_neox,
                     check_positions, backend)
-    if torch.compiler.is_compiling():
+    if checks.opaque():
         if inplace:
             torch.ops.kernelforge.rotary_embedding_(positions, query, key, head_size,
                                                     cos_sin_cache, is_neox, check_positions,
