@@ -78,6 +78,27 @@ def attention_kernel(softcap: bool, block_q: int = 16) -> kl.KernelDef:
                      example_dtypes={"key_lo": kl.i32, "key_hi": kl.i32})
 
 
+def paged_step(q, key_cache, value_cache, block_tables, seq_idx, t, hk, scale, cap, softcap):
+    """The online-softmax step over key positions ``n`` of token ``t``'s
+    sequence, read through its block table, for the group of query heads of
+    kv head ``hk`` (shared by the paged kernel and its split-key form)."""
+    g, d = kl.tile("G"), kl.tile("D")
+    b = kl.load(seq_idx[t])
+    qv = kl.load(q[t, hk, g, d]).to(kl.f32)
+    block_size = kl.size("BS")
+
+    def step(n, m_i, l_i, acc):
+        block = kl.load(block_tables[b, n // block_size])
+        row = n % block_size
+        kn = kl.load(key_cache[block, row, hk, d]).to(kl.f32)
+        s = _cap(kl.sum(qv * kn, "D") * scale, cap, softcap)           # [G, N]
+        m_new, l_new, p, alpha = lib.online_softmax_step(m_i, l_i, s, "N")
+        vn = kl.load(value_cache[block, row, hk, d]).to(kl.f32)
+        return m_new, l_new, acc * alpha + kl.sum(p * vn, "N")           # [G, D]
+
+    return step
+
+
 @kernel_factory
 def paged_attention_kernel(softcap: bool) -> kl.KernelDef:
     """Attention over a paged cache; ``softcap`` adds tanh capping."""
@@ -90,21 +111,10 @@ def paged_attention_kernel(softcap: bool) -> kl.KernelDef:
                         context: kl.In("N"),      # only its length is read: MB * BS positions
                         out: kl.Out("T", "HK", "G", "D"), scale: kl.f32, cap: kl.f32):
         t, hk = kl.parallel("T"), kl.parallel("HK")
-        g, d = kl.tile("G"), kl.tile("D")
-        b = kl.load(seq_idx[t])
-        qv = kl.load(q[t, hk, g, d]).to(kl.f32)
-        block_size = kl.size("BS")
-
-        def step(n, m_i, l_i, acc):
-            block = kl.load(block_tables[b, n // block_size])
-            row = n % block_size
-            kn = kl.load(key_cache[block, row, hk, d]).to(kl.f32)
-            s = _cap(kl.sum(qv * kn, "D") * scale, cap, softcap)           # [G, N]
-            m_new, l_new, p, alpha = lib.online_softmax_step(m_i, l_i, s, "N")
-            vn = kl.load(value_cache[block, row, hk, d]).to(kl.f32)
-            return m_new, l_new, acc * alpha + kl.sum(p * vn, "N")           # [G, D]
-
+        step = paged_step(q, key_cache, value_cache, block_tables, seq_idx, t, hk, scale, cap,
+                          softcap)
         o = _flash_loop("N", step, kl.load(key_lo[t]), kl.load(key_hi[t]))
+        g, d = kl.tile("G"), kl.tile("D")
         kl.store(out[t, hk, g, d], o.to(out.dtype))
 
     fn = attention_paged

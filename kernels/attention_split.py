@@ -20,9 +20,7 @@ import torch
 
 import kernelforge.lang as kl
 from kernelforge.dispatch import kernel_factory
-from kernelforge.ir import lib
-
-from .attention import _cap
+from .attention import paged_step
 
 ROWS = ("T", "HK", "S", "G")
 
@@ -43,23 +41,12 @@ def paged_split_kernel(softcap: bool) -> kl.KernelDef:
                               acc_out: kl.Out("T", "HK", "S", "G", "D"),
                               scale: kl.f32, cap: kl.f32, split_len: kl.i32):
         t, hk, s = kl.parallel("T"), kl.parallel("HK"), kl.parallel("S")
+        step = paged_step(q, key_cache, value_cache, block_tables, seq_idx, t, hk, scale, cap,
+                          softcap)
         g, d = kl.tile("G"), kl.tile("D")
-        b = kl.load(seq_idx[t])
-        qv = kl.load(q[t, hk, g, d]).to(kl.f32)
-        block_size = kl.size("BS")
         hi = kl.load(key_hi[t])
         start = kl.minimum(kl.load(key_lo[t]) + s * split_len, hi)
         stop = kl.minimum(start + split_len, hi)
-
-        def step(n, m_i, l_i, acc):
-            block = kl.load(block_tables[b, n // block_size])
-            row = n % block_size
-            kn = kl.load(key_cache[block, row, hk, d]).to(kl.f32)
-            sc = _cap(kl.sum(qv * kn, "D") * scale, cap, softcap)          # [G, N]
-            m_new, l_new, p, alpha = lib.online_softmax_step(m_i, l_i, sc, "N")
-            vn = kl.load(value_cache[block, row, hk, d]).to(kl.f32)
-            return m_new, l_new, acc * alpha + kl.sum(p * vn, "N")          # [G, D]
-
         init = (kl.full(float("-inf"), kl.f32, *ROWS), kl.zeros(kl.f32, *ROWS),
                 kl.zeros(kl.f32, *ROWS, "D"))
         m_i, l_i, acc = kl.seq_for("N", step, init=init, start=start, stop=stop)
