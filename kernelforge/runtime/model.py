@@ -1,0 +1,147 @@
+"""A Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2) on KernelForge ops.
+
+RMSNorm, rotary embeddings, the KV-cache write and paged attention are
+``kernelforge.ops``; the projections are torch matmuls. One forward runs a
+flat batch of tokens from many sequences (vLLM's layout), so prefill chunks and
+decode rows share a step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from kernelforge import ops, rope
+
+from .config import ModelConfig
+
+
+@dataclass
+class AttnMetadata:
+    """Where a step's tokens go and what they attend to (vLLM's convention)."""
+    slot_mapping: torch.Tensor      # int64 [T]: block * block_size + row of each token
+    block_tables: torch.Tensor      # int32 [B, max_blocks]
+    seq_lens: torch.Tensor          # int32 [B]: context length, the step's tokens included
+    query_start_loc: torch.Tensor   # int32 [B+1]: each sequence's first row in the batch
+
+
+class _Layer:
+    def __init__(self, w: dict, p: str, c: ModelConfig, dtype):
+        def get(name):
+            return w.pop(p + name).to(dtype).contiguous()
+
+        self.input_norm = get("input_layernorm.weight")
+        self.post_norm = get("post_attention_layernorm.weight")
+        # q, k, v in one matmul; gate and up in another
+        self.qkv = torch.cat([get(f"self_attn.{n}_proj.weight") for n in "qkv"]).contiguous()
+        self.qkv_bias = None
+        if c.qkv_bias:
+            self.qkv_bias = torch.cat([get(f"self_attn.{n}_proj.bias") for n in "qkv"])
+        self.o = get("self_attn.o_proj.weight")
+        self.gate_up = torch.cat([get("mlp.gate_proj.weight"), get("mlp.up_proj.weight")])
+        self.down = get("mlp.down_proj.weight")
+
+
+class LlamaModel:
+    """Weights plus the forward pass. ``weights`` uses Hugging Face names and layout.
+
+    Args:
+        config: the model shape.
+        weights: {hf_name: tensor}; consumed (entries are popped).
+        dtype: torch.float32 or torch.bfloat16 (weights, activations and KV cache).
+        backend: the KernelForge backend for every op (None: chosen per device).
+        rope_interleaved: rotate pairs (2i, 2i+1) (GPT-J style) instead of
+            (i, i + d/2); right for llama-arch GGUF q/k rows left permuted.
+        max_model_len: positions the rotary cache covers.
+        checks: let the ops verify positions, slots and block tables (host syncs).
+    """
+
+    def __init__(self, config: ModelConfig, weights: dict, *, dtype=torch.float32,
+                 backend: Optional[str] = None, rope_interleaved: bool = False,
+                 max_model_len: Optional[int] = None, checks: bool = True):
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, not {dtype}")
+        c = self.config = config
+        self.dtype, self.backend, self.checks = dtype, backend, checks
+        self.is_neox = not rope_interleaved
+        self.max_model_len = max_model_len or c.max_position
+        w = dict(weights)
+        self.embed = w.pop("model.embed_tokens.weight").to(dtype).contiguous()
+        self.norm = w.pop("model.norm.weight").to(dtype).contiguous()
+        self.layers = [_Layer(w, f"model.layers.{i}.", c, dtype) for i in range(c.num_layers)]
+        lm_head = w.pop("lm_head.weight", None)
+        if c.tie_embeddings or lm_head is None:
+            self.lm_head = self.embed
+        else:
+            self.lm_head = lm_head.to(dtype).contiguous()
+        self.cos_sin = self._rope_cache(w.pop("rope_freqs", None))
+        w = {k: v for k, v in w.items() if not k.endswith("rotary_emb.inv_freq")}
+        if w:
+            raise ValueError(f"unused weights: {sorted(w)[:5]}...")
+        self.q_size = c.num_heads * c.head_dim
+        self.kv_size = c.num_kv_heads * c.head_dim
+
+    def _rope_cache(self, freq_factors: Optional[torch.Tensor]) -> torch.Tensor:
+        c = self.config
+        if freq_factors is None:
+            return rope.cos_sin_cache(c.rotary_dim, self.max_model_len, c.rope_theta,
+                                      c.rope_scaling)
+        # llama.cpp stores llama3 scaling as per-frequency divisors (rope_freqs.weight)
+        inv, _ = rope.inv_freq_and_attention_factor(c.rotary_dim, c.rope_theta, None,
+                                                    self.max_model_len)
+        freqs = torch.outer(torch.arange(self.max_model_len, dtype=torch.float32),
+                            inv / freq_factors.float())
+        return torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int = 16) -> list:
+        """One (key_cache, value_cache) pair per layer, [num_blocks, block_size, Hkv, D]."""
+        c = self.config
+        shape = (num_blocks, block_size, c.num_kv_heads, c.head_dim)
+        return [(torch.zeros(shape, dtype=self.dtype), torch.zeros(shape, dtype=self.dtype))
+                for _ in range(c.num_layers)]
+
+    def kv_bytes_per_block(self, block_size: int = 16) -> int:
+        c = self.config
+        return 2 * c.num_layers * block_size * c.num_kv_heads * c.head_dim * self.dtype.itemsize
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata,
+                kv_caches: list, logits_indices: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits (float32) for the rows ``logits_indices`` (default: every row).
+
+        input_ids, positions: int64 [T]; meta: the step's paging; kv_caches: from
+        ``allocate_kv_cache``, written in place.
+        """
+        c, be = self.config, self.backend
+        T = input_ids.shape[0]
+        h = F.embedding(input_ids, self.embed)
+        residual = None
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+            if residual is None:
+                residual = h
+                h = ops.rms_norm(h, layer.input_norm, c.rms_eps, backend=be)
+            else:
+                h, residual = ops.fused_add_rms_norm(h, residual, layer.input_norm, c.rms_eps,
+                                                     backend=be)
+            qkv = F.linear(h, layer.qkv, layer.qkv_bias)
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            q, k = ops.rotary_embedding(positions, q, k, c.head_dim, self.cos_sin, self.is_neox,
+                                        check_positions=self.checks, backend=be)
+            k = k.view(T, c.num_kv_heads, c.head_dim)
+            v = v.view(T, c.num_kv_heads, c.head_dim)   # a strided row view of qkv
+            ops.reshape_and_cache(k, v, k_cache, v_cache, meta.slot_mapping,
+                                  check_slots=self.checks, backend=be)
+            o = ops.paged_attention(q.view(T, c.num_heads, c.head_dim), k_cache, v_cache,
+                                    meta.block_tables, meta.seq_lens, meta.query_start_loc,
+                                    check_tables=self.checks, backend=be)
+            h = F.linear(o.reshape(T, self.q_size), layer.o)
+            h, residual = ops.fused_add_rms_norm(h, residual, layer.post_norm, c.rms_eps,
+                                                 backend=be)
+            gate, up = F.linear(h, layer.gate_up).chunk(2, dim=-1)
+            h = F.linear(F.silu(gate) * up, layer.down)
+        if logits_indices is not None:
+            h, residual = h[logits_indices], residual[logits_indices]
+        h, _ = ops.fused_add_rms_norm(h, residual, self.norm, c.rms_eps, backend=be)
+        return F.linear(h, self.lm_head).float()

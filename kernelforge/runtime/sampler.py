@@ -1,0 +1,56 @@
+"""Turning a step's logits into next tokens: penalties
+(``kernelforge.ops.apply_penalties``, vLLM's rules) and the draw
+(``kernelforge.ops.sample``: temperature, top-k, top-p, min-p, one seed per
+request). A request's draw is keyed by its seed and the number of tokens it
+has generated, so a seeded request gives the same tokens alone or batched,
+and after a preemption recomputes it."""
+from __future__ import annotations
+
+import random
+
+from typing import TYPE_CHECKING
+
+import torch
+
+import kernelforge
+
+if TYPE_CHECKING:
+    from .sequence import Sequence
+
+
+def request_seed(seed) -> int:
+    """The seed a request draws with: its own, or a fresh random one (fixed
+    for the request's lifetime, so its draws do not repeat across steps)."""
+    return seed if seed is not None else random.getrandbits(63)
+
+
+def _padded(rows: list[list[int]], device) -> torch.Tensor:
+    width = max(1, max(len(r) for r in rows))
+    out = torch.full((len(rows), width), -1, dtype=torch.int64)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = torch.tensor(r, dtype=torch.int64)
+    return out.to(device)
+
+
+def sample(logits: torch.Tensor, seqs: "list[Sequence]") -> list[int]:
+    """One token id per row of ``logits`` [B, V], row i drawn for ``seqs[i]``."""
+    params = [s.params for s in seqs]
+    if any(p.repetition_penalty != 1 or p.frequency_penalty or p.presence_penalty
+           for p in params):
+        logits = kernelforge.ops.apply_penalties(
+            logits, _padded([s.prompt_ids for s in seqs], logits.device),
+            _padded([s.output_ids for s in seqs], logits.device),
+            repetition_penalty=torch.tensor([p.repetition_penalty for p in params]),
+            frequency_penalty=torch.tensor([p.frequency_penalty for p in params]),
+            presence_penalty=torch.tensor([p.presence_penalty for p in params]))
+    if all(p.greedy for p in params):
+        return logits.argmax(dim=-1).tolist()        # the lowest index on ties, as sample()
+    f32 = torch.float32
+    tokens = kernelforge.ops.sample(
+        logits, temperature=torch.tensor([p.temperature for p in params], dtype=f32),
+        top_k=torch.tensor([p.top_k for p in params]),
+        top_p=torch.tensor([p.top_p for p in params], dtype=f32),
+        min_p=torch.tensor([p.min_p for p in params], dtype=f32),
+        seeds=torch.tensor([s.seed for s in seqs]),
+        offsets=torch.tensor([len(s.output_ids) for s in seqs]))
+    return tokens.tolist()
