@@ -188,6 +188,17 @@ def _goal(value: float, goal: float, fmt: str) -> str:
     return f"{fmt.format(value)} (goal >= {fmt.format(goal)}: {'met' if value >= goal else 'MISSED'})"
 
 
+def _sample_lines(groups) -> list[str]:
+    """Sampling: kf_inductor against the sort-based torch sampler (goal >= 2x)."""
+    out = ["", "sample: kf_inductor against the sort-based sampler (vLLM's native path), "
+               "from medians of this run:"]
+    for g, impls in groups.items():
+        kf, peer = impls.get("kf_inductor"), impls.get("torch_sort")
+        if kf and peer:
+            out.append(f"  {g}: {_goal(peer['median_s'] / kf['median_s'], 2.0, '{:.2f}x')}")
+    return out
+
+
 def summary_lines() -> list[str]:
     cases, copy = _STATE["cases"], _STATE["copy"]
     if not cases and copy is None:
@@ -217,6 +228,10 @@ def summary_lines() -> list[str]:
               if any(c.get("op") == "rotary" for c in impls.values())}
     attention = {g for g, impls in groups.items()
                  if any(c.get("op") in ATTENTION_OPS for c in impls.values())}
+    sample = {g for g, impls in groups.items()
+              if any(c.get("op") == "sample" for c in impls.values())}
+    if sample and len(sample) == len(groups):
+        return lines + _sample_lines(groups)
     if len(rotary) == len(groups):
         return lines + _rotary_lines(groups, copy_gbps)
     if len(rotary | attention) == len(groups):          # no RMSNorm group ran
@@ -335,6 +350,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         if lines:
             ops = frozenset(c.get("op", "rms_norm") for c in _STATE["cases"])
             title = {frozenset({"rotary"}): "kernelforge rotary benchmark summary",
+                     frozenset({"sample"}): "kernelforge sampling benchmark summary",
                      frozenset({"rms_norm", "rotary"}):
                          "kernelforge RMSNorm and rotary benchmark summary",
                      }.get(ops, "kernelforge RMSNorm benchmark summary")
