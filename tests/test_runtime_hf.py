@@ -147,6 +147,25 @@ def test_penalties_match_a_plain_greedy_loop(one):
                                                    ignore_eos=True))[0].token_ids
 
 
+def test_logprobs_match_transformers(one):
+    """SamplingParams(logprobs=3): per generated token its logprob and the top
+    3, from the raw logits, against log_softmax of transformers' logits."""
+    ref, llm = one
+    (p,) = _prompts(1, seed=17)
+    out = llm.generate([p], SamplingParams(temperature=0, max_tokens=6, logprobs=3,
+                                           ignore_eos=True))[0]
+    assert len(out.logprobs) == len(out.token_ids) == 6
+    ids = list(p)
+    for tok, (lp, top) in zip(out.token_ids, out.logprobs):
+        want = torch.log_softmax(hf_logits(ref, ids)[-1].double(), -1)
+        assert abs(lp - float(want[tok])) < 1e-4
+        w = torch.topk(want, 3)
+        assert list(top) == w.indices.tolist()
+        assert max(abs(a - b) for a, b in zip(top.values(), w.values.tolist())) < 1e-4
+        ids.append(tok)
+    assert llm.generate([p], GREEDY)[0].logprobs is None
+
+
 def test_preemption_recomputes_and_frees_every_block(one):
     ref, llm = one
     prompts = _prompts(5, seed=7)

@@ -25,6 +25,9 @@ class RequestOutput:
     text: str
     token_ids: list
     finish_reason: str          # "stop" (eos or stop string) or "length"
+    # with SamplingParams(logprobs=n): per generated token, (its logprob, {id: logprob}
+    # of the top n), from the raw logits (vLLM's default); None otherwise
+    logprobs: Optional[list] = None
 
 
 _DTYPES = {None: torch.float32, "float32": torch.float32, "fp32": torch.float32,
@@ -179,7 +182,8 @@ class LLM:
             cut = self._stop_at(seq) if seq.params.stop else None
             if cut is not None:
                 text = text[:cut]
-        return RequestOutput(seq.prompt, list(seq.prompt_ids), text, ids, seq.finish_reason)
+        lps = None if seq.params.logprobs is None else list(seq.logprobs[:len(ids)])
+        return RequestOutput(seq.prompt, list(seq.prompt_ids), text, ids, seq.finish_reason, lps)
 
     # -- the public entry points -----------------------------------------------------------
 

@@ -33,7 +33,31 @@ def _padded(rows: list[list[int]], device) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, seqs: "list[Sequence]") -> list[int]:
-    """One token id per row of ``logits`` [B, V], row i drawn for ``seqs[i]``."""
+    """One token id per row of ``logits`` [B, V], row i drawn for ``seqs[i]``;
+    rows whose request asks for logprobs get them appended to its
+    ``seq.logprobs`` (see ``record_logprobs``)."""
+    tokens = _draw(logits, seqs)
+    record_logprobs(logits, seqs, tokens)
+    return tokens
+
+
+def record_logprobs(logits: torch.Tensor, seqs: "list[Sequence]", tokens: list[int]) -> None:
+    """vLLM's default: log-softmax of the model's raw logits (before penalties,
+    temperature and filters): the chosen token's, and the top ``logprobs``
+    tokens' as {token id: logprob}."""
+    rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+    if not rows:
+        return
+    lp = torch.log_softmax(logits[rows].float(), dim=-1)
+    for j, i in enumerate(rows):
+        n = seqs[i].params.logprobs
+        top = torch.topk(lp[j], n) if n else None
+        seqs[i].logprobs.append((float(lp[j, tokens[i]]),
+                                 {} if top is None else dict(zip(top.indices.tolist(),
+                                                                 top.values.tolist()))))
+
+
+def _draw(logits: torch.Tensor, seqs: "list[Sequence]") -> list[int]:
     params = [s.params for s in seqs]
     if any(p.repetition_penalty != 1 or p.frequency_penalty or p.presence_penalty
            for p in params):

@@ -30,6 +30,8 @@ class Sequence:
         self.finish_reason: Optional[str] = None
         self.num_preemptions = 0
         self.seed = request_seed(params.seed)   # the draw's key (sampler.py)
+        # per generated token when params.logprobs is set: (its logprob, {id: logprob} top n)
+        self.logprobs: list[tuple[float, dict]] = []
 
     @property
     def token_ids(self) -> list[int]:
