@@ -166,6 +166,26 @@ def test_logprobs_match_transformers(one):
     assert llm.generate([p], GREEDY)[0].logprobs is None
 
 
+def test_prefix_caching_reuses_blocks_and_changes_nothing(one):
+    """Prompts sharing a 40-token prefix: the later ones take its cached full
+    blocks (counted), the tokens equal transformers' and an uncached engine's,
+    and every block is free (cached ones included) afterwards."""
+    ref, llm = one
+    g = torch.Generator().manual_seed(21)
+    shared = torch.randint(0, VOCAB, (40,), generator=g).tolist()
+    prompts = [shared + torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (1, 7, 20)]
+    llm.generate([shared + [3]], GREEDY)                     # computes and caches the prefix
+    before = llm.scheduler.num_cached_tokens
+    outs = llm.generate(prompts, GREEDY)
+    assert llm.scheduler.num_cached_tokens - before >= 3 * 32   # two full blocks each
+    plain = LLM(llm.path, backend="eager", num_blocks=64, max_num_batched_tokens=64,
+                prefix_caching=False)
+    for p, o, q in zip(prompts, outs, plain.generate(prompts, GREEDY)):
+        assert o.token_ids == q.token_ids == hf_greedy(ref, p, NEW)
+    assert plain.scheduler.num_cached_tokens == 0
+    assert llm.pool.num_free == llm.pool.num_blocks and llm.pool.num_cached > 0
+
+
 def test_preemption_recomputes_and_frees_every_block(one):
     ref, llm = one
     prompts = _prompts(5, seed=7)

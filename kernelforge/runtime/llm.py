@@ -52,6 +52,8 @@ class LLM:
         max_model_len: longest sequence (prompt + output); default the model's
             context, capped at 8192 and at what the KV cache holds.
         checks: let the ops range-check positions, slots and block tables.
+        prefix_caching: reuse the KV blocks of prompt prefixes already computed
+            (full blocks, keyed by their tokens and all tokens before them).
         progress: show progress bars while loading and generating.
     """
 
@@ -59,7 +61,7 @@ class LLM:
                  dtype=None, max_num_seqs: int = 32, num_blocks: Optional[int] = None,
                  kv_cache_gb: float = 0.5, block_size: int = 16,
                  max_num_batched_tokens: int = 512, max_model_len: Optional[int] = None,
-                 checks: bool = True, progress: bool = False):
+                 checks: bool = True, progress: bool = False, prefix_caching: bool = True):
         path = loader.default_model_path() if model is None else Path(model)
         self.path = path
         torch_dtype = dtype if isinstance(dtype, torch.dtype) else _DTYPES.get(dtype)
@@ -80,7 +82,8 @@ class LLM:
         self.block_size = block_size
         self.kv_caches = self.model.allocate_kv_cache(num_blocks, block_size)
         self.pool = BlockPool(num_blocks, block_size)
-        self.scheduler = Scheduler(self.pool, max_num_seqs, max_num_batched_tokens)
+        self.scheduler = Scheduler(self.pool, max_num_seqs, max_num_batched_tokens,
+                                   prefix_caching)
         self.eos_ids = set(self.tokenizer.eos_token_ids if self.tokenizer
                            else config.eos_token_ids)
 
@@ -152,6 +155,7 @@ class LLM:
             self.model.forward(input_ids, positions, meta, self.kv_caches, rows)
         for seq, n in batch:
             seq.num_computed += n
+            self.scheduler.cache_full_blocks(seq, seq.num_computed - n)
         out = []
         for seq, tok in zip(sampled_seqs, new_tokens):
             seq.output_ids.append(tok)

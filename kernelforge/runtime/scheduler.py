@@ -7,23 +7,52 @@ queue (their prompt chunked to what is left of the budget). Blocks are taken
 from the pool as a sequence's tokens need them; when the pool runs dry the
 newest running sequence is preempted: its blocks are freed and it goes back
 to the front of the queue, to be recomputed (prompt and output so far) later.
+With prefix caching a starting sequence first takes the cached blocks of its
+longest cached prefix (block_pool.py) and computes only the rest.
 """
 from __future__ import annotations
 
 from collections import deque
 
-from .block_pool import BlockPool
+from .block_pool import BlockPool, block_hashes
 from .sequence import Sequence, Status
 
 
 class Scheduler:
-    def __init__(self, pool: BlockPool, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, pool: BlockPool, max_num_seqs: int, max_num_batched_tokens: int,
+                 prefix_caching: bool = True):
         self.pool = pool
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.prefix_caching = prefix_caching
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.num_cached_tokens = 0          # prompt tokens served from cached blocks
+
+    def _reuse_cached_prefix(self, seq: Sequence) -> None:
+        """A sequence about to start takes the cached blocks of its longest
+        cached prefix of full blocks (at least one token is left to compute:
+        its logits are needed)."""
+        if not self.prefix_caching or seq.block_table or seq.num_computed:
+            return
+        bs = self.pool.block_size
+        blocks = self.pool.match(block_hashes(seq.token_ids, bs, (seq.num_tokens - 1) // bs))
+        seq.block_table = blocks
+        seq.num_computed = len(blocks) * bs
+        self.num_cached_tokens += seq.num_computed
+
+    def cache_full_blocks(self, seq: Sequence, before: int) -> None:
+        """After a forward took ``seq`` from ``before`` to ``seq.num_computed``
+        tokens: register the blocks it filled."""
+        if not self.prefix_caching:
+            return
+        bs = self.pool.block_size
+        first, last = before // bs, seq.num_computed // bs
+        if last > first:
+            hashes = block_hashes(seq.token_ids, bs, last)
+            for j in range(first, last):
+                self.pool.register(seq.block_table[j], hashes[j])
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -40,6 +69,11 @@ class Scheduler:
             return False
         seq.block_table.extend(self.pool.allocate(need))
         return True
+
+    def _release(self, seq: Sequence) -> None:
+        self.pool.free(seq.block_table)
+        seq.block_table = []
+        seq.num_computed = 0
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -84,8 +118,10 @@ class Scheduler:
         while (self.waiting and budget > 0 and not preempted
                and len(self.running) < self.max_num_seqs):
             seq = self.waiting[0]
+            self._reuse_cached_prefix(seq)
             n = min(seq.num_tokens - seq.num_computed, budget)
             if not self._reserve(seq, seq.num_computed + n):
+                self._release(seq)              # stays waiting, holding nothing
                 break
             self.waiting.popleft()
             seq.status = Status.RUNNING
