@@ -122,7 +122,8 @@ def _traced(kdef, args) -> tuple:
     """Inside a torch.compile trace (config.inline()): run the kernel's torch
     lowering as plain torch ops, so they join the caller's graph. Static axes
     specialise the trace (int() guards on them)."""
-    tensors, static, _, _ = _plan(kdef)
+    _planned(kdef)                      # outside the trace: no guard on a None plan
+    tensors, static, _, _ = kdef.launch_plan
     dtypes = tuple((name, args[i].dtype) for i, name in tensors)
     sizes = tuple((a, int(args[i].shape[d])) for a, (i, d) in static)
     fn = getattr(_LOWERINGS, _torch_lowering(kdef, dtypes, sizes))
@@ -165,6 +166,12 @@ def kernel_factory(fn):
 
     factory.cache_clear = cached.cache_clear
     return factory
+
+
+@torch._dynamo.assume_constant_result
+def _planned(kdef) -> bool:
+    _plan(kdef)
+    return True
 
 
 @torch._dynamo.assume_constant_result

@@ -380,7 +380,8 @@ def paged_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch
         if x.dtype not in (torch.int32, torch.int64) or x.dim() != dims or x.shape[0] != B:
             checks.fail(op, name, f"a {dims}-D int32 tensor with {B} rows (one per sequence "
                         "in `query_start_loc`)", f"{x.dim()}-D {x.dtype} {list(x.shape)}")
-    registry.select(q.device, backend)
+    if not torch.compiler.is_compiling():        # (inline: no backend runs it)
+        registry.select(q.device, backend)
     lens = seq_lens.to(torch.int64)
     q_lens = qsl.diff()
     mb = block_tables.shape[1]

@@ -91,7 +91,8 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.T
             bad = lo if lo < -1 else hi
             checks.fail(op, "slot_mapping", f"-1 or a slot in [0, {nb * bs}) (num_blocks x "
                         "block_size)", f"slot {bad}")
-    registry.select(key_cache.device, backend)
+    if not torch.compiler.is_compiling():        # (inline: no backend runs it)
+        registry.select(key_cache.device, backend)
     if T:
         # the caches are passed as the very objects the caller holds: written in place
         launch(reshape_and_cache_kernel, rows[0], rows[1], slot_mapping, key_cache,

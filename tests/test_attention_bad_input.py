@@ -567,3 +567,21 @@ def test_unchecked_offsets_that_do_not_add_up_read_nothing_outside():
         assert out.shape == q.shape and bool(torch.isfinite(out).all())
         with pytest.raises(OpArgError, match="`query_start_loc`"):
             pattn(q, kc, vc, bt, sl, bad)
+
+
+@pytest.mark.parametrize("backend", ["eager", "inductor"])
+def test_reshape_and_cache_all_padding_writes_nothing(backend):
+    """Every slot -1: the masked scatter (no boolean selection: masked lanes
+    rewrite the first real lane's write, or here, lane 0's own old value)
+    leaves a random cache bit-identical."""
+    g = torch.Generator().manual_seed(4)
+    key, value = torch.randn(3, 2, D, generator=g), torch.randn(3, 2, D, generator=g)
+    kc, vc = torch.randn(NB, BS, 2, D, generator=g), torch.randn(NB, BS, 2, D, generator=g)
+    k0, v0 = kc.clone(), vc.clone()
+    kernelforge.ops.reshape_and_cache(key, value, kc, vc, torch.tensor([-1, -1, -1]),
+                                      backend=backend)
+    assert torch.equal(kc, k0) and torch.equal(vc, v0)
+    kernelforge.ops.reshape_and_cache(key, value, kc, vc, torch.tensor([-1, 5, -1]),
+                                      backend=backend)
+    k0.view(-1, 2, D)[5], v0.view(-1, 2, D)[5] = key[1], value[1]
+    assert torch.equal(kc, k0) and torch.equal(vc, v0)
