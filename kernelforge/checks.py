@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from . import config
+
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -75,13 +77,11 @@ def rows(t: torch.Tensor) -> tuple[torch.Tensor, bool]:
 def inlining() -> bool:
     """True while a torch.compile trace runs an op inline (config.inline()):
     the op's torch lowering joins the caller's graph instead of an opaque call."""
-    from . import config
     return torch.compiler.is_compiling() and config.inline()
 
 
 def opaque() -> bool:
     """True while a torch.compile trace should record an opaque custom op."""
-    from . import config
     return torch.compiler.is_compiling() and not config.inline()
 
 

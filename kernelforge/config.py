@@ -40,9 +40,9 @@ def inline() -> bool:
     its graph (the torch lowering, fused by Inductor with the code around
     it) instead of staying opaque ``torch.ops.kernelforge.*`` calls. Off by
     default (the opaque ops are what engines register); set_inline(True) or
-    KERNELFORGE_INLINE=1 turns it on. Ops that need a host sync to check
-    their input (positions, tables) skip those checks while inlined only
-    when the caller passes check_positions=False / check_tables=False."""
+    KERNELFORGE_INLINE=1 turns it on. Checks that read values on the host
+    (check_positions, check_slots, check_tables) must then be False: inline,
+    an op raises naming the flag otherwise."""
     if _inline is not None:
         return _inline
     return os.environ.get("KERNELFORGE_INLINE", "") not in ("", "0")

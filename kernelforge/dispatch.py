@@ -164,7 +164,6 @@ def kernel_factory(fn):
             return getattr(_FACTORIES, key_of(*args))
         return cached(*args)
 
-    factory.cache_clear = cached.cache_clear
     return factory
 
 

@@ -349,31 +349,9 @@ class _Printer:
             o.line(f"_new{n} = torch.where(({m}){p}, ({vt}){p}{conv}, _old{n})")
             o.line(f"{name}[{target}] = _new{n}" if target else f"{name}.copy_(_new{n})")
             return
-        tensors = [p for p, is_t in zip(parts, is_tensor) if is_t]
-        if all(is_tensor):
-            # a masked scatter with no data-dependent sizes (a boolean selection
-            # is a nonzero, whose unbacked sizes Inductor's re-inplacing cannot
-            # always rename): every lane writes, a masked lane as a copy of the
-            # first lane whose mask holds (the same index and value: duplicates
-            # of one write), or, when no lane's mask holds, lane 0's old value
-            # back in place. Lanes whose mask holds have distinct indices where
-            # the kernel is correct.
-            o.line(f"_b{n} = [_t.reshape(-1) for _t in torch.broadcast_tensors("
-                   f"{', '.join(tensors + [vt, m])})]")
-            o.line(f"_m{n} = _b{n}[-1]")
-            # (1-element index_select, not t[j]: a traced graph keeps j a tensor)
-            o.line(f"_j{n} = torch.argmax(_m{n}.to(torch.uint8)).view(1)")
-            k = len(tensors)
-            o.line(f"_i{n} = [torch.where(_m{n}, _t, _t.index_select(0, _j{n})) "
-                   f"for _t in _b{n}[:{k}]]")
-            old_j = ", ".join(f"_b{n}[{i}].index_select(0, _j{n})" for i in range(k))
-            o.line(f"_vj{n} = torch.where(_m{n}.index_select(0, _j{n}), "
-                   f"_b{n}[-2].index_select(0, _j{n}){conv}, {name}[{old_j}])")
-            o.line(f"{name}[{', '.join(f'_i{n}[{i}]' for i in range(k))}] = "
-                   f"torch.where(_m{n}, _b{n}[-2]{conv}, _vj{n})")
-            return
         # a masked scatter: keep the lanes whose mask holds (their indices are
         # distinct where the kernel is correct), drop the others
+        tensors = [p for p, is_t in zip(parts, is_tensor) if is_t]
         o.line(f"_b{n} = torch.broadcast_tensors({', '.join(tensors + [vt, m])})")
         o.line(f"_k{n} = _b{n}[-1]")
         it = iter(range(len(tensors)))

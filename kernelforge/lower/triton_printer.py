@@ -19,6 +19,8 @@ from ..ir.analysis import Analysis, linearize
 from ..ir.errors import KernelError
 from ..ir.nodes import Node, Op
 from .codegen import Lines, expand, identity, literal, next_pow2, spec_text
+from .triton_helpers import COMBINE as _COMBINE, DOT_OPERAND as _DOT_OPERAND, \
+    F32_DOT as _F32_DOT, INTERPRET_FLAG as _INTERPRET_FLAG, TO_BF16 as _TO_BF16
 
 
 @dataclass(frozen=True)
@@ -69,71 +71,6 @@ def launch({{ params }}):
 {% endfor %}        num_warps=NUM_WARPS,
     )
 ''', trim_blocks=True)
-
-# Reductions and scans go through tl.reduce / tl.associative_scan with these
-# combine functions, defined in the generated module itself: @triton.jit reads
-# the interpreter switch when the module runs, so the same module serves the
-# Triton interpreter on CPU and real GPU compiles.
-_COMBINE = {
-    "sum": '''@triton.jit
-def _sum_combine(a, b):
-    return a + b''',
-    "max": '''@triton.jit
-def _max_combine(a, b):
-    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)''',
-    "min": '''@triton.jit
-def _min_combine(a, b):
-    return tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)''',
-    "argmax": '''@triton.jit
-def _argmax_combine(v1, i1, v2, i2):
-    # ties go to the lower index, as torch.argmax does
-    take1 = (v1 > v2) | ((v1 == v2) & (i1 < i2))
-    return tl.where(take1, v1, v2), tl.where(take1, i1, i2)''',
-    "argmin": '''@triton.jit
-def _argmin_combine(v1, i1, v2, i2):
-    take1 = (v1 < v2) | ((v1 == v2) & (i1 < i2))
-    return tl.where(take1, v1, v2), tl.where(take1, i1, i2)''',
-}
-
-_INTERPRET_FLAG = '''# True while this module runs under the Triton interpreter (read at import).
-_INTERPRET = tl.constexpr(triton.knobs.runtime.interpret)'''
-
-_DOT_OPERAND = '''@triton.jit
-def _dot_operand(x):
-    # bf16/f16 dots run on tensor cores with fp32 accumulation (products are
-    # exact in fp32); the interpreter gets bf16 dots wrong, so it multiplies
-    # the same values in fp32
-    if _INTERPRET:
-        return x.to(tl.float32)
-    else:
-        return x'''
-
-_F32_DOT = '''def _f32_dot_precision():
-    # fp32 dots: three TF32 tensor-core products (about fp32 accuracy; 6x
-    # faster than fp32 FMAs for attention's p.v on an H200) on NVIDIA GPUs,
-    # fp32 FMAs elsewhere (the interpreter, AMD, no GPU: aot-check).
-    if triton.knobs.runtime.interpret:
-        return "ieee"
-    try:
-        backend = triton.runtime.driver.active.get_current_target().backend
-    except Exception:  # no GPU driver on this machine
-        return "ieee"
-    return "tf32x3" if backend == "cuda" else "ieee"
-
-
-_F32_DOT = tl.constexpr(_f32_dot_precision())'''
-
-_TO_BF16 = '''@triton.jit
-def _to_bf16(x):
-    # GPUs round f32 -> bf16 to nearest even (cvt.rn); the Triton interpreter
-    # truncates, so it gets the same rounding spelled out in integer ops.
-    if _INTERPRET:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = bits + (((bits >> 16) & 1) + 0x7FFF)
-        y = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        return tl.where(x != x, x.to(tl.bfloat16), y)
-    else:
-        return x.to(tl.bfloat16)'''
 
 # TANH through exp: relative error grows for |x| < 1e-3 (tanh(1e-8) -> 0); fine
 # for soft-capping, where |x| is large. libdevice would be exact but does not

@@ -1,0 +1,94 @@
+"""Launch-parameter exploration for tools/gpu_bench.py: the attention
+kernels timed with other launch parameters, by patching the generated Triton
+source, to choose the printer's defaults from measurements."""
+import os
+
+# -- launch-parameter exploration ------------------------------------------------------
+# The same attention kernels with other launch parameters, to choose the
+# printer's defaults from measurements: query rows per program (bq, a kernel
+# parameter), warps (w), key-loop chunk (kb) and the precision of the fp32
+# p.v dot (ieee, or tf32x3: three TF32 tensor-core products, about fp32
+# accuracy). Set KF_GPU_VARIANTS=0 to skip.
+VARIANTS = os.environ.get("KF_GPU_VARIANTS", "1") != "0"
+# (the defaults since the first H200 run: bq=128, w=8, kb=64, tf32x3 for
+# prefill; w=4, kb=32 for paged decode; that run's grid is in docs/benchmarks.md)
+PREFILL_VARIANTS = (
+    dict(bq=64, w=4), dict(bq=128, w=4), dict(bq=128, w=8, kb=128, stages=2),
+    dict(bq=128, w=8, stages=2), dict(bq=128, w=8, stages=4), dict(bq=256, w=8),
+    dict(bq=128, w=8, prec="ieee"),
+)
+# decode: splits = flash-decoding split count (kernels/attention_split.py; None = the
+# op's choice, 16 at this shape), 1 = the single-pass kernel
+DECODE_VARIANTS = (dict(splits=1), dict(splits=1, stages=4), dict(splits=4), dict(splits=8),
+                   dict(splits=16, w=8), dict(splits=16, kb=64), dict(splits=32),
+                   dict(splits=16, stages=4))
+
+
+def variant_cases(kernelforge, run_case, rows, prefix, fn, refs, dtype, nbytes, variants,
+                  peer, unit, flops):
+    """Time ``fn`` (an attention op on Triton) under each variant by patching
+    the generated source; returns summary lines (speed against ``peer``)."""
+    import re
+    from kernelforge.backends import triton as tb
+    import kernelforge.kernels.attention as A
+
+    cls, orig_source, orig_key = tb.TritonBackend, tb.TritonBackend.source, \
+        tb.TritonBackend.schedule_key
+    orig_block = A._query_block
+    import kernelforge.kernels.attention_split as AS
+    orig_choose = AS.choose_splits
+    state: dict = {}
+
+    def source(self, kernel):
+        s = orig_source(self, kernel)
+        v = state.get("v")
+        if not v or "attention" not in kernel.name:
+            return s
+        if "w" in v:
+            s = re.sub(r"NUM_WARPS = \d+", f"NUM_WARPS = {v['w']}", s)
+        if "kb" in v:    # the key loop's chunk: tl.range(lo_x, hi_x, 64) and its aranges
+            loop = re.search(r"for start_(\w+) in tl\.range\((lo_\w+), (hi_\w+), (\d+)\)", s)
+            if loop:
+                axis, old = loop.group(1), loop.group(4)
+                s = s.replace(f"tl.range({loop.group(2)}, {loop.group(3)}, {old})",
+                              f"tl.range({loop.group(2)}, {loop.group(3)}, {v['kb']})")
+                s = s.replace(f"offs_{axis} = start_{axis} + tl.arange(0, {old})",
+                              f"offs_{axis} = start_{axis} + tl.arange(0, {v['kb']})")
+        if "prec" in v:
+            s = s.replace("input_precision=_F32_DOT", f'input_precision="{v["prec"]}"')
+        if "stages" in v:
+            s = s.replace("num_warps=NUM_WARPS,", f"num_warps=NUM_WARPS, num_stages={v['stages']},")
+        return s
+
+    def schedule_key(self):
+        return orig_key(self) + (repr(state.get("v")),)
+
+    lines = []
+    cls.source, cls.schedule_key = source, schedule_key
+    try:
+        for v in variants:
+            state["v"] = v
+            if "splits" in v:
+                AS.choose_splits = lambda *a, n=v["splits"]: n
+            else:
+                AS.choose_splits = orig_choose
+            if "bq" in v:
+                A._query_block = lambda q, bq=v["bq"]: bq
+            name = f"{prefix} " + " ".join(f"{k}={x}" for k, x in v.items())
+            run_case(name, fn, refs, dtype, nbytes)
+            row = next((r for r in rows if r["case"] == name), None)
+            if not row or row["ms"] != row["ms"]:
+                lines.append(f"{name}: failed")
+                continue
+            rate = (f"{flops / (row['ms'] * 1e-3) / 1e12:.1f} TFLOP/s" if unit == "TFLOP/s"
+                    else f"{row['gbps']:.0f} GB/s")
+            vs = (f", {peer['ms'] / row['ms']:.2f}x {peer['case'].split(' | ')[1]}"
+                  if peer and peer["ms"] == peer["ms"] else "")
+            lines.append(f"{name}: {row['ms'] * 1e3:.0f} us, {rate}{vs}")
+            row["note"] = rate
+    finally:
+        cls.source, cls.schedule_key = orig_source, orig_key
+        A._query_block = orig_block
+        AS.choose_splits = orig_choose
+        state.clear()
+    return lines
