@@ -1,6 +1,9 @@
 """The offline engine: ``LLM(model).generate(prompts, SamplingParams(...))``."""
 from __future__ import annotations
 
+import dataclasses
+import numbers
+import operator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence as Seq, Union
@@ -28,6 +31,21 @@ class RequestOutput:
     # with SamplingParams(logprobs=n): per generated token, (its logprob, {id: logprob}
     # of the top n), from the raw logits (vLLM's default); None otherwise
     logprobs: Optional[list] = None
+
+
+class InvalidRequestError(ValueError):
+    """Some requests of one ``LLM.generate`` call are invalid; none was run.
+
+    ``errors`` lists every bad request as ``(index, argument, message)``, where
+    ``argument`` is ``"prompt"`` or ``"params"`` and ``index`` is the request's
+    position in the call's prompt list.
+    """
+
+    def __init__(self, errors: list[tuple[int, str, str]]):
+        self.errors = errors
+        parts = [f"request {i} ({arg}): {msg}" for i, arg, msg in errors]
+        head = "" if len(errors) == 1 else f"{len(errors)} invalid requests: "
+        super().__init__(head + "; ".join(parts) + "; nothing was run")
 
 
 _DTYPES = {None: torch.float32, "float32": torch.float32, "fp32": torch.float32,
@@ -62,6 +80,14 @@ class LLM:
                  kv_cache_gb: float = 0.5, block_size: int = 16,
                  max_num_batched_tokens: int = 512, max_model_len: Optional[int] = None,
                  checks: bool = True, progress: bool = False, prefix_caching: bool = True):
+        for name, v in (("max_num_seqs", max_num_seqs), ("block_size", block_size),
+                        ("max_num_batched_tokens", max_num_batched_tokens),
+                        ("num_blocks", num_blocks), ("max_model_len", max_model_len)):
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if num_blocks is None and not (isinstance(kv_cache_gb, (int, float))
+                                       and kv_cache_gb > 0):
+            raise ValueError(f"kv_cache_gb must be a number > 0, got {kv_cache_gb!r}")
         path = loader.default_model_path() if model is None else Path(model)
         self.path = path
         torch_dtype = dtype if isinstance(dtype, torch.dtype) else _DTYPES.get(dtype)
@@ -90,13 +116,29 @@ class LLM:
     # -- requests ---------------------------------------------------------------------
 
     def _prompt_ids(self, prompt: Prompt) -> tuple[Optional[str], list[int]]:
+        """(text or None, token ids) of one prompt; ValueError or TypeError if it is bad."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("this model has no tokenizer: pass token ids")
             ids = self.tokenizer.encode(prompt)
             text = prompt
+        elif isinstance(prompt, (list, tuple, torch.Tensor)):
+            if isinstance(prompt, torch.Tensor):
+                if prompt.dim() != 1 or prompt.is_floating_point() or prompt.is_complex():
+                    raise TypeError("a token-id tensor prompt must be 1-D and integer")
+                prompt = prompt.tolist()
+            ids = []
+            for t in prompt:
+                try:
+                    if isinstance(t, bool):
+                        raise TypeError
+                    ids.append(operator.index(t))
+                except TypeError:
+                    raise TypeError(f"token ids must be ints, got {t!r}") from None
+            text = None
         else:
-            ids, text = [int(t) for t in prompt], None
+            raise TypeError(f"a prompt is a string or a list of token ids, "
+                            f"not {type(prompt).__name__}")
         if not ids:
             raise ValueError("empty prompt")
         if len(ids) >= self.max_model_len:
@@ -107,11 +149,25 @@ class LLM:
             raise ValueError(f"token id {bad[0]} outside the vocabulary [0, {self.config.vocab_size})")
         return text, ids
 
-    def add_request(self, prompt: Prompt, params: SamplingParams) -> Sequence:
+    def _request_params(self, params) -> SamplingParams:
+        """A checked private copy of ``params`` for one request: checked again
+        (a SamplingParams may be changed after construction) and against this
+        model, and copied so later changes by the caller cannot reach a running
+        request."""
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, not {type(params).__name__}")
+        stop = [params.stop] if isinstance(params.stop, str) else params.stop
+        own = dataclasses.replace(params, stop=list(stop or []))   # runs the checks again
+        if own.logprobs is not None and own.logprobs > self.config.vocab_size:
+            raise ValueError(f"SamplingParams.logprobs must be at most the vocabulary size "
+                             f"({self.config.vocab_size}), got {own.logprobs}")
+        return own
+
+    def add_request(self, prompt: Prompt, params: SamplingParams) -> Sequence:
+        """Queue one request (run by ``step``); raises ValueError or TypeError,
+        queueing nothing, if the prompt or the parameters are bad."""
         text, ids = self._prompt_ids(prompt)
-        seq = Sequence(ids, params, text)
+        seq = Sequence(ids, self._request_params(params), text)
         self.scheduler.add(seq)
         return seq
 
@@ -144,6 +200,10 @@ class LLM:
         """Run one forward; returns [(sequence, new token ids)] (finished ones included)."""
         batch = self.scheduler.schedule()
         if not batch:
+            if self.scheduler.has_work():       # would spin forever: say why instead
+                raise RuntimeError(
+                    f"the scheduler cannot run any of {len(self.scheduler.waiting)} waiting "
+                    f"sequences: {self.pool.num_free} of {self.pool.num_blocks} KV blocks free")
             return []
         input_ids, positions, meta, rows = self._prepare(batch)
         sampled_seqs = [seq for seq, n in batch if seq.num_computed + n == seq.num_tokens]
@@ -196,43 +256,76 @@ class LLM:
                  ) -> list[RequestOutput]:
         """Generate for every prompt (text or token ids); outputs in prompt order.
 
-        Every prompt is checked before any runs, so a bad one raises and leaves
-        the engine as it was.
+        ``params`` is one SamplingParams for all prompts or one per prompt.
+        Every request is checked before any runs: if some are bad (empty, too
+        long for max_model_len, token ids outside the vocabulary, parameters
+        that are not SamplingParams or no longer valid), ``InvalidRequestError``
+        (a ValueError) names each by index and argument, nothing is queued or
+        computed, and the engine is as it was. An error while the batch runs
+        (in the model, say) aborts every request of this call, frees their KV
+        blocks and propagates; the engine stays usable.
         """
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        if isinstance(prompts, (str, torch.Tensor)) or (
+                isinstance(prompts, (list, tuple)) and prompts
+                and isinstance(prompts[0], numbers.Integral)):
             prompts = [prompts]
-        params = params or SamplingParams()
+        prompts = list(prompts)
+        params = SamplingParams() if params is None else params
         plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError(f"{len(plist)} SamplingParams for {len(prompts)} prompts")
-        for p, sp in zip(prompts, plist):     # validate all first
-            self._prompt_ids(p)
-            if not isinstance(sp, SamplingParams):
-                raise TypeError(f"params must be SamplingParams, not {type(sp).__name__}")
-        seqs = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        checked, errors = [], []
+        for i, (p, sp) in enumerate(zip(prompts, plist)):     # check all first
+            for arg, check, value in (("prompt", self._prompt_ids, p),
+                                      ("params", self._request_params, sp)):
+                try:
+                    checked.append(check(value))
+                except (ValueError, TypeError) as e:
+                    errors.append((i, arg, str(e)))
+        if errors:
+            raise InvalidRequestError(errors)
+        seqs = []
+        for (text, ids), sp in zip(checked[::2], checked[1::2]):
+            seqs.append(Sequence(ids, sp, text))
+            self.scheduler.add(seqs[-1])
         bar = None
-        if self.progress:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=len(seqs), desc="generating", unit="req")
         try:
+            if self.progress:
+                from tqdm.auto import tqdm
+                bar = tqdm(total=len(seqs), desc="generating", unit="req")
             while not all(s.finished for s in seqs):
                 for seq, _ in self.step():
                     if bar is not None and seq.finished:
                         bar.update(1)
         except BaseException:
-            for s in seqs:                     # leave the engine clean for the next call
-                if not s.finished:
-                    self.scheduler.finish(s, "abort")
+            self._abort(seqs)                  # leave the engine clean for the next call
             raise
         finally:
             if bar is not None:
                 bar.close()
         return [self._output(s) for s in seqs]
 
+    def _abort(self, seqs: list[Sequence]) -> None:
+        """Finish every unfinished one of ``seqs`` ("abort"), freeing its blocks."""
+        for s in seqs:
+            if not s.finished:
+                self.scheduler.finish(s, "abort")
+
     def stream(self, prompt: Prompt, params: Optional[SamplingParams] = None
                ) -> Iterator[str]:
-        """Yield text pieces of one request as tokens arrive."""
-        seq = self.add_request(prompt, params or SamplingParams())
+        """Yield text pieces of one request as tokens arrive.
+
+        The request is checked here, so a bad prompt or bad parameters raise
+        ValueError or TypeError at the call, before iterating. It is queued on
+        the first ``next`` and aborted (its blocks freed) if the iteration
+        stops early, is closed, or fails.
+        """
+        text, ids = self._prompt_ids(prompt)
+        params = self._request_params(SamplingParams() if params is None else params)
+        return self._stream(Sequence(ids, params, text))
+
+    def _stream(self, seq: Sequence) -> Iterator[str]:
+        self.scheduler.add(seq)
         shown = ""
         try:
             while not seq.finished:
@@ -242,8 +335,7 @@ class LLM:
                     yield text[len(shown):]
                     shown = text
         finally:
-            if not seq.finished:
-                self.scheduler.finish(seq, "abort")
+            self._abort([seq])
         text = self._output(seq).text
         if len(text) > len(shown):
             yield text[len(shown):]

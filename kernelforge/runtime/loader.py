@@ -84,7 +84,10 @@ def load_gguf(path, *, unpermute: bool = True, progress: bool = False):
             continue
         meta[name] = field.contents()
     names = {t.name for t in reader.tensors}
-    config = cfg_mod.from_gguf_metadata(meta, names)
+    try:
+        config = cfg_mod.from_gguf_metadata(meta, names)
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{path} lacks model metadata: {type(e).__name__}: {e}") from e
     qk_permuted = config.arch in ("llama", "mistral")     # llama.cpp permutes only these
     tensors = {}
     for t in _progress(reader.tensors, len(reader.tensors), "loading GGUF", progress):
@@ -111,19 +114,29 @@ def load_hf_dir(path, *, progress: bool = False):
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} has no config.json")
-    raw = json.loads((path / "config.json").read_text())
-    config = cfg_mod.from_hf_dict(raw.get("text_config", raw))
+    try:
+        raw = json.loads((path / "config.json").read_text())
+        config = cfg_mod.from_hf_dict(raw.get("text_config", raw))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # bad JSON, keys, types
+        raise ValueError(f"{path / 'config.json'} is not a usable model config: "
+                         f"{type(e).__name__}: {e}") from e
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{path} has no *.safetensors files")
     tensors = {}
     for f in _progress(files, len(files), "loading safetensors", progress):
-        with safe_open(str(f), framework="pt") as sf:
-            for k in sf.keys():
-                tensors[k] = sf.get_tensor(k).float()
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                for k in sf.keys():
+                    tensors[k] = sf.get_tensor(k).float()
+        except Exception as e:  # truncated or corrupt: safetensors' own error types
+            raise ValueError(f"cannot read safetensors file {f}: {e}") from e
     tokenizer = None
     if (path / "tokenizer.json").is_file():
-        tokenizer = tok_mod.from_hf_dir(path, config.eos_token_ids, config.bos_token_id)
+        try:
+            tokenizer = tok_mod.from_hf_dir(path, config.eos_token_ids, config.bos_token_id)
+        except Exception as e:  # the tokenizers package's own error types
+            raise ValueError(f"cannot read the tokenizer in {path}: {e}") from e
     return config, tensors, tokenizer
 
 

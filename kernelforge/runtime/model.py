@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from kernelforge import ops, rope
+from kernelforge.kernels.attention import HEAD_SIZES
 
 from .config import ModelConfig
 
@@ -27,21 +28,42 @@ class AttnMetadata:
     query_start_loc: torch.Tensor   # int32 [B+1]: each sequence's first row in the batch
 
 
+def _take(w: dict, name: str, shape: tuple, dtype) -> torch.Tensor:
+    """Pop ``name`` from ``w``, checked against the shape the config implies."""
+    t = w.pop(name, None)
+    if t is None:
+        raise ValueError(f"weight {name} is missing")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"weight {name} has shape {tuple(t.shape)}; the config implies "
+                         f"{tuple(shape)}")
+    return t.to(dtype).contiguous()
+
+
 class _Layer:
     def __init__(self, w: dict, p: str, c: ModelConfig, dtype):
-        def get(name):
-            return w.pop(p + name).to(dtype).contiguous()
+        H, q, kv, inter = (c.hidden_size, c.num_heads * c.head_dim,
+                           c.num_kv_heads * c.head_dim, c.intermediate_size)
 
-        self.input_norm = get("input_layernorm.weight")
-        self.post_norm = get("post_attention_layernorm.weight")
+        def get(name, *shape):
+            return _take(w, p + name, shape, dtype)
+
+        self.input_norm = get("input_layernorm.weight", H)
+        self.post_norm = get("post_attention_layernorm.weight", H)
         # q, k, v in one matmul; gate and up in another
-        self.qkv = torch.cat([get(f"self_attn.{n}_proj.weight") for n in "qkv"]).contiguous()
+        self.qkv = torch.cat([get(f"self_attn.{n}_proj.weight", d, H)
+                              for n, d in zip("qkv", (q, kv, kv))]).contiguous()
         self.qkv_bias = None
         if c.qkv_bias:
-            self.qkv_bias = torch.cat([get(f"self_attn.{n}_proj.bias") for n in "qkv"])
-        self.o = get("self_attn.o_proj.weight")
-        self.gate_up = torch.cat([get("mlp.gate_proj.weight"), get("mlp.up_proj.weight")])
-        self.down = get("mlp.down_proj.weight")
+            self.qkv_bias = torch.cat([get(f"self_attn.{n}_proj.bias", d)
+                                       for n, d in zip("qkv", (q, kv, kv))])
+        self.o = get("self_attn.o_proj.weight", H, q)
+        self.gate_up = torch.cat([get("mlp.gate_proj.weight", inter, H),
+                                  get("mlp.up_proj.weight", inter, H)])
+        self.down = get("mlp.down_proj.weight", H, inter)
+
+    def tensors(self) -> list:
+        return [t for t in (self.input_norm, self.post_norm, self.qkv, self.qkv_bias, self.o,
+                            self.gate_up, self.down) if t is not None]
 
 
 class LlamaModel:
@@ -64,18 +86,22 @@ class LlamaModel:
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, not {dtype}")
         c = self.config = config
+        if c.head_dim not in HEAD_SIZES:       # found here, not in the first forward
+            raise ValueError(f"head_dim {c.head_dim} is not one the attention ops support "
+                             f"{HEAD_SIZES}")
         self.dtype, self.backend, self.checks = dtype, backend, checks
         self.is_neox = not rope_interleaved
         self.max_model_len = max_model_len or c.max_position
         w = dict(weights)
-        self.embed = w.pop("model.embed_tokens.weight").to(dtype).contiguous()
-        self.norm = w.pop("model.norm.weight").to(dtype).contiguous()
+        V, H = c.vocab_size, c.hidden_size
+        self.embed = _take(w, "model.embed_tokens.weight", (V, H), dtype)
+        self.norm = _take(w, "model.norm.weight", (H,), dtype)
         self.layers = [_Layer(w, f"model.layers.{i}.", c, dtype) for i in range(c.num_layers)]
-        lm_head = w.pop("lm_head.weight", None)
-        if c.tie_embeddings or lm_head is None:
+        if c.tie_embeddings or "lm_head.weight" not in w:
+            w.pop("lm_head.weight", None)
             self.lm_head = self.embed
         else:
-            self.lm_head = lm_head.to(dtype).contiguous()
+            self.lm_head = _take(w, "lm_head.weight", (V, H), dtype)
         self.cos_sin = self._rope_cache(w.pop("rope_freqs", None))
         w = {k: v for k, v in w.items() if not k.endswith("rotary_emb.inv_freq")}
         if w:

@@ -20,8 +20,11 @@ if TYPE_CHECKING:
 
 def request_seed(seed) -> int:
     """The seed a request draws with: its own, or a fresh random one (fixed
-    for the request's lifetime, so its draws do not repeat across steps)."""
-    return seed if seed is not None else random.getrandbits(63)
+    for the request's lifetime, so its draws do not repeat across steps).
+    Any int is accepted; it is folded into int64 (unchanged when it fits)."""
+    if seed is None:
+        return random.getrandbits(63)
+    return (int(seed) + 2 ** 63) % 2 ** 64 - 2 ** 63
 
 
 def _padded(rows: list[list[int]], device) -> torch.Tensor:
