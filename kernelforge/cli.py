@@ -1,7 +1,7 @@
 """The ``kernelforge`` command.
 
     kernelforge ops                         ops and the backends available here
-    kernelforge show OP --backend triton    generated code (also: ir, inductor, eager)
+    kernelforge show OP --backend triton    generated code (also: ir, inductor, eager, cpp)
     kernelforge aot-check [--targets ...]   compile every kernel for GPU targets
     kernelforge demo                        the RMSNorm family on every backend
     kernelforge generate "prompt"           text from the default model, streamed
@@ -112,8 +112,9 @@ def main(argv=None) -> int:
     sub.add_parser("ops", help="ops and the backends available here")
     s = sub.add_parser("show", help="print the IR or the generated code of an op")
     s.add_argument("op")
+    from .backends import registry
     s.add_argument("--backend", default="triton",
-                   choices=["ir", "triton", "inductor", "eager"])
+                   choices=["ir", *registry.backends()])     # plug-ins included
     s.add_argument("--dtype", default="bf16", choices=sorted(_DTYPES))
     s.add_argument("--hidden", type=int, default=None,
                    help="size of every static axis (default: the kernel's first example)")

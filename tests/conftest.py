@@ -25,7 +25,7 @@ settings.register_profile(
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-BACKENDS = ("eager", "inductor", "triton")
+BACKENDS = ("eager", "inductor", "triton", "cpp")
 
 
 @pytest.fixture

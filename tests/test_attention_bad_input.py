@@ -569,7 +569,7 @@ def test_unchecked_offsets_that_do_not_add_up_read_nothing_outside():
             pattn(q, kc, vc, bt, sl, bad)
 
 
-@pytest.mark.parametrize("backend", ["eager", "inductor"])
+@pytest.mark.parametrize("backend", ["eager", "inductor", "cpp"])
 def test_reshape_and_cache_all_padding_writes_nothing(backend):
     """Every slot -1: the masked scatter (no boolean selection: masked lanes
     rewrite the first real lane's write, or here, lane 0's own old value)

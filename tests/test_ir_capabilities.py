@@ -17,7 +17,7 @@ def run(kdef, *args, backend):
     kernelforge.launch(kdef, *args, backend=backend)
 
 
-@pytest.mark.parametrize("backend", ["eager", "inductor", "triton"])
+@pytest.mark.parametrize("backend", ["eager", "inductor", "triton", "cpp"])
 @pytest.mark.parametrize("n", [7, 1000, 2500])
 def test_online_softmax_with_loop_carried_state(backend, n):
     if backend == "inductor" and n != 1000:
@@ -28,7 +28,7 @@ def test_online_softmax_with_loop_carried_state(backend, n):
     assert_close(out, torch.softmax(x.double(), -1), torch.float32, f"softmax {backend}")
 
 
-@pytest.mark.parametrize("backend", ["eager", "inductor", "triton"])
+@pytest.mark.parametrize("backend", ["eager", "inductor", "triton", "cpp"])
 @pytest.mark.parametrize("m,n", [(1, 1), (17, 100), (40, 130)])
 def test_flash_attention_dot_and_online_softmax(backend, m, n):
     if backend == "inductor" and (m, n) != (17, 100):
@@ -132,7 +132,7 @@ def test_philox_bit_identical_to_reference(backend):
     assert got == [_philox_reference(c, key) for c in counters]
 
 
-@pytest.mark.parametrize("backend", ["eager", "inductor", "triton"])
+@pytest.mark.parametrize("backend", ["eager", "inductor", "triton", "cpp"])
 def test_explicit_casts_are_honoured(backend):
     """Inductor, left alone, fuses through f32->bf16->f32 and skips the rounding."""
     a = torch.randn(4, 1000, device=DEVICE).bfloat16()
@@ -142,7 +142,7 @@ def test_explicit_casts_are_honoured(backend):
     assert torch.equal(out, (a.float() + b.float()).bfloat16().float() * 3.0)
 
 
-@pytest.mark.parametrize("backend", ["eager", "inductor", "triton"])
+@pytest.mark.parametrize("backend", ["eager", "inductor", "triton", "cpp"])
 def test_outputs_allocated_by_the_backend(backend):
     """NewTensor outputs: Inductor returns them from its graph when an output
     is written whole (one store, or pieces that tile it exactly, joined by one
@@ -169,7 +169,7 @@ def test_outputs_allocated_by_the_backend(backend):
                      "a masked store into a new tensor")
 
 
-@pytest.mark.parametrize("backend", ["eager", "inductor", "triton"])
+@pytest.mark.parametrize("backend", ["eager", "inductor", "triton", "cpp"])
 def test_loaded_values_are_snapshots_even_in_place(backend):
     x = torch.randn(3, 64, device=DEVICE)
     orig = x.clone()
@@ -204,7 +204,7 @@ def test_bool_reduction_over_a_padded_tile(backend):
     assert out.tolist() == [True, False]
 
 
-@pytest.mark.parametrize("backend", ["eager", "inductor", "triton"])
+@pytest.mark.parametrize("backend", ["eager", "inductor", "triton", "cpp"])
 def test_kernels_from_a_factory_do_not_share_a_cache_entry(backend):
     x = torch.randn(2, 8, device=DEVICE)
     for c in (2.0, 3.0):
@@ -229,7 +229,7 @@ def test_launch_checks_that_shared_axes_agree(backend):
         run(K.copy_rows, x, torch.empty(3, 8, device=DEVICE), backend=backend)
 
 
-@pytest.mark.parametrize("backend", ["eager", "inductor", "triton"])
+@pytest.mark.parametrize("backend", ["eager", "inductor", "triton", "cpp"])
 def test_loops_with_a_range_per_row(backend):
     """seq_for(start=, stop=): each row visits only its own [start, stop);
     a row with an empty range sums to 0. Ranges that vary inside one program
@@ -254,7 +254,7 @@ def test_loops_with_a_range_per_row(backend):
     assert_close(o2, ref2, torch.float32, f"per-row softmax {backend}")
 
 
-@pytest.mark.parametrize("backend", ["eager", "inductor", "triton"])
+@pytest.mark.parametrize("backend", ["eager", "inductor", "triton", "cpp"])
 def test_masked_scatter_skips_masked_rows(backend):
     """store(..., mask=): rows whose slot is -1 are not written anywhere."""
     xs = torch.randn(6, 8, device=DEVICE)

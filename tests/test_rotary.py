@@ -13,7 +13,7 @@ import reference
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 HEAD_SIZES = [64, 80, 96, 128, 256]
 # The Triton interpreter runs each program in numpy: few tokens on CPU.
-MAX_TOKENS = {"eager": 40, "inductor": 24, "triton": 40 if DEVICE.type == "cuda" else 3}
+MAX_TOKENS = {"eager": 40, "inductor": 24, "triton": 40 if DEVICE.type == "cuda" else 3, "cpp": 40}
 
 # Inductor compiles once per specialisation (tens of seconds cold): a fixed set
 # of cases that still covers both styles, partial rotary, GQA, key None,
@@ -29,7 +29,7 @@ INDUCTOR_CASES = [
 
 @st.composite
 def problems(draw, backend):
-    if backend == "inductor":
+    if backend in ("inductor", "cpp"):     # both compile per specialisation
         D, R, neox, hq, hk, with_key, inplace, layout, dtype = draw(st.sampled_from(INDUCTOR_CASES))
         cache_dtype = torch.float32
     else:

@@ -44,7 +44,7 @@ def test_bad_logits(logits):
         ops.sample(logits, temperature=1.0, backend="eager")
 
 
-@pytest.mark.parametrize("backend", ["eager", "triton"])
+@pytest.mark.parametrize("backend", ["eager", "triton", "cpp"])
 @pytest.mark.parametrize("what", ["nan", "all_neg_inf", "pos_inf"])
 def test_bad_rows(backend, what):
     x = torch.randn(3, 50)

@@ -24,6 +24,7 @@ _BUILTIN = {
     "eager": "kernelforge.backends.eager:EagerBackend",
     "inductor": "kernelforge.backends.inductor:InductorBackend",
     "triton": "kernelforge.backends.triton:TritonBackend",
+    "cpp": "kernelforge.backends.cpp:CppBackend",
 }
 _backends: dict[str, Backend] | None = None
 _defaults: dict[tuple, "Decision"] = {}

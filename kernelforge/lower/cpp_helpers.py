@@ -1,0 +1,111 @@
+"""The C++ text every module of the C++ lowering starts with: 16-bit float
+conversions, NaN-propagating max/min, a vectorisable exp, and the block
+matrix product that ``dot`` lowers to. Pasted into each generated source
+(not #included), so a module is one self-contained file and its hash covers
+everything it compiles."""
+
+PRELUDE = r'''#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <algorithm>
+#include <omp.h>
+
+// bf16 and f16 values live in float registers, rounded to their precision
+// after every op (what torch does for a 16-bit tensor op); memory holds bits.
+static inline float kf_bf16_load(uint16_t b) {
+  uint32_t u = (uint32_t)b << 16; float f; std::memcpy(&f, &u, 4); return f;
+}
+static inline uint16_t kf_bf16_bits(float f) {          // round to nearest even
+  uint32_t u; std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);   // NaN stays NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return (uint16_t)(u >> 16);
+}
+static inline float kf_rbf16(float f) { return kf_bf16_load(kf_bf16_bits(f)); }
+static inline float kf_f16_load(uint16_t b) { _Float16 h; std::memcpy(&h, &b, 2); return (float)h; }
+static inline uint16_t kf_f16_bits(float f) { _Float16 h = (_Float16)f; uint16_t b; std::memcpy(&b, &h, 2); return b; }
+static inline float kf_rf16(float f) { return (float)(_Float16)f; }
+
+// no short-circuit operators in helpers and masks: branch-free code vectorises
+template <class T> static inline T kf_max(T a, T b) { return ((a != a) | (a > b)) ? a : b; }
+template <class T> static inline T kf_min(T a, T b) { return ((a != a) | (a < b)) ? a : b; }
+// arguments are evaluated before the call: both sides are read unconditionally
+// (every address is valid), so the compiler emits a blend, not a masked load
+template <class T> static inline T kf_sel(bool c, T v) { return c ? v : (T)0; }
+template <class T> static inline T kf_where(bool c, T a, T b) { return c ? a : b; }
+static inline int64_t kf_clamp(int64_t i, int64_t n) { return std::max<int64_t>(std::min<int64_t>(i, n - 1), 0); }
+template <class To, class From> static inline To kf_bitcast(From x) {
+  static_assert(sizeof(To) == sizeof(From), "bitcast between widths");
+  To y; std::memcpy(&y, &x, sizeof(To)); return y;
+}
+static inline uint32_t kf_mulhi(uint32_t a, uint32_t b) { return (uint32_t)(((uint64_t)a * b) >> 32); }
+
+// exp in plain arithmetic (no libm call), so loops over it vectorise:
+// 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2], degree-6 polynomial
+// (relative error about 2e-7, like a float libm exp); exact 0 and inf outside.
+static inline float kf_exp(float x) {
+  float xc = std::min(std::max(x, -87.33654f), 88.72284f);
+  // round to nearest through the 1.5 * 2^23 trick (vectorises without libm)
+  float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  float r = std::fma(n, -0.693145751953125f, xc);
+  r = std::fma(n, -1.428606765330187e-06f, r);
+  float p = 1.3888889e-3f;
+  p = std::fma(p, r, 8.3333338e-3f);
+  p = std::fma(p, r, 4.1666668e-2f);
+  p = std::fma(p, r, 1.6666667e-1f);
+  p = std::fma(p, r, 0.5f);
+  p = std::fma(p, r, 1.0f);
+  p = std::fma(p, r, 1.0f);
+  int32_t e = (int32_t)n + 126;                  // 2^(n-1), times 2 below: n = 128 fits
+  float s = kf_bitcast<float>((uint32_t)e << 23);
+  float y = p * s * 2.0f;
+  y = x < -87.33654f ? 0.0f : y;
+  y = x > 88.72284f ? INFINITY : y;
+  return x != x ? x : y;
+}
+static inline double kf_exp(double x) { return std::exp(x); }
+static inline float kf_exp2(float x) { return kf_exp(x * 0.693147180559945309f); }
+static inline double kf_exp2(double x) { return std::exp2(x); }
+
+// C[M][N] = A[M][K] * B[K][N] (row-major blocks, fp32): panels of up to 64
+// columns, 4 rows at a time, accumulators in vector registers.
+typedef float kf_vf __attribute__((vector_size(64), aligned(4)));
+#if defined(__GNUC__) && !defined(__clang__)
+#define KF_FMA __attribute__((optimize("fp-contract=fast")))   // products fuse into FMAs
+#else
+#define KF_FMA
+#endif
+template <int M, int N, int K>
+KF_FMA static inline void kf_dot(const float* __restrict A, const float* __restrict B,
+                          float* __restrict C) {
+  if constexpr (N % 16 == 0) {
+    constexpr int PN = N < 64 ? N : 64, NV = PN / 16, R = M < 4 ? M : 4;
+    for (int j0 = 0; j0 < N; j0 += PN) {
+      for (int i0 = 0; i0 < M; i0 += R) {
+        kf_vf c[R][NV];
+        for (int r = 0; r < R; ++r)
+          for (int j = 0; j < NV; ++j) c[r][j] = kf_vf{};
+        for (int k = 0; k < K; ++k) {
+          kf_vf b[NV];
+          for (int j = 0; j < NV; ++j) std::memcpy(&b[j], B + k * N + j0 + j * 16, 64);
+          for (int r = 0; r < R; ++r) {
+            float a = A[(i0 + r) * K + k];
+            for (int j = 0; j < NV; ++j) c[r][j] += a * b[j];
+          }
+        }
+        for (int r = 0; r < R; ++r)
+          for (int j = 0; j < NV; ++j) std::memcpy(C + (i0 + r) * N + j0 + j * 16, &c[r][j], 64);
+      }
+    }
+  } else {
+    for (int i = 0; i < M; ++i) {
+      float c[N] = {};
+      for (int k = 0; k < K; ++k) {
+        float a = A[i * K + k];
+        for (int j = 0; j < N; ++j) c[j] += a * B[k * N + j];
+      }
+      for (int j = 0; j < N; ++j) C[i * N + j] = c[j];
+    }
+  }
+}
+'''
