@@ -6,10 +6,10 @@ Hugging Face directories, a paged KV cache and continuous batching.
     >>> llm.generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=16))
 """
 from .config import ModelConfig
-from .llm import LLM, RequestOutput
+from .llm import LLM, InvalidRequestError, RequestOutput
 from .loader import default_model_path, load, load_gguf, load_hf_dir
 from .model import AttnMetadata, LlamaModel
 from .sampling_params import SamplingParams
 
-__all__ = ["LLM", "RequestOutput", "SamplingParams", "ModelConfig", "LlamaModel",
-           "AttnMetadata", "load", "load_gguf", "load_hf_dir", "default_model_path"]
+__all__ = ["LLM", "InvalidRequestError", "RequestOutput", "SamplingParams", "ModelConfig",
+           "LlamaModel", "AttnMetadata", "load", "load_gguf", "load_hf_dir", "default_model_path"]

@@ -83,11 +83,16 @@ def load_gguf(path, *, unpermute: bool = True, progress: bool = False):
         if name.startswith("GGUF."):
             continue
         meta[name] = field.contents()
+    # the reader keeps every metadata value as small numpy arrays (~160 MB for a
+    # 49k-token vocabulary); they are copied out, so drop them before dequantizing
+    reader.fields.clear()
     names = {t.name for t in reader.tensors}
     try:
         config = cfg_mod.from_gguf_metadata(meta, names)
     except (KeyError, TypeError) as e:
         raise ValueError(f"{path} lacks model metadata: {type(e).__name__}: {e}") from e
+    tokenizer = tok_mod.from_gguf_metadata(meta)
+    del meta
     qk_permuted = config.arch in ("llama", "mistral")     # llama.cpp permutes only these
     tensors = {}
     for t in _progress(reader.tensors, len(reader.tensors), "loading GGUF", progress):
@@ -97,13 +102,16 @@ def load_gguf(path, *, unpermute: bool = True, progress: bool = False):
         hf = gguf_to_hf_name(t.name)
         if hf is None:
             raise ValueError(f"unexpected tensor {t.name!r} in {path}")
-        # a copy: F32 tensors come back as read-only views of the memory-mapped file
-        w = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type),
-                                      dtype=np.float32, order="C", copy=True))
+        a = gguf.quants.dequantize(t.data, t.tensor_type)
+        if (a.dtype != np.float32 or not a.flags.c_contiguous or not a.flags.writeable
+                or np.may_share_memory(a, reader.data)):
+            # a copy: F32 tensors come back as read-only views of the memory-mapped
+            # file; quantized ones are dequantized into fresh arrays (no second copy)
+            a = np.array(a, dtype=np.float32, order="C", copy=True)
+        w = torch.from_numpy(a)
         if qk_permuted and unpermute and (".q_proj." in hf or ".k_proj." in hf):
             w = unpermute_qk(w, config.num_heads if ".q_proj." in hf else config.num_kv_heads)
         tensors[hf] = w
-    tokenizer = tok_mod.from_gguf_metadata(meta)
     return config, tensors, tokenizer
 
 

@@ -92,7 +92,7 @@ class LlamaModel:
         self.dtype, self.backend, self.checks = dtype, backend, checks
         self.is_neox = not rope_interleaved
         self.max_model_len = max_model_len or c.max_position
-        w = dict(weights)
+        w = weights          # popped as consumed: each source tensor is freed once copied
         V, H = c.vocab_size, c.hidden_size
         self.embed = _take(w, "model.embed_tokens.weight", (V, H), dtype)
         self.norm = _take(w, "model.norm.weight", (H,), dtype)
@@ -120,6 +120,14 @@ class LlamaModel:
         freqs = torch.outer(torch.arange(self.max_model_len, dtype=torch.float32),
                             inv / freq_factors.float())
         return torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+
+    def weight_bytes(self) -> int:
+        """Bytes of the tensors the model holds (weights and the rotary table;
+        a tied head counted once)."""
+        ts = [self.embed, self.norm, self.lm_head, self.cos_sin]
+        ts += [t for layer in self.layers for t in layer.tensors()]
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in ts}
+        return sum(storages.values())
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int = 16) -> list:
         """One (key_cache, value_cache) pair per layer, [num_blocks, block_size, Hkv, D]."""
