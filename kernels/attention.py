@@ -126,12 +126,15 @@ def paged_attention_kernel(softcap: bool) -> kl.KernelDef:
                                      "key_lo": kl.i32, "key_hi": kl.i32, "context": kl.i32})
 
 
-def _query_block(q: torch.Tensor) -> int:
+def _query_block(q: torch.Tensor, backend=None) -> int:
     """Query rows per program of the packed kernel: 128 on GPUs for 16-bit
     inputs with head size <= 128 (tensor-core tiles; 3x faster than 16 on an
     H200, docs/benchmarks.md); 16 elsewhere: fp32 or head size 256 tiles of
     128 rows overflow shared memory (327 KB asked of 232 KB for fp32, D=80),
-    and the torch lowerings and the interpreter gain nothing from more."""
+    and the torch lowerings and the interpreter gain nothing from more. A
+    backend may choose (``Backend.block_rows``: the C++ lowering's 128)."""
+    if backend is not None and backend.block_rows:
+        return backend.block_rows
     if q.device.type == "cuda" and q.element_size() == 2 and q.shape[-1] <= 128:
         return 128
     return 16
@@ -269,7 +272,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: t
     lo, hi = (ck[seq] + lo).to(torch.int32), (ck[seq] + hi).to(torch.int32)
     G = q.shape[1] // hkv
     qg = q.view(T, hkv, G, D) if q.stride(-1) == 1 else q.reshape(T, hkv, G, D)
-    kdef = attention_kernel(softcap is not None, _query_block(q))
+    kdef = attention_kernel(softcap is not None, _query_block(q, decision.backend))
     scalars = (float(D ** -0.5 if scale is None else scale), float(softcap or 1.0))
     if not decision.backend.collapses_loops:
         (out,) = launch(kdef, qg, k, v, lo, hi, NewTensor(qg.shape, q.dtype, q.device), *scalars,

@@ -21,14 +21,31 @@ def clean_registry():
     registry._defaults.clear()
 
 
-def test_cpu_default_is_inductor_and_explained(monkeypatch):
+def test_cpu_default_is_cpp_and_explained(monkeypatch):
     monkeypatch.delenv("KERNELFORGE_BACKEND", raising=False)
+    from kernelforge.backends.cpp import compiler
     e = kernelforge.explain("rms_norm", X, W, torch.empty(2, 64))
-    assert e.backend == "inductor"
+    assert e.backend == ("cpp" if compiler()[0] else "inductor")
     text = str(e)
     assert "highest default priority for cpu" in text
-    assert "eager" in text and "triton" in text and "interpreter" in text
+    assert "eager" in text and "triton" in text and "interpreter" in text and "inductor" in text
     assert "rms_norm_fwd" in text and "N=64" in text
+
+
+def test_no_compiler_falls_back_to_inductor(monkeypatch):
+    """Without a C++ compiler the cpp backend steps aside, with the reason."""
+    from kernelforge.backends import cpp
+    monkeypatch.setattr(cpp, "compiler", lambda: (None, "no C++ compiler found (test)"))
+    monkeypatch.delenv("KERNELFORGE_BACKEND", raising=False)
+    registry._defaults.clear()
+    try:
+        d = registry.select(torch.device("cpu"))
+        assert d.backend.name == "inductor"
+        assert "no C++ compiler found (test)" in str(d)
+        with pytest.raises(ValueError, match="cannot run on cpu tensors: no C\\+\\+ compiler"):
+            registry.select(torch.device("cpu"), "cpp")
+    finally:
+        registry._defaults.clear()
 
 
 def test_gpu_default_is_triton():

@@ -73,7 +73,7 @@ def variant_cases(kernelforge, run_case, rows, prefix, fn, refs, dtype, nbytes, 
             else:
                 AS.choose_splits = orig_choose
             if "bq" in v:
-                A._query_block = lambda q, bq=v["bq"]: bq
+                A._query_block = lambda q, backend=None, bq=v["bq"]: bq
             name = f"{prefix} " + " ".join(f"{k}={x}" for k, x in v.items())
             run_case(name, fn, refs, dtype, nbytes)
             row = next((r for r in rows if r["case"] == name), None)

@@ -18,6 +18,9 @@ class Backend:
     #: with the rows' ranges: ops then launch over pieces whose ranges are
     #: tight (attention: blocks of query rows with their own key span)
     collapses_loops: bool = False
+    #: query rows per program for kernels whose block of rows is free to choose
+    #: (attention): None lets the op pick for the device
+    block_rows: int | None = None
 
     def default_priority(self, device: torch.device) -> tuple[int | None, str]:
         """How much this backend wants to be the default for ``device``

@@ -287,17 +287,47 @@ class _Printer:
         terms = []
         for d, i in enumerate(index):
             e = f"(int64_t){self.ex(i)}"
-            if clamp and i.op != Op.CONST and not (
+            if clamp and i.op != Op.CONST and not self.fits(i, param.axes[d]) and not (
                     i.op == Op.RANGE and i.arg[0] == param.axes[d] and not self.padded(i)):
                 e = f"kf_clamp({e}, {self.size(param.axes[d])})"
             terms.append(e if d == last else f"{e} * {param.name}_s{d}")
         return " + ".join(terms) or "0"
 
+    def interval(self, i: Node):
+        """[lo, hi] of an index built from tiles of static extent and
+        constants (``i + half``), or None: such an index needs no bound check
+        or clamp when it fits the dim, and its loads stay contiguous."""
+        if i.op == Op.CONST and isinstance(i.arg, int):
+            return i.arg, i.arg
+        if i.op == Op.RANGE and i.arg[1] in ("full", "seq"):
+            size = self.k.axes[i.arg[0]].size
+            if size is not None and (i.arg[1] == "full" or size <= self.block(i)) and \
+                    not (i.arg[1] == "seq" and self.an.loops[i.arg[2]].bounded):
+                return 0, self.block(i) - 1
+            return None
+        if i.op in (Op.ADD, Op.SUB, Op.MUL):
+            a, b = (self.interval(x) for x in i.src)
+            if a is None or b is None:
+                return None
+            if i.op == Op.ADD:
+                return a[0] + b[0], a[1] + b[1]
+            if i.op == Op.SUB:
+                return a[0] - b[1], a[1] - b[0]
+            prods = [x * y for x in a for y in b]
+            return min(prods), max(prods)
+        return None
+
+    def fits(self, i: Node, axis: str) -> bool:
+        size = self.k.axes[axis].size
+        r = self.interval(i)
+        return size is not None and r is not None and r[0] >= 0 and r[1] < size
+
     def bounds(self, param, index) -> list[str]:
         """Gathered indices (not the dim's own tile) stay inside the dim."""
         parts = []
         for d, i in enumerate(index):
-            if i.op == Op.CONST or (i.op == Op.RANGE and i.arg[0] == param.axes[d]):
+            if i.op == Op.CONST or (i.op == Op.RANGE and i.arg[0] == param.axes[d]) or \
+                    self.fits(i, param.axes[d]):
                 continue
             e = self.ex(i)
             parts.append(f"(({e}) >= 0) & (({e}) < {self.size(param.axes[d])})")
@@ -534,6 +564,8 @@ class _Printer:
             return True
         # one cheap op on stored values: recomputing it in each user costs less
         # than a pass that stores it and passes that load it back
+        if all(x.op in _LEAF for x in n.src) and n.op in _CHEAP:
+            return True                      # index arithmetic (i + half): keep it visible
         return (self.uses[id(n)] <= 4 and n.op in _CHEAP and
                 all(id(x) in self.names or x.op in _LEAF for x in n.src))
 
