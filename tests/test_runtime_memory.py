@@ -191,6 +191,8 @@ def test_rss_flat_over_500_sequential_requests(tiny_llm):
     assert llm.pool.num_free == llm.pool.num_blocks
     assert not llm.scheduler.running and not llm.scheduler.waiting
     assert objs500 - objs50 < 2000, "Python objects accumulate across requests"
-    assert abs(growth) < 0.05, f"RSS grew {growth:.1%} over 450 requests"
+    # growth only: in a full test run RSS at request 50 can still hold earlier
+    # tests' freed memory, which the allocator returns later (measured -63%)
+    assert growth < 0.05, f"RSS grew {growth:.1%} over 450 requests"
     # with the allocator's free pages handed back, a leak of ~10 KB per request shows
     assert trim_growth < 0.01, f"RSS (after malloc_trim) grew {trim_growth:.1%}"

@@ -148,7 +148,7 @@ class CppBackend(Backend):
                     t = c
                 ts.append(t)
             strides = [s for t in ts for s in t.stride()[:-1]]
-            dims = [ts[tensors.index(i)].shape[d] for i, d in sizes]
+            dims = [ts[j].shape[d] for j, d in sizes]      # j: position among the tensors
             ptrs = [t.data_ptr() if t.numel() else _scratch(t) for t in ts]
             fn(PtrA(*ptrs), StrA(*strides), SizeA(*dims),
                FA(*[float(args[i]) for i in floats]), IA(*[int(args[i]) for i in ints]),

@@ -8,6 +8,8 @@ PRELUDE = r'''#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <algorithm>
+#include <limits>
+#include <type_traits>
 #include <omp.h>
 
 // bf16 and f16 values live in float registers, rounded to their precision
@@ -39,12 +41,24 @@ template <class To, class From> static inline To kf_bitcast(From x) {
   To y; std::memcpy(&y, &x, sizeof(To)); return y;
 }
 static inline uint32_t kf_mulhi(uint32_t a, uint32_t b) { return (uint32_t)(((uint64_t)a * b) >> 32); }
+// C division and remainder (toward zero), defined for every input: padded
+// lanes compute too, and a 0 divisor or INT_MIN / -1 would trap
+template <class T> static inline T kf_safe_divisor(T a, T b) {
+  b = b + (T)(b == 0);
+  if constexpr (std::is_signed<T>::value)
+    b = (a == std::numeric_limits<T>::min() && b == (T)-1) ? (T)1 : b;
+  return b;
+}
+template <class T> static inline T kf_idiv(T a, T b) { return a / kf_safe_divisor(a, b); }
+template <class T> static inline T kf_imod(T a, T b) { return a % kf_safe_divisor(a, b); }
 
 // exp in plain arithmetic (no libm call), so loops over it vectorise:
 // 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2], degree-6 polynomial
-// (relative error about 2e-7, like a float libm exp); exact 0 and inf outside.
+// (relative error about 2e-7, like a float libm exp). 2^n is two factors
+// 2^(n/2) 2^(n - n/2), each a normal float, so results down to the
+// subnormals come out right; 0 below them, inf above the float range.
 static inline float kf_exp(float x) {
-  float xc = std::min(std::max(x, -87.33654f), 88.72284f);
+  float xc = std::min(std::max(x, -103.97208f), 88.72284f);
   // round to nearest through the 1.5 * 2^23 trick (vectorises without libm)
   float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   float r = std::fma(n, -0.693145751953125f, xc);
@@ -56,10 +70,10 @@ static inline float kf_exp(float x) {
   p = std::fma(p, r, 0.5f);
   p = std::fma(p, r, 1.0f);
   p = std::fma(p, r, 1.0f);
-  int32_t e = (int32_t)n + 126;                  // 2^(n-1), times 2 below: n = 128 fits
-  float s = kf_bitcast<float>((uint32_t)e << 23);
-  float y = p * s * 2.0f;
-  y = x < -87.33654f ? 0.0f : y;
+  int32_t n1 = (int32_t)n >> 1, n2 = (int32_t)n - n1;
+  float y = p * kf_bitcast<float>((uint32_t)(n1 + 127) << 23)
+              * kf_bitcast<float>((uint32_t)(n2 + 127) << 23);
+  y = x < -103.97208f ? 0.0f : y;
   y = x > 88.72284f ? INFINITY : y;
   return x != x ? x : y;
 }

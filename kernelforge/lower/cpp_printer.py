@@ -45,12 +45,14 @@ _ROUND = {dt.bf16: "kf_rbf16", dt.f16: "kf_rf16"}     # to the 16-bit precision,
 _LOAD = {dt.bf16: "kf_bf16_load", dt.f16: "kf_f16_load"}
 _STORE = {dt.bf16: "kf_bf16_bits", dt.f16: "kf_f16_bits"}
 
-_INFIX = {Op.ADD: "+", Op.SUB: "-", Op.MUL: "*", Op.DIV: "/", Op.IDIV: "/", Op.MOD: "%",
+_INFIX = {Op.ADD: "+", Op.SUB: "-", Op.MUL: "*", Op.DIV: "/",
           Op.LT: "<", Op.LE: "<=", Op.GT: ">", Op.GE: ">=", Op.EQ: "==", Op.NE: "!=",
           Op.AND: "&", Op.OR: "|", Op.XOR: "^", Op.SHL: "<<", Op.SHR: ">>"}
 _CALL = {Op.ABS: "std::abs", Op.EXP: "kf_exp", Op.EXP2: "kf_exp2", Op.LOG: "std::log",
          Op.LOG2: "std::log2", Op.SQRT: "std::sqrt", Op.SIN: "std::sin", Op.COS: "std::cos",
-         Op.FLOOR: "std::floor", Op.MAX: "kf_max", Op.MIN: "kf_min", Op.MULHI: "kf_mulhi"}
+         Op.FLOOR: "std::floor", Op.MAX: "kf_max", Op.MIN: "kf_min", Op.MULHI: "kf_mulhi",
+         # padded lanes compute too: a 0 divisor (or INT_MIN / -1) must not trap
+         Op.IDIV: "kf_idiv", Op.MOD: "kf_imod"}
 _ROUNDED = frozenset({Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.NEG, Op.ABS, Op.EXP, Op.EXP2, Op.LOG,
                       Op.LOG2, Op.SQRT, Op.RSQRT, Op.SIN, Op.COS, Op.TANH, Op.SIGMOID,
                       Op.RECIP, Op.FLOOR})
@@ -58,6 +60,12 @@ _INLINE = frozenset({Op.LOAD, Op.WHERE, Op.CAST, Op.BITCAST}) | frozenset(_INFIX
     frozenset(_CALL) | frozenset({Op.NEG, Op.NOT, Op.RSQRT, Op.TANH, Op.SIGMOID, Op.RECIP})
 _CHEAP = frozenset({Op.ADD, Op.SUB, Op.MUL, Op.MAX, Op.MIN, Op.WHERE, Op.CAST, Op.NEG}) | COMPARE
 _LEAF = frozenset({Op.CONST, Op.PARAM, Op.SIZE, Op.RANGE, Op.FULL})
+_RESERVED = frozenset("""alignas alignof and asm auto bool break case catch char class const
+constexpr continue default delete do double else enum explicit extern false float for friend goto
+if inline int long namespace new noexcept not nullptr operator or private protected public
+register return short signed sizeof static struct switch template this throw true try typedef
+typename union unsigned using virtual void volatile while xor ptrs strides sizes fscalars
+iscalars num_threads program programs std int32_t int64_t uint32_t uint16_t""".split())
 # arrays larger than this are per-thread statics, not stack locals
 _STACK_BYTES = 64 * 1024
 
@@ -174,7 +182,7 @@ class _Printer:
             return f"pid_{axis}" if t.arg[2] == 1 else f"(pid_{axis} * {t.arg[2]} + i_{axis})"
         if kind == "full":
             return f"i_{axis}"
-        return f"(s_{axis}{t.arg[2]} + i_{axis})"
+        return f"(s_{axis}_{t.arg[2]} + i_{axis})"
 
     def padded(self, t: Node) -> bool:
         axis, kind = t.arg[0], t.arg[1]
@@ -616,10 +624,10 @@ class _Printer:
     def full_chunk(self, s: Node) -> str:
         loop = s.arg
         axis, lid, b = loop.axis, loop.id, self.block(loop.range)
-        start = f"s_{axis}{lid}"
+        start = f"s_{axis}_{lid}"
         parts = [f"{start} + {b} <= {self.size(axis)}"]
         if loop.bounded:
-            parts = [f"{start} >= lo_in_{axis}{lid}", f"{start} + {b} <= hi_in_{axis}{lid}"] + parts
+            parts = [f"{start} >= lo_in_{axis}_{lid}", f"{start} + {b} <= hi_in_{axis}_{lid}"] + parts
         return " & ".join(f"({p})" for p in parts)
 
     def ev_node(self, n: Node) -> None:
@@ -645,8 +653,8 @@ class _Printer:
         size = self.k.axes[axis].size
         lo = hi = None
         if loop.bounded:
-            lo, hi = f"lo_{axis}{lid}", f"hi_{axis}{lid}"
-            lo_in, hi_in = f"lo_in_{axis}{lid}", f"hi_in_{axis}{lid}"
+            lo, hi = f"lo_{axis}_{lid}", f"hi_{axis}_{lid}"
+            lo_in, hi_in = f"lo_in_{axis}_{lid}", f"hi_in_{axis}_{lid}"
             self.line(f"int32_t {lo} = 0, {hi} = {self.size(axis)}, {lo_in} = 0, "
                       f"{hi_in} = {self.size(axis)};")
             for nm, inner, bn, red, other in ((lo, lo_in, loop.start, "min", "max"),
@@ -675,12 +683,12 @@ class _Printer:
             self.row_bounds[id(t)] = (lo, hi, loop.start, loop.stop)
         if size is not None and size <= b and not loop.bounded:
             self.open("")
-            self.line(f"const int32_t s_{axis}{lid} = 0;  // one chunk of {b} covers all {size}")
+            self.line(f"const int32_t s_{axis}_{lid} = 0;  // one chunk of {b} covers all {size}")
         else:
             first = lo if lo is not None else "0"
             last = hi if hi is not None else self.size(axis)
-            self.open(f"for (int32_t s_{axis}{lid} = {first}; s_{axis}{lid} < {last}; "
-                      f"s_{axis}{lid} += {b})")
+            self.open(f"for (int32_t s_{axis}_{lid} = {first}; s_{axis}_{lid} < {last}; "
+                      f"s_{axis}_{lid} += {b})")
 
     def ev_end(self, s: Node, close: bool = True) -> None:
         loop = s.arg
@@ -721,14 +729,26 @@ class _Printer:
         self.unnest(depth)
 
     # -- module -------------------------------------------------------------------
+    def check_names(self) -> None:
+        """Parameter and axis names are C++ identifiers in the module: refuse
+        the few that would clash with C++ or with generated names."""
+        import re
+        for name in [p.name for p in self.k.params] + list(self.k.axes):
+            if name in _RESERVED or re.match(r"(kf_|i_|s_|n_|pid_|lo_|hi_|v\d|c\d)", name):
+                raise KernelError(f"the C++ lowering cannot name a C++ variable `{name}` "
+                                  "(a C++ keyword or a name it generates); rename it",
+                                  self.k.loc)
+
     def module(self) -> str:
+        self.check_names()
         k = self.k
         binds, bound = [], set()
         tensors = [p for p in k.params if p.kind != "scalar"]
         si = 0
         for i, p in enumerate(tensors):
             const = "const " if p.kind == "in" else ""
-            binds.append(f"{const}{_MT[p.dtype]}* __restrict {p.name} = "
+            # no __restrict: an in-place call passes one buffer as input and output
+            binds.append(f"{const}{_MT[p.dtype]}* {p.name} = "
                          f"({const}{_MT[p.dtype]}*)ptrs[{i}];")
             for d in range(len(p.axes) - 1):       # the last dim is contiguous (backend)
                 binds.append(f"const int64_t {p.name}_s{d} = strides[{si}];")
@@ -744,7 +764,10 @@ class _Printer:
             if p.kind != "scalar":
                 continue
             if p.dtype.is_float:
-                binds.append(f"const {_CT[p.dtype]} {p.name} = ({_CT[p.dtype]})fscalars[{fi}];")
+                v = f"({_CT[p.dtype]})fscalars[{fi}]"
+                if p.dtype in _ROUND:              # a bf16/f16 scalar holds a 16-bit value
+                    v = f"{_ROUND[p.dtype]}({v})"
+                binds.append(f"const {_CT[p.dtype]} {p.name} = {v};")
                 fi += 1
             else:
                 binds.append(f"const {_CT[p.dtype]} {p.name} = ({_CT[p.dtype]})iscalars[{ii}];")
@@ -753,16 +776,16 @@ class _Printer:
         for g in k.grid:
             axis, b = g.arg[0], g.arg[2]
             counts.append(f"n_{axis}")
-            binds.append(f"const int32_t n_{axis} = ({self.size(axis)} + {b - 1}) / {b};")
+            binds.append(f"const int64_t n_{axis} = ((int64_t){self.size(axis)} + {b - 1}) / {b};")
         rest = "program"
         for j, g in enumerate(k.grid):
             axis = g.arg[0]
             inner = " * ".join(counts[j + 1:])
             if inner:
-                pids.append(f"const int32_t pid_{axis} = {rest} / ({inner});")
+                pids.append(f"const int32_t pid_{axis} = (int32_t)({rest} / ({inner}));")
                 rest = f"({rest} % ({inner}))"
             else:
-                pids.append(f"const int32_t pid_{axis} = {rest};")
+                pids.append(f"const int32_t pid_{axis} = (int32_t){rest};")
         blocks = ", ".join(f"{g.arg[0]}={g.arg[2]}" for g in k.grid)
         blocks += "".join(f", {l.axis}={self.block(l.range)}" for l in self.an.loops.values())
         return _MODULE.render(k=k, spec=spec_text(k), blocks=blocks, prelude=PRELUDE,

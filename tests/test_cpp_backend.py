@@ -1,0 +1,107 @@
+"""What is particular to the C++ lowering (kernelforge/lower/cpp_printer.py):
+its helpers, argument marshalling and the cases a review found. The ops'
+equivalence tests run on it through conftest.BACKENDS."""
+import pytest
+import torch
+
+import kernelforge
+import kernelforge.lang as kl
+from kernelforge.backends.cpp import compiler
+from kernelforge.ir.errors import KernelError
+from kernelforge.tolerance import assert_close
+
+pytestmark = pytest.mark.skipif(compiler()[0] is None, reason="no C++ compiler here")
+
+
+@kl.kernel(static=("D",))
+def scalar_first(eps: kl.f32, w: kl.In("D"), x: kl.In("R", "D"), out: kl.Out("R", "D")):
+    r, d = kl.parallel("R"), kl.tile("D")
+    kl.store(out[r, d], kl.load(x[r, d]) * kl.load(w[d]) + eps)
+
+
+def test_runtime_sizes_are_read_from_the_right_tensor():
+    """A scalar before the tensors: R must come from x (100 rows), not w."""
+    w, x = torch.randn(8), torch.randn(100, 8)
+    out = torch.full_like(x, float("nan"))
+    kernelforge.launch(scalar_first, 0.5, w, x, out, backend="cpp")
+    assert_close(out, x.double() * w.double() + 0.5, torch.float32, "scalar first")
+
+
+@kl.kernel(static=("D",))
+def int_div_mod(a: kl.In("R", "D"), b: kl.In("R", "D"), q: kl.Out("R", "D"), m: kl.Out("R", "D")):
+    r, d = kl.parallel("R"), kl.tile("D")
+    x, y = kl.load(a[r, d]), kl.load(b[r, d])
+    kl.store(q[r, d], x // y)
+    kl.store(m[r, d], x % y)
+
+
+def test_integer_division_truncates_and_padded_lanes_do_not_trap():
+    """D=5 pads to 8 lanes whose loads read 0: 0 // 0 there must not trap (it
+    killed the process before kf_idiv); real lanes divide toward zero (C)."""
+    a = torch.tensor([[7, -7, 7, -7, -2 ** 31]], dtype=torch.int32)
+    b = torch.tensor([[2, 2, -2, -2, 3]], dtype=torch.int32)
+    q, m = torch.empty_like(a), torch.empty_like(a)
+    kernelforge.launch(int_div_mod, a, b, q, m, backend="cpp")
+    want_q = torch.div(a.long(), b.long(), rounding_mode="trunc")
+    assert torch.equal(q.long(), want_q)
+    assert torch.equal(m.long(), a.long() - want_q * b.long())
+
+
+@kl.kernel(static=("N",))
+def exp_rows(x: kl.In("M", "N"), out: kl.Out("M", "N")):
+    m, n = kl.parallel("M"), kl.tile("N")
+    kl.store(out[m, n], kl.exp(kl.load(x[m, n])))
+
+
+def test_exp_over_the_whole_float_range():
+    """kf_exp (a vectorisable polynomial) against float64 exp: relative error
+    within the fp32 policy down to the subnormals, exact 0, inf and NaN."""
+    x = torch.cat([torch.linspace(-110.0, 89.0, 4001),
+                   torch.tensor([float("-inf"), float("inf"), float("nan"), 0.0, -87.2, -100.0])])
+    out = torch.empty_like(x[None])
+    kernelforge.launch(exp_rows, x[None], out, backend="cpp")
+    ref = torch.exp(x.double()).float().double()     # float's range: exp(89) is inf
+    out = out[0].double()
+    normal = ref.abs() >= torch.finfo(torch.float32).tiny
+    assert_close(out[normal], ref[normal], torch.float32, "exp, normal results")
+    small = ~normal & (ref > 0) & torch.isfinite(ref)
+    assert (out[small] - ref[small]).abs().max() <= 2 * 2 ** -149      # subnormals: ~1 ulp
+    assert out[-6] == 0.0 and out[-5] == float("inf") and out[-4].isnan() and out[-3] == 1.0
+
+
+@kl.kernel(static=("N",))
+def uses_a_cpp_keyword(new: kl.In("M", "N"), out: kl.Out("M", "N")):
+    m, n = kl.parallel("M"), kl.tile("N")
+    kl.store(out[m, n], kl.load(new[m, n]))
+
+
+def test_a_name_cpp_cannot_use_is_refused_by_name():
+    with pytest.raises(KernelError, match="`new`"):
+        kernelforge.launch(uses_a_cpp_keyword, torch.ones(2, 4), torch.empty(2, 4), backend="cpp")
+
+
+def test_non_contiguous_rows_and_a_strided_last_dim():
+    """Row strides are passed; a strided last dim is made contiguous (inputs)
+    or computed into a temporary and copied back (outputs)."""
+    x = torch.randn(6, 16)[::2]                       # row stride 32
+    w = torch.randn(32)[::2]                          # last-dim stride 2
+    out = torch.empty(3, 32)[:, ::2]                  # output last-dim stride 2
+    kernelforge.launch(scalar_first, 1.0, w, x, out, backend="cpp")
+    assert_close(out, x.double() * w.double() + 1.0, torch.float32, "strided")
+
+
+def test_in_place_call_reads_before_it_writes():
+    """One buffer as input and output (in-place rotary, fused add + norm)."""
+    x = torch.randn(5, 64)
+    want = torch.nn.functional.rms_norm(x.double(), (64,), eps=1e-6)
+    kernelforge.ops.rms_norm(x, torch.ones(64), 1e-6, backend="cpp")   # out of place first
+    out = x.clone()
+    kernelforge.launch(kernelforge.kernels.rmsnorm.rms_norm_fwd, out, torch.ones(64), out,
+                       1e-6, 0.0, backend="cpp")
+    assert_close(out, want, torch.float32, "in place")
+
+
+def test_generated_source_points_back_to_the_kernel():
+    src = kernelforge.dispatch.source(exp_rows, (torch.ones(2, 8), torch.empty(2, 8)), "cpp")
+    assert "test_cpp_backend.py" in src and "kl.exp(kl.load(x[m, n]))" in src
+    assert 'extern "C" void exp_rows(' in src
