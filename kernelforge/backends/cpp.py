@@ -57,16 +57,24 @@ def build_library(name: str, source: str) -> ctypes.CDLL:
     lib = os.path.join(d, f"{name}_{key}.so")
     if not os.path.exists(lib):
         src = os.path.join(d, f"{name}_{key}.cpp")     # kept beside it: readable, debuggable
-        with open(src, "w") as f:
+        fd, tmp_src = tempfile.mkstemp(dir=d, suffix=".cpp")
+        with os.fdopen(fd, "w") as f:
             f.write(source)
         fd, tmp = tempfile.mkstemp(dir=d, suffix=".so")
         os.close(fd)
-        res = subprocess.run([*cmd, src, "-o", tmp], capture_output=True, text=True)
-        if res.returncode:
-            os.unlink(tmp)
-            raise RuntimeError(f"kernelforge cpp backend: compiling {src} failed:\n"
-                               f"{res.stderr[-4000:]}")
-        os.replace(tmp, lib)          # atomic: a concurrent reader sees all or nothing
+        try:
+            # each process compiles its own copy: another one may be writing `src`
+            res = subprocess.run([*cmd, tmp_src, "-o", tmp], capture_output=True, text=True)
+            if res.returncode:
+                os.replace(tmp_src, src)       # kept, to read next to the error
+                raise RuntimeError(f"kernelforge cpp backend: compiling {src} failed:\n"
+                                   f"{res.stderr[-4000:]}")
+            os.replace(tmp_src, src)
+            os.replace(tmp, lib)      # atomic: a concurrent reader sees all or nothing
+        finally:
+            for leftover in (tmp_src, tmp):
+                if os.path.exists(leftover):
+                    os.unlink(leftover)
     return ctypes.CDLL(lib)
 
 
