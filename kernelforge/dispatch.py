@@ -7,7 +7,7 @@ import types
 
 import torch
 
-from . import cache
+from . import cache, config
 from .backends import registry
 from .ir import dtypes as dt
 
@@ -73,13 +73,21 @@ def compiled(kdef, args, backend: str | None = None):
     decision = registry.select(device, backend)
     be = decision.backend
     new = tuple([i for i, _ in tensors if isinstance(args[i], NewTensor)])
+    # an explicit choice may not fall back (Backend.supports): a key of its own
+    explicit = backend is not None or config.env_backend() is not None
     key = (kdef, be.name, device.type, tuple([t.dtype for t in ts]),
-           tuple([args[i].shape[d] for _, (i, d) in static]), be.schedule_key(), new)
+           tuple([args[i].shape[d] for _, (i, d) in static]), be.schedule_key(), new, explicit)
 
     def build():
         dtypes, sizes = specialization(kdef, args)
         kernel = kdef.specialize(dtypes, sizes)
-        return _runner(be, kernel, device, new, [kdef.signature[i][0] for i in new])
+        runs_on = be
+        ok, why = be.supports(kernel)
+        if not ok:
+            if explicit:
+                raise ValueError(f"backend: {be.name!r} cannot run kernel `{kernel.name}`: {why}")
+            runs_on = registry.fallback(device, kernel, be).backend
+        return _runner(runs_on, kernel, device, new, [kdef.signature[i][0] for i in new])
 
     return cache.get_or_build(key, build, (qualname, be.name)), decision
 

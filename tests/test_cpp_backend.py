@@ -105,3 +105,17 @@ def test_generated_source_points_back_to_the_kernel():
     src = kernelforge.dispatch.source(exp_rows, (torch.ones(2, 8), torch.empty(2, 8)), "cpp")
     assert "test_cpp_backend.py" in src and "kl.exp(kl.load(x[m, n]))" in src
     assert 'extern "C" void exp_rows(' in src
+
+
+def test_a_kernel_the_cpp_lowering_cannot_lower_falls_back(monkeypatch):
+    """sort/topk have no C++ rule yet: by default the kernel runs on the next
+    CPU backend (Inductor); asked for explicitly, cpp says why it cannot."""
+    import ir_kernels as K
+    monkeypatch.delenv("KERNELFORGE_BACKEND", raising=False)
+    x = torch.randn(4, 100)
+    srt, top = torch.empty_like(x), torch.empty(4, 4)
+    kernelforge.launch(K.sort_topk, x, srt, top)
+    assert torch.equal(srt, torch.sort(x, -1, descending=True).values)
+    assert torch.equal(top, torch.topk(x, 4, -1).values)
+    with pytest.raises(ValueError, match="'cpp' cannot run kernel `sort_topk`: .*sort, topk"):
+        kernelforge.launch(K.sort_topk, x, srt, top, backend="cpp")

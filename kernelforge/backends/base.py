@@ -31,6 +31,12 @@ class Backend:
         """Whether an explicit request for this backend can run on ``device``."""
         raise NotImplementedError
 
+    def supports(self, kernel) -> tuple[bool, str]:
+        """Whether this lowering has a rule for everything ``kernel`` uses; a
+        kernel it cannot lower runs on the next default backend instead (an
+        explicit ``backend=`` gets the reason as an error)."""
+        return True, ""
+
     def schedule_key(self) -> tuple:
         """Knobs that change generated code; part of every cache key."""
         return ()

@@ -125,6 +125,12 @@ class CppBackend(Backend):
         cxx, why = compiler()
         return (True, f"C++ built with {cxx}") if cxx else (False, why)
 
+    def supports(self, kernel):
+        missing = cpp_printer.unsupported(kernel)
+        if missing:
+            return False, f"the C++ lowering has no rule for {', '.join(missing)} yet"
+        return True, ""
+
     def source(self, kernel) -> str:
         return cpp_printer.print_module(kernel, self.schedule())
 

@@ -94,6 +94,24 @@ def select(device: torch.device, explicit: str | None = None) -> Decision:
     return hit
 
 
+def fallback(device: torch.device, kernel, unable: Backend) -> Decision:
+    """The backend that runs ``kernel`` when the default one, ``unable``,
+    has no rule for something it uses: the next by default priority."""
+    cands = []
+    for b in backends().values():
+        if b is unable:
+            continue
+        prio, _ = b.default_priority(device)
+        if prio is not None and b.supports(kernel)[0]:
+            cands.append((prio, b))
+    if not cands:
+        raise ValueError(f"no backend can run kernel `{kernel.name}` on {device.type} tensors: "
+                         f"{unable.supports(kernel)[1]}")
+    best = max(cands, key=lambda c: c[0])[1]
+    return Decision(best, f"{unable.name} is the default for {device.type} tensors, but "
+                          f"{unable.supports(kernel)[1]}")
+
+
 def _forced(device, name: str, source: str) -> Decision:
     # cached: a backend's answer for a device type does not change (register() clears)
     if not isinstance(name, str):

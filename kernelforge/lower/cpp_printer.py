@@ -793,6 +793,24 @@ class _Printer:
                               body="\n".join(self.lines))
 
 
+def unsupported(k) -> list[str]:
+    """The ops of kernel ``k`` this lowering has no rule for (sorted names)."""
+    from ..ir.analysis import topo
+    missing, roots = set(), []
+
+    def walk(stmts):
+        for st in stmts:
+            roots.extend(stmt_roots(st))
+            if st.op == Op.SEQ_FOR:
+                roots.extend(st.arg.yields)
+                walk(st.arg.stmts)
+    walk(k.stmts)
+    for n in topo(roots):
+        if n.op in (Op.SCAN, Op.SORT, Op.TOPK):
+            missing.add(n.op.name.lower())
+    return sorted(missing)
+
+
 def layout(k) -> dict:
     """What the backend passes, in order: the tensors, the strides of every
     dim but the last of each, the runtime-sized axes, float and int scalars."""
