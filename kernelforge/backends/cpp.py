@@ -151,23 +151,27 @@ class CppBackend(Backend):
         FA, IA = ctypes.c_double * max(len(floats), 1), ctypes.c_int64 * max(len(ints), 1)
 
         def run(*args):
-            ts, back = [], []
+            # per call: a few list appends per tensor (this is the hot path of
+            # every op on CPU; stride() is read once per tensor)
+            ptrs, strides, dims_of, back = [], [], [], None
             for i in tensors:
                 t = args[i]
-                if t.dim() and t.stride(-1) != 1 and t.shape[-1] > 1:
+                st = t.stride()
+                if st and st[-1] != 1 and t.shape[-1] > 1:
                     # the generated code assumes a contiguous last dim
                     c = t.contiguous()
-                    if i in outs:
-                        back.append((t, c))
-                    t = c
-                ts.append(t)
-            strides = [s for t in ts for s in t.stride()[:-1]]
-            dims = [ts[j].shape[d] for j, d in sizes]      # j: position among the tensors
-            ptrs = [t.data_ptr() if t.numel() else _scratch(t) for t in ts]
-            fn(PtrA(*ptrs), StrA(*strides), SizeA(*dims),
+                    # kept (in `back`) until the call returns: only a pointer is passed
+                    back = (back or []) + [(t if i in outs else None, c)]
+                    t, st = c, c.stride()
+                dims_of.append(t.shape)
+                strides.extend(st[:-1])
+                ptrs.append(t.data_ptr() if t.numel() else _scratch(t))
+            fn(PtrA(*ptrs), StrA(*strides), SizeA(*[dims_of[j][d] for j, d in sizes]),
                FA(*[float(args[i]) for i in floats]), IA(*[int(args[i]) for i in ints]),
                torch.get_num_threads())
-            for t, c in back:
-                t.copy_(c)
+            if back:
+                for t, c in back:
+                    if t is not None:
+                        t.copy_(c)
 
         return run

@@ -152,7 +152,10 @@ class LlamaModel:
         T = input_ids.shape[0]
         h = F.embedding(input_ids, self.embed)
         residual = None
-        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+        for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, kv_caches)):
+            # every layer gets the same positions, slots and tables and caches of
+            # one shape: checking them in the first layer checks them for all
+            chk = self.checks and i == 0
             if residual is None:
                 residual = h
                 h = ops.rms_norm(h, layer.input_norm, c.rms_eps, backend=be)
@@ -162,14 +165,14 @@ class LlamaModel:
             qkv = F.linear(h, layer.qkv, layer.qkv_bias)
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
             q, k = ops.rotary_embedding(positions, q, k, c.head_dim, self.cos_sin, self.is_neox,
-                                        check_positions=self.checks, backend=be)
+                                        check_positions=chk, backend=be)
             k = k.view(T, c.num_kv_heads, c.head_dim)
             v = v.view(T, c.num_kv_heads, c.head_dim)   # a strided row view of qkv
             ops.reshape_and_cache(k, v, k_cache, v_cache, meta.slot_mapping,
-                                  check_slots=self.checks, backend=be)
+                                  check_slots=chk, backend=be)
             o = ops.paged_attention(q.view(T, c.num_heads, c.head_dim), k_cache, v_cache,
                                     meta.block_tables, meta.seq_lens, meta.query_start_loc,
-                                    check_tables=self.checks, backend=be)
+                                    check_tables=chk, backend=be)
             h = F.linear(o.reshape(T, self.q_size), layer.o)
             h, residual = ops.fused_add_rms_norm(h, residual, layer.post_norm, c.rms_eps,
                                                  backend=be)
