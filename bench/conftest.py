@@ -241,10 +241,10 @@ def summary_lines() -> list[str]:
         return lines + _attention_lines({g: i for g, i in groups.items() if g in attention},
                                         copy_gbps)
     lines.append("")
-    lines.append("kf_inductor (kernelforge backend='inductor') ratios, from medians of this run; "
-                 "goals apply to the 4096x4096 groups:")
-    for g, impls in groups.items():
-        ind = impls.get("kf_inductor")
+    lines.append("kf_cpp (backend='cpp', the CPU default) and kf_inductor ratios, from medians "
+                 "of this run; goals apply to the 4096x4096 groups:")
+    for g, impls, kf in [(g, i, kf) for g, i in groups.items() for kf in ("kf_cpp", "kf_inductor")]:
+        ind = impls.get(kf)
         if ind is None or g in rotary or g in attention:
             continue
         eager_peer = impls.get("torch_F_rms_norm") or impls.get("torch_add_F_rms_norm")
@@ -261,7 +261,7 @@ def summary_lines() -> list[str]:
         parts.append("of copy bw: " + goal(ind["gbps"] / copy_gbps, GOAL_COPY_FRACTION, "{:.0%}"))
         if "kf_eager" in impls:
             parts.append(f"vs kf eager: {impls['kf_eager']['median_s'] / ind['median_s']:.2f}x")
-        lines.append(f"  {g}:")
+        lines.append(f"  {g} ({kf}):")
         lines.extend(f"      {p}" for p in parts)
     if rotary:
         lines.extend(_rotary_lines({g: i for g, i in groups.items() if g in rotary}, copy_gbps))

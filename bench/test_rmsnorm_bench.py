@@ -4,7 +4,8 @@
 
 Per group (op, shape, dtype) the implementations are:
 
-    kf_inductor           kernelforge.ops.*(..., backend="inductor")  (our lowering)
+    kf_cpp                kernelforge.ops.*(..., backend="cpp")  (the CPU default: C++ lowering)
+    kf_inductor           kernelforge.ops.*(..., backend="inductor")  (torch lowering, compiled)
     kf_eager              kernelforge.ops.*(..., backend="eager")
     torch_F_rms_norm      torch.nn.functional.rms_norm, eager
     torch_add_F_rms_norm  (fused group) x + residual, then F.rms_norm, eager
@@ -73,6 +74,7 @@ def make_fn(op: str, impl: str, group: str, args: tuple):
         x, w = args
         n = x.shape[-1]
         return {
+            "kf_cpp": lambda: ops.rms_norm(x, w, EPS, backend="cpp"),
             "kf_inductor": lambda: ops.rms_norm(x, w, EPS, backend="inductor"),
             "kf_eager": lambda: ops.rms_norm(x, w, EPS, backend="eager"),
             "torch_F_rms_norm": lambda: F.rms_norm(x, (n,), w, EPS),
@@ -87,6 +89,7 @@ def make_fn(op: str, impl: str, group: str, args: tuple):
         return F.rms_norm(s, (n,), w, EPS), s
 
     return {
+        "kf_cpp": lambda: ops.fused_add_rms_norm(x, r, w, EPS, backend="cpp"),
         "kf_inductor": lambda: ops.fused_add_rms_norm(x, r, w, EPS, backend="inductor"),
         "kf_eager": lambda: ops.fused_add_rms_norm(x, r, w, EPS, backend="eager"),
         "torch_add_F_rms_norm": add_then_f,
@@ -129,8 +132,9 @@ def _ref_rms(x, w):
 
 # -- the cases ------------------------------------------------------------------------
 
-RMS_IMPLS = ("kf_inductor", "kf_eager", "torch_F_rms_norm", "eager_formula", "compiled_formula")
-FUSED_IMPLS = ("kf_inductor", "kf_eager", "torch_add_F_rms_norm", "eager_formula",
+RMS_IMPLS = ("kf_cpp", "kf_inductor", "kf_eager", "torch_F_rms_norm", "eager_formula",
+             "compiled_formula")
+FUSED_IMPLS = ("kf_cpp", "kf_inductor", "kf_eager", "torch_add_F_rms_norm", "eager_formula",
                "compiled_formula")
 
 CONFIGS = [

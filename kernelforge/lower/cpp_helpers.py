@@ -19,9 +19,9 @@ static inline float kf_bf16_load(uint16_t b) {
 }
 static inline uint16_t kf_bf16_bits(float f) {          // round to nearest even
   uint32_t u; std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);   // NaN stays NaN
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return (uint16_t)(u >> 16);
+  uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  uint32_t nan = (u >> 16) | 0x40u;                          // NaN stays a (quiet) NaN
+  return (uint16_t)(((u & 0x7fffffffu) > 0x7f800000u) ? nan : r);   // a select, no branch
 }
 static inline float kf_rbf16(float f) { return kf_bf16_load(kf_bf16_bits(f)); }
 static inline float kf_f16_load(uint16_t b) { _Float16 h; std::memcpy(&h, &b, 2); return (float)h; }

@@ -81,13 +81,28 @@ extern "C" void {{ k.name }}(void* const* ptrs, const int64_t* strides, const in
 {% endfor %}
   const int64_t programs = {{ programs }};
   if (programs <= 0) return;
-  #pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads) if(programs > 1)
+  #pragma omp parallel for schedule(guided) num_threads(num_threads) if(programs > 1)
   for (int64_t program = 0; program < programs; ++program) {
 {% for line in pids %}    {{ line }}
 {% endfor %}{{ body }}
   }
 }
 ''', trim_blocks=True)
+
+
+def _static_chunk(size: int, cap: int) -> int:
+    """Chunk of a loop over a static axis: the largest power of two >= 16
+    that divides it (576 = 9 x 64), so no chunk has padded lanes and every
+    one takes the mask-free path; else the padded power of two (capped)."""
+    whole = next_pow2(size)
+    if whole == size and size <= cap:
+        return size
+    d = min(cap, whole)
+    while d >= 16:
+        if size % d == 0:
+            return d
+        d //= 2
+    return min(whole, cap)
 
 
 def print_module(k, schedule: CppSchedule = CppSchedule()) -> str:
@@ -119,6 +134,7 @@ class _Printer:
         self.names: dict[int, str] = {}
         self.count = 0
         self.uses: Counter = Counter()
+        self.users: dict[int, set] = {}     # node -> ids of the nodes that read it
         self.pinned: set[int] = set()       # must be materialised (bounds, yields)
         self.row_bounds: dict[int, tuple] = {}   # seq tile -> (lo, hi, start, stop)
         self.params = {p.name: p for p in k.params}
@@ -154,7 +170,7 @@ class _Printer:
             return next_pow2(size)
         if size is None:
             return self.sched.dynamic_block
-        return min(next_pow2(size), self.sched.max_block)
+        return _static_chunk(size, self.sched.max_block)
 
     def size(self, axis: str) -> str:
         s = self.k.axes[axis].size
@@ -534,8 +550,9 @@ class _Printer:
     def count_uses(self) -> None:
         seen: set[int] = set()
 
-        def use(x: Node, scope) -> None:
+        def use(x: Node, scope, user=None) -> None:
             self.uses[id(x)] += 1
+            self.users.setdefault(id(x), set()).add("stmt" if user is None else id(user))
             # a value used in another loop than its own is computed once, there
             if self.an.scope(x) is not scope:
                 self.pinned.add(id(x))
@@ -549,7 +566,7 @@ class _Printer:
                 if m.op in (Op.SEQ_FOR, Op.STORE):
                     continue
                 for s in m.src:
-                    use(s, self.an.scope(m))
+                    use(s, self.an.scope(m), m)
 
         def walk(stmts, scope):
             for st in stmts:
@@ -568,8 +585,9 @@ class _Printer:
     def inline(self, n: Node) -> bool:
         if n.op not in _INLINE or id(n) in self.pinned or not self.tdims(n):
             return False
-        if self.uses[id(n)] <= 1:
-            return True
+        if self.uses[id(n)] <= 1 or (len(self.users.get(id(n), ())) == 1 and
+                                     "stmt" not in self.users[id(n)]):
+            return True                      # one user (x * x): computed in its loop
         # one cheap op on stored values: recomputing it in each user costs less
         # than a pass that stores it and passes that load it back
         if all(x.op in _LEAF for x in n.src) and n.op in _CHEAP:
@@ -720,7 +738,11 @@ class _Printer:
         cond = self.mask(s, dims) + self.bounds(p, index)
         if s.arg is not None:
             cond.append(self.ex(s.arg))
-        v = self.ex(value)
+        if p.dtype in _STORE and value.op == Op.CAST and value.dtype == p.dtype and \
+                id(value) not in self.names and value.src[0].dtype == dt.f32:
+            v = self.ex(value.src[0])        # the store's conversion rounds: once is enough
+        else:
+            v = self.ex(value)
         if p.dtype in _STORE:
             v = f"{_STORE[p.dtype]}({v})"
         stmt = f"{p.name}[{self.address(p, index)}] = {v};"
