@@ -134,16 +134,28 @@ class CppBackend(Backend):
     def source(self, kernel) -> str:
         return cpp_printer.print_module(kernel, self.schedule())
 
-    def build(self, kernel, device):
-        lib = build_library(kernel.name, self.source(kernel))
-        fn = getattr(lib, kernel.name)
+    def _load(self, kernel, restrict: bool):
+        src = cpp_printer.print_module(kernel, self.schedule(), restrict=restrict)
+        fn = getattr(build_library(kernel.name, src), kernel.name)
         fn.restype = None
         fn.argtypes = [_P(ctypes.c_void_p), _P(ctypes.c_int64), _P(ctypes.c_int64),
                        _P(ctypes.c_double), _P(ctypes.c_int64), ctypes.c_int64]
+        return fn
+
+    def build(self, kernel, device):
+        fn = self._load(kernel, restrict=True)
+        overlapping = []          # built on the first call whose outputs share memory
+
+        def aliased():
+            if not overlapping:
+                overlapping.append(self._load(kernel, restrict=False))
+            return overlapping[0]
+
         lay = cpp_printer.layout(kernel)
         tensors, sizes = lay["tensors"], lay["sizes"]
         floats, ints = lay["floats"], lay["ints"]
         outs = {i for i in tensors if kernel.params[i].kind == "out"}
+        ins = [i for i in tensors if i not in outs]
         n_ptr = len(tensors)
         n_str = sum(len(kernel.params[i].axes) - 1 for i in tensors)
         PtrA, StrA = ctypes.c_void_p * n_ptr, ctypes.c_int64 * max(n_str, 1)
@@ -166,7 +178,12 @@ class CppBackend(Backend):
                 dims_of.append(t.shape)
                 strides.extend(st[:-1])
                 ptrs.append(t.data_ptr() if t.numel() else _scratch(t))
-            fn(PtrA(*ptrs), StrA(*strides), SizeA(*[dims_of[j][d] for j, d in sizes]),
+            call = fn
+            if outs:
+                mem = {args[i].untyped_storage().data_ptr() for i in outs}
+                if any(args[i].untyped_storage().data_ptr() in mem for i in ins):
+                    call = aliased()           # an output shares an input's storage
+            call(PtrA(*ptrs), StrA(*strides), SizeA(*[dims_of[j][d] for j, d in sizes]),
                FA(*[float(args[i]) for i in floats]), IA(*[int(args[i]) for i in ints]),
                torch.get_num_threads())
             if back:
