@@ -608,6 +608,16 @@ class _Printer:
         i = 0
         while i < len(events):
             ev, n = events[i]
+            if ev == "store":
+                # consecutive stores over the same lanes share one loop nest
+                # (a fused add + norm writes the sum and the output in one pass)
+                group = [n]
+                while i + len(group) < len(events) and events[i + len(group)][0] == "store" \
+                        and self.store_lanes(events[i + len(group)][1]) == self.store_lanes(n):
+                    group.append(events[i + len(group)][1])
+                self.ev_store(group)
+                i += len(group)
+                continue
             if ev != "begin":
                 getattr(self, "ev_" + ev)(n)
                 i += 1
@@ -734,25 +744,34 @@ class _Printer:
         if close:
             self.close()
 
-    def ev_store(self, s: Node) -> None:
-        param, value, *index = s.src
-        p = param.arg
-        self.src(s.loc)
+    def store_lanes(self, s: Node) -> tuple:
         dims = self.tdims(s)
-        blocks = [self.block(self.tile(s, a)) for a in dims]
-        cond = self.mask(s, dims) + self.bounds(p, index)
-        if s.arg is not None:
-            cond.append(self.ex(s.arg))
-        if p.dtype in _STORE and value.op == Op.CAST and value.dtype == p.dtype and \
-                id(value) not in self.names and value.src[0].dtype == dt.f32:
-            v = self.ex(value.src[0])        # the store's conversion rounds: once is enough
-        else:
-            v = self.ex(value)
-        if p.dtype in _STORE:
-            v = f"{_STORE[p.dtype]}({v})"
-        stmt = f"{p.name}[{self.address(p, index)}] = {v};"
+        return dims, tuple(self.block(self.tile(s, a)) for a in dims)
+
+    def ev_store(self, group) -> None:
+        if isinstance(group, Node):
+            group = [group]
+        dims, blocks = self.store_lanes(group[0])
+        stmts = []
+        for s in group:
+            param, value, *index = s.src
+            p = param.arg
+            self.src(s.loc)
+            cond = self.mask(s, dims) + self.bounds(p, index)
+            if s.arg is not None:
+                cond.append(self.ex(s.arg))
+            if p.dtype in _STORE and value.op == Op.CAST and value.dtype == p.dtype and \
+                    id(value) not in self.names and value.src[0].dtype == dt.f32:
+                v = self.ex(value.src[0])    # the store's conversion rounds: once is enough
+            else:
+                v = self.ex(value)
+            if p.dtype in _STORE:
+                v = f"{_STORE[p.dtype]}({v})"
+            stmt = f"{p.name}[{self.address(p, index)}] = {v};"
+            stmts.append(f"if ({' & '.join(cond)}) {stmt}" if cond else stmt)
         depth = self.nest(dims, blocks)
-        self.line(f"if ({' & '.join(cond)}) {stmt}" if cond else stmt)
+        for st in stmts:
+            self.line(st)
         self.unnest(depth)
 
     # -- module -------------------------------------------------------------------
