@@ -7,7 +7,7 @@ import types
 
 import torch
 
-from . import cache, config
+from . import cache
 from .backends import registry
 from .ir import dtypes as dt
 
@@ -74,7 +74,7 @@ def compiled(kdef, args, backend: str | None = None):
     be = decision.backend
     new = tuple([i for i, _ in tensors if isinstance(args[i], NewTensor)])
     # an explicit choice may not fall back (Backend.supports): a key of its own
-    explicit = backend is not None or config.env_backend() is not None
+    explicit = decision.forced
     key = (kdef, be.name, device.type, tuple([t.dtype for t in ts]),
            tuple([args[i].shape[d] for _, (i, d) in static]), be.schedule_key(), new, explicit)
 

@@ -66,6 +66,8 @@ class Decision:
     backend: Backend
     reason: str
     candidates: list[tuple[str, int | None, str]] = field(default_factory=list)
+    #: chosen by backend= or KERNELFORGE_BACKEND, not by priority: no fallback
+    forced: bool = False
 
     def __str__(self) -> str:
         lines = [f"backend: {self.backend.name} ({self.reason})"]
@@ -133,4 +135,4 @@ def _forced_uncached(device, name, source: str) -> Decision:
     if not ok:
         raise ValueError(f"backend: {name!r} (from the {source}) cannot run on "
                          f"{device.type} tensors: {why}")
-    return Decision(b, f"requested by the {source}; {why}")
+    return Decision(b, f"requested by the {source}; {why}", forced=True)

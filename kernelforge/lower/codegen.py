@@ -7,9 +7,13 @@ import math
 
 
 class Lines:
-    def __init__(self, indent: int = 1):
+    """``comment`` and ``unit`` (one indent level) are the target language's:
+    Python's by default, ``//`` and two spaces for C++."""
+
+    def __init__(self, indent: int = 1, comment: str = "#", unit: str = "    "):
         self.lines: list[str] = []
         self.depth = indent
+        self.comment, self.unit = comment, unit
         self._last_loc = None
 
     def src(self, loc) -> None:
@@ -18,10 +22,10 @@ class Lines:
             return
         self._last_loc = loc
         text = f": {loc.text.strip()}" if loc.text else ""
-        self.line(f"# {loc.short()}{text}")
+        self.line(f"{self.comment} {loc.short()}{text}")
 
     def line(self, text: str) -> None:
-        self.lines.append("    " * self.depth + text)
+        self.lines.append(self.unit * self.depth + text)
 
     def indent(self) -> None:
         self.depth += 1

@@ -25,7 +25,7 @@ from ..ir import dtypes as dt
 from ..ir.analysis import Analysis, linearize, stmt_roots
 from ..ir.errors import KernelError
 from ..ir.nodes import Node, Op
-from .codegen import next_pow2, spec_text
+from .codegen import Lines, next_pow2, spec_text
 from .cpp_helpers import PRELUDE
 from .cpp_values import (_CHEAP, _CT, _INLINE, _LEAF, _MT, _ROUND, _STACK_BYTES, _STORE,
                          ValueRules)
@@ -94,38 +94,30 @@ def print_module(k, schedule: CppSchedule = CppSchedule(), restrict: bool = True
 class _Printer(ValueRules):
     def __init__(self, k, an: Analysis, sched: CppSchedule):
         self.k, self.an, self.sched = k, an, sched
-        self.lines: list[str] = []
-        self.depth = 2
-        self.last_loc = None
+        self.out = Lines(indent=2, comment="//", unit="  ")
         self.names: dict[int, str] = {}
         self.count = 0
         self.uses: Counter = Counter()
         self.users: dict[int, set] = {}     # node -> ids of the nodes that read it
         self.pinned: set[int] = set()       # must be materialised (bounds, yields)
         self.row_bounds: dict[int, tuple] = {}   # seq tile -> (lo, hi, start, stop)
-        self.params = {p.name: p for p in k.params}
         self.restrict = True
         self.fast: set[int] = set()         # seq tiles whose current chunk needs no mask
 
     # -- output -----------------------------------------------------------------
     def line(self, text: str) -> None:
-        self.lines.append("  " * self.depth + text)
+        self.out.line(text)
 
     def src(self, loc) -> None:
-        if loc is None or loc == self.last_loc:
-            return
-        self.last_loc = loc
-        text = f": {loc.text.strip()}" if loc.text else ""
-        self.line(f"// {loc.short()}{text}")
+        self.out.src(loc)
 
     def open(self, head: str) -> None:
-        self.line(head + " {")
-        self.depth += 1
+        self.out.line(head + " {")
+        self.out.indent()
 
     def close(self) -> None:
-        self.depth -= 1
-        self.line("}")
-        self.last_loc = None
+        self.out.dedent()
+        self.out.line("}")
 
     # -- tiles ------------------------------------------------------------------
     def block(self, t: Node) -> int:
@@ -564,7 +556,7 @@ class _Printer(ValueRules):
         return _MODULE.render(k=k, spec=spec_text(k), blocks=blocks, prelude=PRELUDE,
                               restrict=self.restrict,
                               binds=binds, programs=" * ".join(counts) or "1", pids=pids,
-                              body="\n".join(self.lines))
+                              body=self.out.text())
 
 
 def unsupported(k) -> list[str]:
