@@ -25,6 +25,9 @@ from . import config
 _TAG = "# kernelforge-sha256: "
 stats: Counter = Counter()           # (kernel name, backend) -> number of builds
 _memory: dict[tuple, object] = {}
+# dispatch's per-call memo: (what the caller controls) -> (callable, backend
+# decision, schedule key); emptied with _memory and by registry.register()
+launchers: dict[tuple, tuple] = {}
 _lock = threading.Lock()
 
 
@@ -113,3 +116,4 @@ def built(kernel, backend: str) -> bool:
 
 def clear_memory() -> None:
     _memory.clear()
+    launchers.clear()

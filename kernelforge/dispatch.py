@@ -7,7 +7,7 @@ import types
 
 import torch
 
-from . import cache
+from . import cache, config
 from .backends import registry
 from .ir import dtypes as dt
 
@@ -65,18 +65,30 @@ def specialization(kdef, args) -> tuple[dict, dict]:
 def compiled(kdef, args, backend: str | None = None):
     """The callable that would run ``kdef`` on ``args`` (returning the
     tensors for its NewTensor arguments), and the backend decision."""
-    tensors, static, qualname, same = _plan(kdef)
+    tensors, static, qualname, same = kdef.launch_plan or _plan(kdef)
     if same:
         check_shapes(kdef, args)
     ts = [args[i] for i, _ in tensors]
     device = ts[0].device
+    # The hot path of every op: one dict lookup keyed by what the caller
+    # controls (the backend argument and variable, device, dtypes, which
+    # outputs are new, static sizes). A hit skips backend selection; the
+    # entry keeps the schedule it was built for, and registry.register()
+    # empties the memo, so a new backend or schedule never reuses it.
+    fast = (kdef, backend, config.env_backend(), device.type, device.index,
+            tuple([(t.dtype, t.__class__) for t in ts]),
+            tuple([args[i].shape[d] for _, (i, d) in static]))
+    hit = cache.launchers.get(fast)
+    if hit is not None and hit[2] == hit[1].backend.schedule_key():
+        return hit[0], hit[1]
     decision = registry.select(device, backend)
     be = decision.backend
     new = tuple([i for i, _ in tensors if isinstance(args[i], NewTensor)])
     # an explicit choice may not fall back (Backend.supports): a key of its own
     explicit = decision.forced
+    sched = be.schedule_key()
     key = (kdef, be.name, device.type, tuple([t.dtype for t in ts]),
-           tuple([args[i].shape[d] for _, (i, d) in static]), be.schedule_key(), new, explicit)
+           tuple([args[i].shape[d] for _, (i, d) in static]), sched, new, explicit)
 
     def build():
         dtypes, sizes = specialization(kdef, args)
@@ -87,12 +99,19 @@ def compiled(kdef, args, backend: str | None = None):
             if explicit:
                 raise ValueError(f"backend: {be.name!r} cannot run kernel `{kernel.name}`: {why}")
             runs_on = registry.fallback(device, kernel, be).backend
-        return _runner(runs_on, kernel, device, new, [kdef.signature[i][0] for i in new])
+        outs = [i for i, (_, a) in enumerate(kdef.signature) if getattr(a, "kind", "") == "out"]
+        return _runner(runs_on, kernel, device, new, [kdef.signature[i][0] for i in new],
+                       fresh=set(new) == set(outs))
 
-    return cache.get_or_build(key, build, (qualname, be.name)), decision
+    fn = cache.get_or_build(key, build, (qualname, be.name))
+    cache.launchers[fast] = (fn, decision, sched)
+    return fn, decision
 
 
-def _runner(be, kernel, device, new: tuple, new_names: list):
+def _runner(be, kernel, device, new: tuple, new_names: list, fresh: bool = False):
+    """``fresh``: every output is allocated here, so none can share memory
+    with an input (a backend's ``build`` may offer a ``fresh`` variant of its
+    callable that skips that check)."""
     if new and hasattr(be, "build_functional"):
         fn = be.build_functional(kernel, device, tuple(new_names))
         if fn is not None:
@@ -104,15 +123,17 @@ def _runner(be, kernel, device, new: tuple, new_names: list):
             raw(*a)
             return ()
         return run
+    call = getattr(raw, "fresh", raw) if fresh else raw
+    empty = torch.empty
 
     def run_alloc(*a):
         a = list(a)
         outs = []
         for i in new:
             spec = a[i]
-            a[i] = t = torch.empty(spec.shape, dtype=spec.dtype, device=spec.device)
+            a[i] = t = empty(spec.shape, dtype=spec.dtype, device=spec.device)
             outs.append(t)
-        raw(*a)
+        call(*a)
         return tuple(outs)
     return run_alloc
 

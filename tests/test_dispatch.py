@@ -15,10 +15,10 @@ X, W = torch.randn(2, 64), torch.randn(64)
 def clean_registry():
     saved = registry._backends
     registry._backends = None
-    registry._defaults.clear()
+    registry.reset()
     yield
     registry._backends = saved
-    registry._defaults.clear()
+    registry.reset()
 
 
 def test_cpu_default_is_cpp_and_explained(monkeypatch):
@@ -37,7 +37,7 @@ def test_no_compiler_falls_back_to_inductor(monkeypatch):
     from kernelforge.backends import cpp
     monkeypatch.setattr(cpp, "compiler", lambda: (None, "no C++ compiler found (test)"))
     monkeypatch.delenv("KERNELFORGE_BACKEND", raising=False)
-    registry._defaults.clear()
+    registry.reset()
     try:
         d = registry.select(torch.device("cpu"))
         assert d.backend.name == "inductor"
@@ -45,7 +45,7 @@ def test_no_compiler_falls_back_to_inductor(monkeypatch):
         with pytest.raises(ValueError, match="cannot run on cpu tensors: no C\\+\\+ compiler"):
             registry.select(torch.device("cpu"), "cpp")
     finally:
-        registry._defaults.clear()
+        registry.reset()
 
 
 def test_gpu_default_is_triton():

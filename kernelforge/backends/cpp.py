@@ -138,8 +138,7 @@ class CppBackend(Backend):
         src = cpp_printer.print_module(kernel, self.schedule(), restrict=restrict)
         fn = getattr(build_library(kernel.name, src), kernel.name)
         fn.restype = None
-        fn.argtypes = [_P(ctypes.c_void_p), _P(ctypes.c_int64), _P(ctypes.c_int64),
-                       _P(ctypes.c_double), _P(ctypes.c_int64), ctypes.c_int64]
+        fn.argtypes = [_P(ctypes.c_int64), _P(ctypes.c_double), ctypes.c_int64]
         return fn
 
     def build(self, kernel, device):
@@ -158,13 +157,14 @@ class CppBackend(Backend):
         ins = [i for i in tensors if i not in outs]
         n_ptr = len(tensors)
         n_str = sum(len(kernel.params[i].axes) - 1 for i in tensors)
-        PtrA, StrA = ctypes.c_void_p * n_ptr, ctypes.c_int64 * max(n_str, 1)
-        SizeA = ctypes.c_int64 * max(len(sizes), 1)
-        FA, IA = ctypes.c_double * max(len(floats), 1), ctypes.c_int64 * max(len(ints), 1)
+        ArgA = ctypes.c_int64 * max(n_ptr + n_str + len(sizes) + len(ints), 1)
+        FA = ctypes.c_double * max(len(floats), 1)
+        no_floats = FA()
+        threads = torch.get_num_threads
 
-        def run(*args):
-            # per call: a few list appends per tensor (this is the hot path of
-            # every op on CPU; stride() is read once per tensor)
+        def pack(args):
+            """The int64 argument array (and the contiguous copies it points
+            into, kept alive by the caller until the call returns)."""
             ptrs, strides, dims_of, back = [], [], [], None
             for i in tensors:
                 t = args[i]
@@ -172,23 +172,41 @@ class CppBackend(Backend):
                 if st and st[-1] != 1 and t.shape[-1] > 1:
                     # the generated code assumes a contiguous last dim
                     c = t.contiguous()
-                    # kept (in `back`) until the call returns: only a pointer is passed
                     back = (back or []) + [(t if i in outs else None, c)]
                     t, st = c, c.stride()
                 dims_of.append(t.shape)
                 strides.extend(st[:-1])
                 ptrs.append(t.data_ptr() if t.numel() else _scratch(t))
+            ptrs += strides
+            ptrs += [dims_of[j][d] for j, d in sizes]
+            if ints:
+                ptrs += [int(args[i]) for i in ints]
+            return ArgA(*ptrs), (FA(*[float(args[i]) for i in floats]) if floats
+                                 else no_floats), back
+
+        def finish(back):
+            for t, c in back:
+                if t is not None:
+                    t.copy_(c)
+
+        def run(*args):
+            # the hot path of every op on CPU: one int64 array per call
+            arr, farr, back = pack(args)
             call = fn
             if outs:
                 mem = {args[i].untyped_storage().data_ptr() for i in outs}
                 if any(args[i].untyped_storage().data_ptr() in mem for i in ins):
                     call = aliased()           # an output shares an input's storage
-            call(PtrA(*ptrs), StrA(*strides), SizeA(*[dims_of[j][d] for j, d in sizes]),
-               FA(*[float(args[i]) for i in floats]), IA(*[int(args[i]) for i in ints]),
-               torch.get_num_threads())
+            call(arr, farr, threads())
             if back:
-                for t, c in back:
-                    if t is not None:
-                        t.copy_(c)
+                finish(back)
 
+        def fresh(*args):
+            # dispatch allocated every output: none can share an input's memory
+            arr, farr, back = pack(args)
+            fn(arr, farr, threads())
+            if back:
+                finish(back)
+
+        run.fresh = fresh
         return run

@@ -58,7 +58,16 @@ def backends() -> dict[str, Backend]:
 def register(backend: Backend) -> None:
     """Add a backend at run time (tests, notebooks); plug-ins use the entry point."""
     backends()[backend.name] = backend
+    reset()
+
+
+def reset() -> None:
+    """Forget every cached choice of backend: the defaults per device and
+    dispatch's per-call memo. For when what a backend can run changed (a
+    backend registered, a compiler removed in a test)."""
     _defaults.clear()
+    from .. import cache       # (cache imports only config: no cycle)
+    cache.launchers.clear()
 
 
 @dataclass
