@@ -7,6 +7,7 @@ from .kernels import rmsnorm as _rmsnorm
 from .kernels import rotary as _rotary
 from .kernels import sampling as _sampling
 from .kernels.attention import attention, paged_attention  # noqa: F401
+from .kernels.attention_plan import PagedAttentionPlan, paged_attention_plan  # noqa: F401
 from .kernels.kv_cache import reshape_and_cache  # noqa: F401
 from .kernels.rmsnorm import fused_add_rms_norm, rms_norm  # noqa: F401
 from .kernels.rotary import rotary_embedding  # noqa: F401

@@ -327,7 +327,7 @@ def paged_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch
                     query_start_loc: torch.Tensor, *, scale: Optional[float] = None,
                     causal: bool = True, window: Optional[int] = None,
                     softcap: Optional[float] = None, check_tables: bool = True,
-                    splits: Optional[int] = None,
+                    splits: Optional[int] = None, plan=None,
                     backend: Optional[str] = None) -> torch.Tensor:
     """Attention of new query tokens over a paged KV cache, for a batch that
     mixes decode rows (one query token) and chunked-prefill rows.
@@ -354,13 +354,17 @@ def paged_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch
             programs, then merged (flash-decoding, ``kernels/attention_split.py``);
             None chooses: several on GPUs when rows are few and contexts long,
             1 elsewhere.
+        plan: from ``paged_attention_plan(block_tables, seq_lens,
+            query_start_loc, ...)``: what every layer of a step shares (each
+            row's key range, the checked tables), derived once instead of per
+            call (``kernels/attention_plan.py``). None derives it here.
     Returns:
         [T, Hq, D] in q's dtype.
 
     Example:
         >>> o = kernelforge.ops.paged_attention(q, kc, vc, tables, lens, qsl)
     """
-    if checks.opaque():
+    if checks.opaque():        # (a plan only saves work outside graphs: not passed on)
         return torch.ops.kernelforge.paged_attention(q, key_cache, value_cache, block_tables,
                                                      seq_lens, query_start_loc, scale, causal,
                                                      window, softcap, check_tables, backend)
@@ -373,37 +377,45 @@ def paged_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch
     if splits is not None and (not isinstance(splits, int) or isinstance(splits, bool)
                                or not 1 <= splits <= 64):
         checks.fail(op, "splits", "None or an int in [1, 64]", repr(splits))
-    nb, bs = key_cache.shape[:2]
-    qsl, _ = _lengths(op, "query_start_loc", query_start_loc, q, q.shape[0], "q",
-                      host_check=check_tables)
-    B = qsl.shape[0] - 1
-    for name, x, dims in (("block_tables", block_tables, 2), ("seq_lens", seq_lens, 1)):
+    from . import attention_plan
+    from .attention_plan import PagedAttentionPlan
+    for name, x in (("query_start_loc", query_start_loc), ("block_tables", block_tables),
+                    ("seq_lens", seq_lens)):
         checks.tensor(op, name, x)
         checks.same_device(op, name, x, "q", q)
-        if x.dtype not in (torch.int32, torch.int64) or x.dim() != dims or x.shape[0] != B:
-            checks.fail(op, name, f"a {dims}-D int32 tensor with {B} rows (one per sequence "
-                        "in `query_start_loc`)", f"{x.dim()}-D {x.dtype} {list(x.shape)}")
+    if plan is None:
+        plan = attention_plan.build(block_tables, seq_lens, query_start_loc, causal, window,
+                                    check_tables, op)
+    elif not isinstance(plan, PagedAttentionPlan):
+        checks.fail(op, "plan", "None or a PagedAttentionPlan (ops.paged_attention_plan)",
+                    type(plan).__name__)
+    else:
+        plan.matches(op, block_tables, seq_lens, query_start_loc, causal, window, check_tables)
+    T = q.shape[0]
+    if plan.qsl_host is not None and plan.qsl_host[-1] != T:
+        checks.fail(op, "query_start_loc", f"to end at {T} (the tokens in `q`)",
+                    f"{plan.qsl_host[-1]}")
     if not torch.compiler.is_compiling():        # (inline: no backend runs it)
         registry.select(q.device, backend)
-    lens = seq_lens.to(torch.int64)
-    q_lens = qsl.diff()
+    nb, bs = key_cache.shape[:2]
     mb = block_tables.shape[1]
-    if check_tables and B:
-        _check_tables(op, block_tables, lens, q_lens, nb, bs, mb)
-    T = q.shape[0]
+    if check_tables and plan.q_lens.shape[0] and (nb, bs) not in plan.checked:
+        _check_tables(op, block_tables, plan.lens, plan.q_lens, nb, bs, mb)
+        plan.checked.add((nb, bs))
     if not T:
         return torch.empty_like(q)
-    seq, lo, hi = _rows(qsl, q_lens, lens, causal, window, q.device, T)
+    seq, lo, hi = plan.key_ranges(T, q.device)
     G = q.shape[1] // hkv
     qg = q.view(T, hkv, G, D) if q.stride(-1) == 1 else q.reshape(T, hkv, G, D)
-    context = torch.empty(1, dtype=torch.int32, device=q.device).expand(mb * bs)
-    tables = block_tables if block_tables.dtype == torch.int32 else block_tables.to(torch.int32)
-    args = (qg, key_cache, value_cache, tables, seq.to(torch.int32), lo.to(torch.int32),
-            hi.to(torch.int32), context)
+    context = plan.context(mb * bs, q.device)
+    args = (qg, key_cache, value_cache, plan.tables, seq, lo, hi, context)
     scalars = (float(D ** -0.5 if scale is None else scale), float(softcap or 1.0))
     from . import attention_split    # (it imports this module)
     if splits is None:
-        splits = attention_split.choose_splits(T * hkv, mb * bs, q.device)
+        splits = plan.splits.get((T, hkv, q.device))
+        if splits is None:
+            splits = plan.splits[T, hkv, q.device] = attention_split.choose_splits(
+                T * hkv, mb * bs, q.device)
     if splits == 1:
         (out,) = launch(paged_attention_kernel(softcap is not None), *args,
                         NewTensor(qg.shape, q.dtype, q.device), *scalars, backend=backend)
