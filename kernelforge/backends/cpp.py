@@ -160,12 +160,13 @@ class CppBackend(Backend):
         ArgA = ctypes.c_int64 * max(n_ptr + n_str + len(sizes) + len(ints), 1)
         FA = ctypes.c_double * max(len(floats), 1)
         no_floats = FA()
+        size_dims = [(tensors[j], d) for j, d in sizes]     # (argument, dim) per runtime size
         threads = torch.get_num_threads
 
         def pack(args):
             """The int64 argument array (and the contiguous copies it points
             into, kept alive by the caller until the call returns)."""
-            ptrs, strides, dims_of, back = [], [], [], None
+            ptrs, strides, back = [], [], None
             for i in tensors:
                 t = args[i]
                 st = t.stride()
@@ -174,11 +175,10 @@ class CppBackend(Backend):
                     c = t.contiguous()
                     back = (back or []) + [(t if i in outs else None, c)]
                     t, st = c, c.stride()
-                dims_of.append(t.shape)
-                strides.extend(st[:-1])
+                strides += st[:-1]
                 ptrs.append(t.data_ptr() if t.numel() else _scratch(t))
             ptrs += strides
-            ptrs += [dims_of[j][d] for j, d in sizes]
+            ptrs += [args[i].shape[d] for i, d in size_dims]
             if ints:
                 ptrs += [int(args[i]) for i in ints]
             return ArgA(*ptrs), (FA(*[float(args[i]) for i in floats]) if floats
