@@ -12,7 +12,7 @@ import torch
 
 from . import loader
 from .block_pool import BlockPool
-from .model import AttnMetadata, LlamaModel
+from .model import QUANTIZATIONS, AttnMetadata, LlamaModel
 from .sampler import sample
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
@@ -73,13 +73,20 @@ class LLM:
         prefix_caching: reuse the KV blocks of prompt prefixes already computed
             (full blocks, keyed by their tokens and all tokens before them).
         progress: show progress bars while loading and generating.
+        quantization: None (default) or "int4": weight-only quantization for
+            CPU decode: the layer matrices as 4-bit groups of 32 (a GGUF's Q4_1
+            blocks exactly; other weights quantized with Q4_1's scheme), the
+            lm_head as per-row int8, run by torch's int4/int8 CPU kernels
+            (docs/runtime.md). Needs bfloat16 activations: dtype None then
+            means bfloat16, and another dtype is a ValueError.
     """
 
     def __init__(self, model: Union[str, Path, None] = None, backend: Optional[str] = None,
                  dtype=None, max_num_seqs: int = 32, num_blocks: Optional[int] = None,
                  kv_cache_gb: float = 0.5, block_size: int = 16,
                  max_num_batched_tokens: int = 512, max_model_len: Optional[int] = None,
-                 checks: bool = True, progress: bool = False, prefix_caching: bool = True):
+                 checks: bool = True, progress: bool = False, prefix_caching: bool = True,
+                 quantization: Optional[str] = None):
         for name, v in (("max_num_seqs", max_num_seqs), ("block_size", block_size),
                         ("max_num_batched_tokens", max_num_batched_tokens),
                         ("num_blocks", num_blocks), ("max_model_len", max_model_len)):
@@ -88,12 +95,23 @@ class LLM:
         if num_blocks is None and not (isinstance(kv_cache_gb, (int, float))
                                        and kv_cache_gb > 0):
             raise ValueError(f"kv_cache_gb must be a number > 0, got {kv_cache_gb!r}")
-        path = loader.default_model_path() if model is None else Path(model)
-        self.path = path
+        if quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+        if quantization is not None and dtype is None:
+            dtype = "bfloat16"          # the int4/int8 kernels take bf16 activations
         torch_dtype = dtype if isinstance(dtype, torch.dtype) else _DTYPES.get(dtype)
         if torch_dtype is None:
             raise ValueError(f"dtype must be one of {sorted(k for k in _DTYPES if k)}, not {dtype!r}")
-        config, weights, self.tokenizer = loader.load(path, progress=progress)
+        if quantization is not None and torch_dtype != torch.bfloat16:   # before loading
+            raise ValueError(f"quantization={quantization!r} needs dtype bfloat16 (or None, which "
+                             f"then means bfloat16): torch's int4/int8 CPU kernels take bf16 "
+                             f"activations; got dtype={dtype!r}")
+        path = loader.default_model_path() if model is None else Path(model)
+        self.path = path
+        self.quantization = quantization
+        # keep the GGUF's Q4_1 blocks as they are: int4 takes their q, d, m exactly
+        config, weights, self.tokenizer = loader.load(path, progress=progress,
+                                                      keep_quantized=quantization is not None)
         self.config = config
         self.progress = progress
         if num_blocks is None:
@@ -103,7 +121,8 @@ class LLM:
         cap = num_blocks * block_size
         self.max_model_len = min(max_model_len or min(config.max_position, 8192), cap)
         self.model = LlamaModel(config, weights, dtype=torch_dtype, backend=backend,
-                                max_model_len=self.max_model_len, checks=checks)
+                                max_model_len=self.max_model_len, checks=checks,
+                                quantization=quantization)
         del weights
         self.block_size = block_size
         self.kv_caches = self.model.allocate_kv_cache(num_blocks, block_size)

@@ -1,7 +1,9 @@
 """Model loading: a GGUF file or a Hugging Face directory, to (config, tensors, tokenizer).
 
 Tensors come back under Hugging Face names (``model.layers.0.self_attn.q_proj.weight``...),
-in the Hugging Face layout, as float32 CPU tensors. Nothing is read with pickle.
+in the Hugging Face layout, as float32 CPU tensors (or, with
+``keep_quantized=True``, GGUF Q4_1 tensors as ``quant.Q4_1Weight``). Nothing is
+read with pickle.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import torch
 
 from . import config as cfg_mod
 from . import tokenizer as tok_mod
+from .quant import unpack_q4_1
 
 _GGUF_MAGIC = b"GGUF"
 
@@ -60,11 +63,15 @@ def _progress(it, total, desc, show):
     return tqdm(it, total=total, desc=desc, unit="tensor", leave=False)
 
 
-def load_gguf(path, *, unpermute: bool = True, progress: bool = False):
+def load_gguf(path, *, unpermute: bool = True, progress: bool = False,
+              keep_quantized: bool = False):
     """(ModelConfig, {hf_name: float32 tensor}, TextTokenizer) from a GGUF file.
 
     ``unpermute=False`` keeps llama.cpp's interleaved q/k rows (then the model must
     rotate GPT-J style, ``is_neox=False``); the default restores the HF layout.
+    ``keep_quantized=True`` returns Q4_1 tensors as ``quant.Q4_1Weight`` (their
+    q, d and m exactly as stored, rows un-permuted like the float ones) for
+    ``LlamaModel(quantization="int4")``; every other type is dequantized as usual.
     """
     import gguf
 
@@ -102,6 +109,15 @@ def load_gguf(path, *, unpermute: bool = True, progress: bool = False):
         hf = gguf_to_hf_name(t.name)
         if hf is None:
             raise ValueError(f"unexpected tensor {t.name!r} in {path}")
+        if keep_quantized and t.tensor_type == gguf.GGMLQuantizationType.Q4_1:
+            shape = gguf.quants.quant_shape_from_byte_shape(t.data.shape, t.tensor_type)
+            w = unpack_q4_1(t.data, tuple(shape))
+            if qk_permuted and unpermute and (".q_proj." in hf or ".k_proj." in hf):
+                # the blocks run along K: permuting rows moves whole blocks
+                heads = config.num_heads if ".q_proj." in hf else config.num_kv_heads
+                w = w.map_rows(lambda r: unpermute_qk(r, heads))
+            tensors[hf] = w
+            continue
         a = gguf.quants.dequantize(t.data, t.tensor_type)
         if (a.dtype != np.float32 or not a.flags.c_contiguous or not a.flags.writeable
                 or np.may_share_memory(a, reader.data)):
@@ -115,8 +131,12 @@ def load_gguf(path, *, unpermute: bool = True, progress: bool = False):
     return config, tensors, tokenizer
 
 
-def load_hf_dir(path, *, progress: bool = False):
-    """(ModelConfig, {name: float32 tensor}, TextTokenizer) from a Hugging Face directory."""
+def load_hf_dir(path, *, progress: bool = False, keep_quantized: bool = False):
+    """(ModelConfig, {name: float32 tensor}, TextTokenizer) from a Hugging Face directory.
+
+    ``keep_quantized`` has no effect (accepted so ``load`` takes it for any
+    model): safetensors hold float tensors, quantized by the model if asked.
+    """
     from safetensors import safe_open
 
     path = Path(path)
@@ -149,7 +169,11 @@ def load_hf_dir(path, *, progress: bool = False):
 
 
 def load(path, **kw):
-    """A GGUF file or a Hugging Face directory, by what ``path`` is."""
+    """A GGUF file or a Hugging Face directory, by what ``path`` is.
+
+    Keyword arguments go to ``load_gguf`` or ``load_hf_dir`` (``progress`` and
+    ``keep_quantized`` work for both).
+    """
     p = Path(path)
     if p.is_dir():
         return load_hf_dir(p, **kw)

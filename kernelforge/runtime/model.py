@@ -17,6 +17,10 @@ from kernelforge import ops, rope
 from kernelforge.kernels.attention import HEAD_SIZES
 
 from .config import ModelConfig
+from .quant import Int4Linear, Int8Linear, Q4_1Weight, as_q4_1
+
+#: values of LlamaModel(quantization=...)
+QUANTIZATIONS = (None, "int4")
 
 
 @dataclass
@@ -28,42 +32,102 @@ class AttnMetadata:
     query_start_loc: torch.Tensor   # int32 [B+1]: each sequence's first row in the batch
 
 
-def _take(w: dict, name: str, shape: tuple, dtype) -> torch.Tensor:
-    """Pop ``name`` from ``w``, checked against the shape the config implies."""
+def _take_raw(w: dict, name: str, shape: tuple):
+    """Pop ``name`` from ``w`` as loaded (a tensor or a Q4_1Weight), checked
+    against the shape the config implies."""
     t = w.pop(name, None)
     if t is None:
         raise ValueError(f"weight {name} is missing")
     if tuple(t.shape) != tuple(shape):
         raise ValueError(f"weight {name} has shape {tuple(t.shape)}; the config implies "
                          f"{tuple(shape)}")
+    return t
+
+
+def _dense(t, dtype) -> torch.Tensor:
+    """A loaded weight as a contiguous ``dtype`` tensor (Q4_1 blocks dequantized)."""
+    if isinstance(t, Q4_1Weight):
+        t = t.dequantize()
     return t.to(dtype).contiguous()
 
 
+def _take(w: dict, name: str, shape: tuple, dtype) -> torch.Tensor:
+    """Pop ``name`` from ``w``, checked against the shape the config implies,
+    as a dense ``dtype`` tensor."""
+    return _dense(_take_raw(w, name, shape), dtype)
+
+
+def linear(x: torch.Tensor, w, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x @ w.T + bias``.
+
+    Args:
+        x: activations [T, K] in the model dtype.
+        w: a dense [N, K] tensor, or a quantized layer (``quant.Int4Linear`` /
+            ``Int8Linear``), which holds its own bias.
+        bias: [N] or None; for a dense ``w`` only (a quantized layer's is None).
+    Returns:
+        [T, N] in the model dtype.
+    """
+    if isinstance(w, torch.Tensor):
+        return F.linear(x, w, bias)
+    if bias is not None:        # would be dropped silently: the layer adds its own
+        raise ValueError("linear: a quantized layer holds its own bias; got a separate one")
+    return w(x)
+
+
+def _tensors(*items) -> list:
+    """The tensors behind weights, quantized layers and None (skipped)."""
+    out = []
+    for it in items:
+        if isinstance(it, torch.Tensor):
+            out.append(it)
+        elif it is not None:
+            out += it.tensors()
+    return out
+
+
 class _Layer:
-    def __init__(self, w: dict, p: str, c: ModelConfig, dtype):
+    """One decoder layer's weights. The matrices are dense ``dtype`` tensors, or
+    with ``quantization="int4"`` Int4Linear layers (a qkv bias then lives in
+    the qkv layer and ``qkv_bias`` is None); norms and biases stay ``dtype``."""
+
+    def __init__(self, w: dict, p: str, c: ModelConfig, dtype,
+                 quantization: Optional[str] = None):
         H, q, kv, inter = (c.hidden_size, c.num_heads * c.head_dim,
                            c.num_kv_heads * c.head_dim, c.intermediate_size)
 
         def get(name, *shape):
             return _take(w, p + name, shape, dtype)
 
+        def matrix(names, rows, cols, bias=None):
+            """The row concatenation of weights ``names`` ([rows_i, cols] each):
+            dense, or an Int4Linear holding ``bias``. The Q4_1 blocks run along
+            cols, so concatenating q, d and m row-wise fuses the quantized
+            matrices exactly as the dense ones."""
+            if quantization is None:
+                ts = [get(n, r, cols) for n, r in zip(names, rows)]
+                return ts[0] if len(ts) == 1 else torch.cat(ts)    # no copy of a single one
+            parts = [as_q4_1(_take_raw(w, p + n, (r, cols))) for n, r in zip(names, rows)]
+            return Int4Linear(Q4_1Weight.cat(parts), bias)
+
         self.input_norm = get("input_layernorm.weight", H)
         self.post_norm = get("post_attention_layernorm.weight", H)
-        # q, k, v in one matmul; gate and up in another
-        self.qkv = torch.cat([get(f"self_attn.{n}_proj.weight", d, H)
-                              for n, d in zip("qkv", (q, kv, kv))]).contiguous()
         self.qkv_bias = None
         if c.qkv_bias:
             self.qkv_bias = torch.cat([get(f"self_attn.{n}_proj.bias", d)
                                        for n, d in zip("qkv", (q, kv, kv))])
-        self.o = get("self_attn.o_proj.weight", H, q)
-        self.gate_up = torch.cat([get("mlp.gate_proj.weight", inter, H),
-                                  get("mlp.up_proj.weight", inter, H)])
-        self.down = get("mlp.down_proj.weight", H, inter)
+        # q, k, v in one matmul; gate and up in another
+        self.qkv = matrix([f"self_attn.{n}_proj.weight" for n in "qkv"], (q, kv, kv), H,
+                          self.qkv_bias)
+        if quantization is not None:
+            self.qkv_bias = None            # held by the Int4Linear
+        self.o = matrix(["self_attn.o_proj.weight"], (H,), q)
+        self.gate_up = matrix(["mlp.gate_proj.weight", "mlp.up_proj.weight"], (inter, inter), H)
+        self.down = matrix(["mlp.down_proj.weight"], (H,), inter)
 
     def tensors(self) -> list:
-        return [t for t in (self.input_norm, self.post_norm, self.qkv, self.qkv_bias, self.o,
-                            self.gate_up, self.down) if t is not None]
+        return _tensors(self.input_norm, self.post_norm, self.qkv, self.qkv_bias, self.o,
+                        self.gate_up, self.down)
 
 
 class LlamaModel:
@@ -78,13 +142,28 @@ class LlamaModel:
             (i, i + d/2); right for llama-arch GGUF q/k rows left permuted.
         max_model_len: positions the rotary cache covers.
         checks: let the ops verify positions, slots and block tables (host syncs).
+        quantization: None (dense ``dtype`` weights) or "int4": weight-only
+            quantization for CPU decode (needs dtype=torch.bfloat16, the
+            activations torch's int4/int8 kernels take). The layer matrices
+            become ``quant.Int4Linear`` (GGUF Q4_1 blocks exactly, when the
+            weights hold ``Q4_1Weight``s, ``load(..., keep_quantized=True)``;
+            other weights quantized with Q4_1's scheme); the lm_head an
+            ``Int8Linear`` (per-row absmax); the embedding table, norms, biases
+            and rotary table stay as without quantization.
     """
 
     def __init__(self, config: ModelConfig, weights: dict, *, dtype=torch.float32,
                  backend: Optional[str] = None, rope_interleaved: bool = False,
-                 max_model_len: Optional[int] = None, checks: bool = True):
+                 max_model_len: Optional[int] = None, checks: bool = True,
+                 quantization: Optional[str] = None):
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, not {dtype}")
+        if quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+        if quantization is not None and dtype != torch.bfloat16:
+            raise ValueError(f"quantization={quantization!r} needs dtype torch.bfloat16 (torch's "
+                             f"int4/int8 CPU kernels take bf16 activations), got {dtype}")
+        self.quantization = quantization
         c = self.config = config
         if c.head_dim not in HEAD_SIZES:       # found here, not in the first forward
             raise ValueError(f"head_dim {c.head_dim} is not one the attention ops support "
@@ -94,14 +173,29 @@ class LlamaModel:
         self.max_model_len = max_model_len or c.max_position
         w = weights          # popped as consumed: each source tensor is freed once copied
         V, H = c.vocab_size, c.hidden_size
-        self.embed = _take(w, "model.embed_tokens.weight", (V, H), dtype)
+        embed = _take_raw(w, "model.embed_tokens.weight", (V, H))
+        self.embed = _dense(embed, dtype)
         self.norm = _take(w, "model.norm.weight", (H,), dtype)
-        self.layers = [_Layer(w, f"model.layers.{i}.", c, dtype) for i in range(c.num_layers)]
-        if c.tie_embeddings or "lm_head.weight" not in w:
+        self.layers = [_Layer(w, f"model.layers.{i}.", c, dtype, quantization)
+                       for i in range(c.num_layers)]
+        tied = c.tie_embeddings or "lm_head.weight" not in w
+        if tied:
             w.pop("lm_head.weight", None)
-            self.lm_head = self.embed
+        if quantization is None:
+            self.lm_head = self.embed if tied else _take(w, "lm_head.weight", (V, H), dtype)
         else:
-            self.lm_head = _take(w, "lm_head.weight", (V, H), dtype)
+            # the embedding is a row lookup (one row per token read): it keeps the
+            # dense table; the head reads all V x H weights per token, so it is
+            # requantized from the float (dequantized) weights to per-row int8.
+            # int8, not int4, although int4 is faster: at M=1 on the 49152x576
+            # head int8pack took ~1.9 ms, int4pack ~1.4 ms (bf16 F.linear ~4.9),
+            # 0.5 ms of a ~25-30 ms token; an int4 head (Q8_0 rounded to 4 bits)
+            # moved log-softmax by up to 1.6 (vs 0.27 with int8) on fp32's top-20
+            # tokens and flipped top-1 on one of four chat prompts
+            src = embed if tied else _take_raw(w, "lm_head.weight", (V, H))
+            self.lm_head = Int8Linear(src.dequantize() if isinstance(src, Q4_1Weight) else src)
+            del src
+        del embed
         self.cos_sin = self._rope_cache(w.pop("rope_freqs", None))
         w = {k: v for k, v in w.items() if not k.endswith("rotary_emb.inv_freq")}
         if w:
@@ -124,7 +218,7 @@ class LlamaModel:
     def weight_bytes(self) -> int:
         """Bytes of the tensors the model holds (weights and the rotary table;
         a tied head counted once)."""
-        ts = [self.embed, self.norm, self.lm_head, self.cos_sin]
+        ts = _tensors(self.embed, self.norm, self.lm_head, self.cos_sin)
         ts += [t for layer in self.layers for t in layer.tensors()]
         storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in ts}
         return sum(storages.values())
@@ -152,6 +246,10 @@ class LlamaModel:
         T = input_ids.shape[0]
         h = F.embedding(input_ids, self.embed)
         residual = None
+        # each row's key range and the table checks are the same in every
+        # layer: derived once per step (the op checks the tables on first use)
+        plan = ops.paged_attention_plan(meta.block_tables, meta.seq_lens, meta.query_start_loc,
+                                        check_tables=self.checks)
         for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, kv_caches)):
             # every layer gets the same positions, slots and tables and caches of
             # one shape: checking them in the first layer checks them for all
@@ -162,7 +260,7 @@ class LlamaModel:
             else:
                 h, residual = ops.fused_add_rms_norm(h, residual, layer.input_norm, c.rms_eps,
                                                      backend=be)
-            qkv = F.linear(h, layer.qkv, layer.qkv_bias)
+            qkv = linear(h, layer.qkv, layer.qkv_bias)
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
             q, k = ops.rotary_embedding(positions, q, k, c.head_dim, self.cos_sin, self.is_neox,
                                         check_positions=chk, backend=be)
@@ -172,13 +270,13 @@ class LlamaModel:
                                   check_slots=chk, backend=be)
             o = ops.paged_attention(q.view(T, c.num_heads, c.head_dim), k_cache, v_cache,
                                     meta.block_tables, meta.seq_lens, meta.query_start_loc,
-                                    check_tables=chk, backend=be)
-            h = F.linear(o.reshape(T, self.q_size), layer.o)
+                                    check_tables=self.checks, plan=plan, backend=be)
+            h = linear(o.reshape(T, self.q_size), layer.o)
             h, residual = ops.fused_add_rms_norm(h, residual, layer.post_norm, c.rms_eps,
                                                  backend=be)
-            gate, up = F.linear(h, layer.gate_up).chunk(2, dim=-1)
-            h = F.linear(F.silu(gate) * up, layer.down)
+            gate, up = linear(h, layer.gate_up).chunk(2, dim=-1)
+            h = linear(F.silu(gate) * up, layer.down)
         if logits_indices is not None:
             h, residual = h[logits_indices], residual[logits_indices]
         h, _ = ops.fused_add_rms_norm(h, residual, self.norm, c.rms_eps, backend=be)
-        return F.linear(h, self.lm_head).float()
+        return linear(h, self.lm_head).float()
