@@ -50,3 +50,11 @@ def test_console_script_is_installed():
         pytest.skip("package not installed with its console script")
     out = subprocess.run([exe, "ops"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "rms_norm" in out.stdout
+
+
+def test_bench_runtime_refuses_bad_counts(capsys):
+    """The runtime benchmark command exists and checks its counts before loading anything."""
+    assert cli.main(["bench-runtime", "--new-tokens", "0"]) == 2
+    assert "--new-tokens and --repeats must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "hi", "--quantization", "int3"])     # choices: int4

@@ -7,6 +7,8 @@ import sys
 
 
 def add_parsers(sub) -> None:
+    from .bench import add_parser
+    add_parser(sub)
     for name, help_ in (("generate", "generate text from a prompt (streams to the terminal)"),
                         ("chat", "chat with the model (its chat template; empty line quits)")):
         g = sub.add_parser(name, help=help_)
@@ -18,6 +20,8 @@ def add_parsers(sub) -> None:
                        help="a .gguf file or a Hugging Face directory (default: SmolLM2-135M)")
         g.add_argument("--backend", default=None, help="eager, inductor, triton (default: per device)")
         g.add_argument("--dtype", default=None, help="float32, bfloat16, float16")
+        g.add_argument("--quantization", default=None, choices=["int4"],
+                       help="weight-only int4 layers, int8 head (bfloat16; docs/runtime.md)")
         g.add_argument("--max-tokens", type=int, default=128)
         g.add_argument("--temperature", type=float, default=0.0)
         g.add_argument("--top-k", type=int, default=0)
@@ -31,6 +35,7 @@ def _engine(args):
         params = SamplingParams(temperature=args.temperature, top_k=args.top_k,
                                 top_p=args.top_p, seed=args.seed, max_tokens=args.max_tokens)
         llm = LLM(args.model, backend=args.backend, dtype=args.dtype, max_num_seqs=1,
+                  quantization=args.quantization,
                   progress=sys.stderr.isatty())
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"kernelforge: {e}", file=sys.stderr)
