@@ -35,27 +35,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
-def _keep_freed_memory() -> str:
-    """glibc hands every block of 32 MiB or more back to the OS when it is freed,
-    so each call that allocates a 4096x4096 output page-faults it in afresh and
-    the kernel's own memory traffic is lost under that cost. Keep freed memory
-    in the heap instead (as torch's GPU caching allocator, or jemalloc/tcmalloc,
-    would). KF_BENCH_MALLOC=default keeps glibc's behaviour."""
-    if os.environ.get("KF_BENCH_MALLOC", "keep") == "default":
-        return "glibc default (KF_BENCH_MALLOC=default): large outputs page-fault on every call"
-    try:
-        import ctypes
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        ok = (libc.mallopt(m_mmap_threshold, 1 << 30) == 1
-              and libc.mallopt(m_trim_threshold, (1 << 31) - 1) == 1)
-    except (OSError, AttributeError):
-        ok = False
-    return ("glibc mallopt: freed memory kept in the heap (KF_BENCH_MALLOC=default to turn off)"
-            if ok else "allocator unchanged (mallopt unavailable)")
+from allocator import keep_freed_memory  # noqa: E402  (bench/ is on sys.path)
 
-
-MALLOC_MODE = _keep_freed_memory()
+MALLOC_MODE = keep_freed_memory()
 
 COPY_MIB = 256                       # fp32 source of the copy benchmark (and as much again written)
 
