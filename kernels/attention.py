@@ -28,6 +28,8 @@ from kernelforge.backends import registry
 from kernelforge.dispatch import NewTensor, launch, kernel_factory
 from kernelforge.ir import lib
 
+from . import attention_plan    # (imports this module only inside its functions)
+
 HEAD_SIZES = (64, 80, 96, 128, 256)
 
 def _cap(s, cap, softcap: bool):
@@ -173,12 +175,7 @@ def _common(op, q, k, v, k_name, v_name, window, softcap, scale, causal, k_dims,
     if q.shape[1] % hkv or not q.shape[1]:
         checks.fail(op, "q", f"a number of heads that is a multiple of the {hkv} kv heads",
                     f"{q.shape[1]} heads")
-    if not isinstance(causal, bool):
-        checks.fail(op, "causal", "a bool", repr(causal))
-    if window is not None and (not isinstance(window, int) or isinstance(window, bool)
-                               or window < 0):
-        checks.fail(op, "window", "None or an int >= 0 (keys at most `window` positions "
-                    "to the left)", repr(window))
+    attention_plan.check_mask_args(op, causal, window)
     for name, x in (("softcap", softcap), ("scale", scale)):
         if x is not None:
             checks.positive(op, name, x)
@@ -377,8 +374,6 @@ def paged_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch
     if splits is not None and (not isinstance(splits, int) or isinstance(splits, bool)
                                or not 1 <= splits <= 64):
         checks.fail(op, "splits", "None or an int in [1, 64]", repr(splits))
-    from . import attention_plan
-    from .attention_plan import PagedAttentionPlan
     for name, x in (("query_start_loc", query_start_loc), ("block_tables", block_tables),
                     ("seq_lens", seq_lens)):
         checks.tensor(op, name, x)
@@ -386,7 +381,7 @@ def paged_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch
     if plan is None:
         plan = attention_plan.build(block_tables, seq_lens, query_start_loc, causal, window,
                                     check_tables, op)
-    elif not isinstance(plan, PagedAttentionPlan):
+    elif not isinstance(plan, attention_plan.PagedAttentionPlan):
         checks.fail(op, "plan", "None or a PagedAttentionPlan (ops.paged_attention_plan)",
                     type(plan).__name__)
     else:
@@ -412,10 +407,7 @@ def paged_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch
     scalars = (float(D ** -0.5 if scale is None else scale), float(softcap or 1.0))
     from . import attention_split    # (it imports this module)
     if splits is None:
-        splits = plan.splits.get((T, hkv, q.device))
-        if splits is None:
-            splits = plan.splits[T, hkv, q.device] = attention_split.choose_splits(
-                T * hkv, mb * bs, q.device)
+        splits = attention_split.choose_splits(T * hkv, mb * bs, q.device)
     if splits == 1:
         (out,) = launch(paged_attention_kernel(softcap is not None), *args,
                         NewTensor(qg.shape, q.dtype, q.device), *scalars, backend=backend)

@@ -2,7 +2,7 @@
 
 A model calls ``paged_attention`` once per layer with the same block tables,
 lengths and query offsets. Everything derived from those (each row's
-sequence and key range, the checked tables, the split count) is the same in
+sequence and key range, the checked tables) is the same in
 every layer, so an engine builds it once per step (FlashInfer's plan/run
 split; vLLM's attention metadata) and passes it as ``plan=``:
 
@@ -29,7 +29,7 @@ class PagedAttentionPlan:
 
     __slots__ = ("block_tables", "seq_lens", "query_start_loc", "causal", "window",
                  "check_tables", "qsl", "qsl_host", "lens", "q_lens", "tables", "rows", "checked",
-                 "splits", "_context")
+                 "_context")
 
     def matches(self, op, block_tables, seq_lens, query_start_loc, causal, window,
                 check_tables) -> None:
@@ -85,21 +85,28 @@ def paged_attention_plan(block_tables: torch.Tensor, seq_lens: torch.Tensor,
     Example:
         >>> plan = kernelforge.ops.paged_attention_plan(tables, lens, qsl)
     """
-    return build(block_tables, seq_lens, query_start_loc, causal, window, check_tables,
-                 "paged_attention_plan")
+    op = "paged_attention_plan"
+    if not isinstance(check_tables, bool):
+        checks.fail(op, "check_tables", "a bool", repr(check_tables))
+    check_mask_args(op, causal, window)
+    return build(block_tables, seq_lens, query_start_loc, causal, window, check_tables, op)
 
 
-def build(block_tables, seq_lens, query_start_loc, causal, window, check_tables,
-          op: str) -> PagedAttentionPlan:
-    """``paged_attention_plan``, its errors named after ``op``."""
-    from .attention import _lengths
-    for name, x in (("check_tables", check_tables), ("causal", causal)):
-        if not isinstance(x, bool):
-            checks.fail(op, name, "a bool", repr(x))
+def check_mask_args(op: str, causal, window) -> None:
+    """``causal`` a bool and ``window`` None or an int >= 0 (every attention op)."""
+    if not isinstance(causal, bool):
+        checks.fail(op, "causal", "a bool", repr(causal))
     if window is not None and (not isinstance(window, int) or isinstance(window, bool)
                                or window < 0):
         checks.fail(op, "window", "None or an int >= 0 (keys at most `window` positions "
                     "to the left)", repr(window))
+
+
+def build(block_tables, seq_lens, query_start_loc, causal, window, check_tables,
+          op: str) -> PagedAttentionPlan:
+    """``paged_attention_plan`` with ``causal``, ``window`` and ``check_tables``
+    already checked; errors named after ``op``."""
+    from .attention import _lengths
     qsl, host = _lengths(op, "query_start_loc", query_start_loc, query_start_loc,
                          host_check=check_tables)
     B = qsl.shape[0] - 1
@@ -115,5 +122,5 @@ def build(block_tables, seq_lens, query_start_loc, causal, window, check_tables,
     p.qsl, p.qsl_host, p.lens, p.q_lens = qsl, host, seq_lens.to(torch.int64), qsl.diff()
     p.tables = block_tables if block_tables.dtype == torch.int32 else \
         block_tables.to(torch.int32)
-    p.rows, p.checked, p.splits, p._context = None, set(), {}, None
+    p.rows, p.checked, p._context = None, set(), None
     return p

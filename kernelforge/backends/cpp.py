@@ -184,29 +184,25 @@ class CppBackend(Backend):
             return ArgA(*ptrs), (FA(*[float(args[i]) for i in floats]) if floats
                                  else no_floats), back
 
-        def finish(back):
-            for t, c in back:
+        def call(c_fn, args):
+            arr, farr, back = pack(args)
+            c_fn(arr, farr, threads())
+            for t, c in back or ():
                 if t is not None:
-                    t.copy_(c)
+                    t.copy_(c)          # an output that was copied to be contiguous
 
         def run(*args):
             # the hot path of every op on CPU: one int64 array per call
-            arr, farr, back = pack(args)
-            call = fn
+            c_fn = fn
             if outs:
                 mem = {args[i].untyped_storage().data_ptr() for i in outs}
                 if any(args[i].untyped_storage().data_ptr() in mem for i in ins):
-                    call = aliased()           # an output shares an input's storage
-            call(arr, farr, threads())
-            if back:
-                finish(back)
+                    c_fn = aliased()           # an output shares an input's storage
+            call(c_fn, args)
 
         def fresh(*args):
             # dispatch allocated every output: none can share an input's memory
-            arr, farr, back = pack(args)
-            fn(arr, farr, threads())
-            if back:
-                finish(back)
+            call(fn, args)
 
         run.fresh = fresh
         return run

@@ -21,12 +21,15 @@ import time
 from typing import Callable, Optional
 
 
+def story_request(i: int) -> list[dict]:
+    """The chat messages of benchmark request ``i`` (every engine gets these)."""
+    return [{"role": "user", "content": f"Tell me a story about the number {i}."}]
+
+
 def chat_prompts(tokenizer, n: int) -> list[str]:
     """``n`` chat prompts as text, through the model's chat template
     (``tokenizer``: the runtime's, from ``loader.load``)."""
-    return [tokenizer.apply_chat_template([{"role": "user",
-                                            "content": f"Tell me a story about the number {i}."}],
-                                          add_generation_prompt=True)
+    return [tokenizer.apply_chat_template(story_request(i), add_generation_prompt=True)
             for i in range(n)]
 
 
@@ -50,7 +53,9 @@ def kf_rate(path, prompts: list, new_tokens: int, dtype: str, quantization: Opti
                                                    repeats)
 
 
-def llama_cpp_rate(path, prompt: str, new_tokens: int, repeats: int) -> float:
+def llama_cpp_generate(path, prompt: str, new_tokens: int) -> Callable:
+    """One greedy generate call of llama-cpp-python on the same file and prompt
+    text, 2 threads, exactly ``new_tokens`` tokens (eos banned by logit bias)."""
     from llama_cpp import Llama
     llm = Llama(model_path=str(path), n_threads=2, n_threads_batch=2, n_ctx=512,
                 verbose=False, seed=0)
@@ -63,7 +68,12 @@ def llama_cpp_rate(path, prompt: str, new_tokens: int, repeats: int) -> float:
         if out["usage"]["completion_tokens"] != new_tokens:
             raise RuntimeError(f"llama.cpp made {out['usage']['completion_tokens']} tokens, "
                                f"not {new_tokens}")
-    return new_tokens / median_time(fn, repeats)
+        return out
+    return fn
+
+
+def llama_cpp_rate(path, prompt: str, new_tokens: int, repeats: int) -> float:
+    return new_tokens / median_time(llama_cpp_generate(path, prompt, new_tokens), repeats)
 
 
 def transformers_rate(path, prompt: str, new_tokens: int, repeats: int) -> float:

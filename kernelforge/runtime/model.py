@@ -17,7 +17,7 @@ from kernelforge import ops, rope
 from kernelforge.kernels.attention import HEAD_SIZES
 
 from .config import ModelConfig
-from .quant import Int4Linear, Int8Linear, Q4_1Weight, as_q4_1
+from .quant import Int4Linear, Int8Linear, Q4_1Weight, as_q4_1, storage_bytes
 
 #: values of LlamaModel(quantization=...)
 QUANTIZATIONS = (None, "int4")
@@ -220,8 +220,7 @@ class LlamaModel:
         a tied head counted once)."""
         ts = _tensors(self.embed, self.norm, self.lm_head, self.cos_sin)
         ts += [t for layer in self.layers for t in layer.tensors()]
-        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in ts}
-        return sum(storages.values())
+        return storage_bytes(ts)
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int = 16) -> list:
         """One (key_cache, value_cache) pair per layer, [num_blocks, block_size, Hkv, D]."""

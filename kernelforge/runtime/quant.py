@@ -153,7 +153,9 @@ def as_q4_1(w) -> Q4_1Weight:
     return w if isinstance(w, Q4_1Weight) else quantize_q4_1(w)
 
 
-def _storage_bytes(tensors) -> int:
+def storage_bytes(tensors) -> int:
+    """Bytes of the storages behind ``tensors``, each storage counted once
+    (views and a tied head share one)."""
     return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
                 for t in tensors}.values())
 
@@ -208,7 +210,7 @@ class Int4Linear:
 
     def nbytes(self) -> int:
         """Bytes of the packed weight, the scales and zeros and the bias."""
-        return _storage_bytes(self.tensors())
+        return storage_bytes(self.tensors())
 
 
 class Int8Linear:
@@ -245,4 +247,4 @@ class Int8Linear:
 
     def nbytes(self) -> int:
         """Bytes of the int8 weight and the scales."""
-        return _storage_bytes(self.tensors())
+        return storage_bytes(self.tensors())
