@@ -10,5 +10,6 @@ __version__ = "0.1.0"
 
 from . import ops  # noqa: E402,F401  (registers torch.ops.kernelforge.*)
 from . import rope  # noqa: E402,F401  (cos/sin cache builders)
+from . import graph  # noqa: E402,F401  (capture and replay: kernelforge.graph.capture)
 from .explain import explain  # noqa: E402,F401
 from .dispatch import launch  # noqa: E402,F401

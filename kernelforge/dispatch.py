@@ -135,6 +135,11 @@ def _runner(be, kernel, device, new: tuple, new_names: list, fresh: bool = False
         def run(*a):
             raw(*a)
             return ()
+        # graph capture (kernelforge.graph): a backend may bind a call to its
+        # arguments once (the cpp backend packs its C argument array)
+        bind = getattr(raw, "bind", None)
+        if bind is not None:
+            run.bind = bind
         return run
     call = getattr(raw, "fresh", raw) if fresh else raw
     empty = torch.empty
@@ -151,11 +156,17 @@ def _runner(be, kernel, device, new: tuple, new_names: list, fresh: bool = False
     return run_alloc
 
 
+#: the recorder of the running ``kernelforge.graph.capture``, else None
+_capture = None
+
+
 def launch(kdef, *args, backend: str | None = None) -> tuple:
     """Run kernel ``kdef`` with ``args`` in its declaration order; returns the
     outputs given as ``NewTensor`` (in order), allocated by the backend."""
     if torch.compiler.is_compiling():
         return _traced(kdef, args)
+    if _capture is not None:
+        return _capture.launch(kdef, args, backend)
     fn, _ = compiled(kdef, args, backend)
     return fn(*args)
 

@@ -204,5 +204,23 @@ class CppBackend(Backend):
             # dispatch allocated every output: none can share an input's memory
             call(fn, args)
 
+        def bind(*args):
+            """A no-argument call of this kernel on ``args`` (kernelforge.graph):
+            the argument array packed and the aliasing decided once, here."""
+            arr, farr, back = pack(args)
+            if back:            # strided last dims are copied per call: no shortcut
+                return functools.partial(run, *args)
+            c_fn = fn
+            if outs:
+                mem = {args[i].untyped_storage().data_ptr() for i in outs}
+                if any(args[i].untyped_storage().data_ptr() in mem for i in ins):
+                    c_fn = aliased()
+
+            def bound():
+                c_fn(arr, farr, threads())
+            bound.keep = args           # the tensors the array points into stay alive
+            return bound
+
         run.fresh = fresh
+        run.bind = bind
         return run
