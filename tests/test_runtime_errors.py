@@ -225,16 +225,20 @@ class Boom(RuntimeError):
 
 
 def _fail_forward_on(llm, monkeypatch, n, exc=Boom):
-    """The n-th model forward from now raises ``exc`` (the others run)."""
+    """The n-th model forward from now raises ``exc`` (the others run). A
+    forward is an op-by-op one or a decode graph's run (whose capture, on a
+    batch size's first use, is a forward too)."""
     calls = []
-    real = llm.model.forward
 
-    def forward(*a, **k):
-        calls.append(1)
-        if len(calls) == n:
-            raise exc("injected failure")
-        return real(*a, **k)
-    monkeypatch.setattr(llm.model, "forward", forward)
+    def failing(real):
+        def forward(*a, **k):
+            calls.append(1)
+            if len(calls) == n:
+                raise exc("injected failure")
+            return real(*a, **k)
+        return forward
+    monkeypatch.setattr(llm.model, "forward", failing(llm.model.forward))
+    monkeypatch.setattr(llm.graphs, "run", failing(llm.graphs.run))
     return calls
 
 

@@ -230,3 +230,69 @@ def test_inductor_backend_matches(one):
     outs = ind.generate(prompts, SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True))
     for p, o in zip(prompts, outs):
         assert o.token_ids == hf_greedy(ref, p, NEW)
+
+
+# -- decode graphs (decode_graphs.py): captured decode steps replayed ----------------
+
+
+@pytest.mark.parametrize("backend", ["eager", "cpp"])
+def test_decode_graphs_give_transformers_tokens(one, backend):
+    """Graphs are the default: decode steps of 5 rows replay the graph of 8
+    (3 padding rows); the tokens equal transformers' and an op-by-op engine's."""
+    ref, llm = one
+    graphs = LLM(llm.path, backend=backend, num_blocks=64, max_num_batched_tokens=64)
+    eager = LLM(llm.path, backend=backend, num_blocks=64, max_num_batched_tokens=64,
+                enforce_eager=True)
+    prompts = _prompts(5, seed=11)
+    got = graphs.generate(prompts, GREEDY)
+    assert 8 in graphs.graphs.graphs and eager.graphs is None
+    for p, a, b in zip(prompts, got, eager.generate(prompts, GREEDY)):
+        assert a.token_ids == b.token_ids == hf_greedy(ref, p, NEW)
+    assert graphs.pool.num_free == graphs.pool.num_blocks
+
+
+def test_decode_graph_padding_rows_write_nothing(one):
+    """A step of 3 rows runs the graph of 4: the KV cache changes in exactly
+    the 3 rows' slots (a padding row's slot is -1), and the logits of a row
+    equal the op-by-op forward's."""
+    _, llm = one
+    bs = llm.block_size
+    tables = [[5], [9, 2], [7]]
+    positions = [3, 17, 0]
+    tokens = [11, 12, 13]
+    before = [(k.clone(), v.clone()) for k, v in llm.kv_caches]
+    logits = llm.graphs.run(tokens, positions, tables).clone()
+    assert 4 in llm.graphs.graphs and logits.shape == (3, VOCAB)
+    written = {(t[p // bs], p % bs) for t, p in zip(tables, positions)}
+    for (k0, v0), (k1, v1) in zip(before, llm.kv_caches):
+        for c0, c1 in ((k0, k1), (v0, v1)):
+            changed = (c0 != c1).flatten(2).any(-1).nonzero().tolist()
+            assert {tuple(x) for x in changed} == written
+    # the same step op by op (the keys just written are what it reads)
+    from kernelforge.runtime.model import AttnMetadata
+    slots = [t[p // bs] * bs + p % bs for t, p in zip(tables, positions)]
+    meta = AttnMetadata(torch.tensor(slots), torch.tensor([[5, 0], [9, 2], [7, 0]],
+                                                          dtype=torch.int32),
+                        torch.tensor([p + 1 for p in positions], dtype=torch.int32),
+                        torch.arange(4, dtype=torch.int32))
+    want = llm.model.forward(torch.tensor(tokens), torch.tensor(positions), meta, llm.kv_caches)
+    torch.testing.assert_close(logits, want, atol=1e-5, rtol=1e-5)   # float32, other M
+
+
+def test_decode_graph_checks_positions_and_tables(one):
+    _, llm = one
+    with pytest.raises(ValueError, match="position 600 outside"):
+        llm.graphs.run([1], [600], [[0]])
+    with pytest.raises(ValueError, match="does not hold position 20"):
+        llm.graphs.run([1], [20], [[3]])
+    with pytest.raises(ValueError, match="does not hold position 3"):
+        llm.graphs.run([1], [3], [[64]])
+    with pytest.raises(ValueError, match="enforce_eager must be a bool"):
+        LLM(llm.path, enforce_eager="yes")
+
+
+def test_capture_sizes():
+    from kernelforge.runtime.decode_graphs import capture_sizes
+    assert capture_sizes(1) == [1]
+    assert capture_sizes(32) == [1, 2, 4, 8, 16, 24, 32]
+    assert capture_sizes(20) == [1, 2, 4, 8, 16, 20]

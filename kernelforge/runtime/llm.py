@@ -12,6 +12,7 @@ import torch
 
 from . import loader
 from .block_pool import BlockPool
+from .decode_graphs import DecodeGraphs
 from .model import QUANTIZATIONS, AttnMetadata, LlamaModel
 from .sampler import sample
 from .sampling_params import SamplingParams
@@ -79,6 +80,10 @@ class LLM:
             lm_head as per-row int8, run by torch's int4/int8 CPU kernels
             (docs/runtime.md). Needs bfloat16 activations: dtype None then
             means bfloat16, and another dtype is a ValueError.
+        enforce_eager: run every step op by op. By default (False, as in
+            vLLM) a step of decode rows only replays a graph captured once per
+            batch size (``decode_graphs.py``, ``kernelforge.graph``), without
+            the Python of each op call; the tokens are the same.
     """
 
     def __init__(self, model: Union[str, Path, None] = None, backend: Optional[str] = None,
@@ -86,7 +91,7 @@ class LLM:
                  kv_cache_gb: float = 0.5, block_size: int = 16,
                  max_num_batched_tokens: int = 512, max_model_len: Optional[int] = None,
                  checks: bool = True, progress: bool = False, prefix_caching: bool = True,
-                 quantization: Optional[str] = None):
+                 quantization: Optional[str] = None, enforce_eager: bool = False):
         for name, v in (("max_num_seqs", max_num_seqs), ("block_size", block_size),
                         ("max_num_batched_tokens", max_num_batched_tokens),
                         ("num_blocks", num_blocks), ("max_model_len", max_model_len)):
@@ -97,6 +102,8 @@ class LLM:
             raise ValueError(f"kv_cache_gb must be a number > 0, got {kv_cache_gb!r}")
         if quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+        if not isinstance(enforce_eager, bool):
+            raise ValueError(f"enforce_eager must be a bool, got {enforce_eager!r}")
         if quantization is not None and dtype is None:
             dtype = "bfloat16"          # the int4/int8 kernels take bf16 activations
         torch_dtype = dtype if isinstance(dtype, torch.dtype) else _DTYPES.get(dtype)
@@ -131,6 +138,9 @@ class LLM:
                                    prefix_caching)
         self.eos_ids = set(self.tokenizer.eos_token_ids if self.tokenizer
                            else config.eos_token_ids)
+        self.graphs = None if enforce_eager else DecodeGraphs(
+            self.model, self.kv_caches, max_num_seqs, block_size, num_blocks,
+            self.max_model_len, checks)
 
     # -- requests ---------------------------------------------------------------------
 
@@ -224,13 +234,21 @@ class LLM:
                     f"the scheduler cannot run any of {len(self.scheduler.waiting)} waiting "
                     f"sequences: {self.pool.num_free} of {self.pool.num_blocks} KV blocks free")
             return []
-        input_ids, positions, meta, rows = self._prepare(batch)
         sampled_seqs = [seq for seq, n in batch if seq.num_computed + n == seq.num_tokens]
         new_tokens = []
-        if sampled_seqs:
+        if self.graphs is not None and len(sampled_seqs) == len(batch) and \
+                all(n == 1 for _, n in batch) and len(batch) <= self.graphs.max_batch:
+            # decode rows only: replay the captured step (decode_graphs.py)
+            logits = self.graphs.run([seq.last_token for seq, _ in batch],
+                                     [seq.num_computed for seq, _ in batch],
+                                     [seq.block_table for seq, _ in batch])
+            new_tokens = sample(logits, sampled_seqs)
+        elif sampled_seqs:
+            input_ids, positions, meta, rows = self._prepare(batch)
             logits = self.model.forward(input_ids, positions, meta, self.kv_caches, rows)
             new_tokens = sample(logits, sampled_seqs)
         else:
+            input_ids, positions, meta, rows = self._prepare(batch)
             self.model.forward(input_ids, positions, meta, self.kv_caches, rows)
         for seq, n in batch:
             seq.num_computed += n

@@ -235,24 +235,28 @@ class LlamaModel:
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata,
-                kv_caches: list, logits_indices: Optional[torch.Tensor] = None) -> torch.Tensor:
+                kv_caches: list, logits_indices: Optional[torch.Tensor] = None,
+                checks: Optional[bool] = None) -> torch.Tensor:
         """Logits (float32) for the rows ``logits_indices`` (default: every row).
 
         input_ids, positions: int64 [T]; meta: the step's paging; kv_caches: from
-        ``allocate_kv_cache``, written in place.
+        ``allocate_kv_cache``, written in place; checks: overrides the model's
+        ``checks`` for this call (a captured graph runs without the ops' host
+        checks: its runner checks the values instead).
         """
         c, be = self.config, self.backend
+        checks = self.checks if checks is None else checks
         T = input_ids.shape[0]
         h = F.embedding(input_ids, self.embed)
         residual = None
         # each row's key range and the table checks are the same in every
         # layer: derived once per step (the op checks the tables on first use)
         plan = ops.paged_attention_plan(meta.block_tables, meta.seq_lens, meta.query_start_loc,
-                                        check_tables=self.checks)
+                                        check_tables=checks)
         for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, kv_caches)):
             # every layer gets the same positions, slots and tables and caches of
             # one shape: checking them in the first layer checks them for all
-            chk = self.checks and i == 0
+            chk = checks and i == 0
             if residual is None:
                 residual = h
                 h = ops.rms_norm(h, layer.input_norm, c.rms_eps, backend=be)
@@ -269,7 +273,7 @@ class LlamaModel:
                                   check_slots=chk, backend=be)
             o = ops.paged_attention(q.view(T, c.num_heads, c.head_dim), k_cache, v_cache,
                                     meta.block_tables, meta.seq_lens, meta.query_start_loc,
-                                    check_tables=self.checks, plan=plan, backend=be)
+                                    check_tables=checks, plan=plan, backend=be)
             h = linear(o.reshape(T, self.q_size), layer.o)
             h, residual = ops.fused_add_rms_norm(h, residual, layer.post_norm, c.rms_eps,
                                                  backend=be)
