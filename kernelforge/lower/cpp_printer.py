@@ -127,7 +127,10 @@ class _Printer(ValueRules):
         if kind == "parallel":
             return t.arg[2]
         if kind == "full":
-            return next_pow2(size)
+            # the exact extent: no padded lanes to mask, clamp or compute
+            # (Triton needs powers of two; C++ loops do not). A paged decode
+            # tile of G=3 query heads was padded to 4: a quarter of its work.
+            return size
         if size is None:
             return self.sched.dynamic_block
         return _static_chunk(size, self.sched.max_block)

@@ -221,7 +221,7 @@ class ValueRules:
         comb = {"sum": "({a} + {b})", "max": "kf_max({a}, {b})", "min": "kf_min({a}, {b})"}[kind]
         if dims[-1] == axis:
             # innermost: L partial results, one per vector lane, then combined
-            lanes = min(b, 16)
+            lanes = min(b & -b, 16)        # a power of two dividing b (halved below)
             outer = dims[:-1]
             depth = self.nest(outer, [self.block(self.tile(x, a)) for a in outer], simd=False)
             self.line(f"{ct} kf_part[{lanes}];")
