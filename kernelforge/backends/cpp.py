@@ -106,7 +106,7 @@ class CppBackend(Backend):
 
     def schedule_key(self) -> tuple:
         s = self.schedule()
-        return (s.max_block, s.dynamic_block)
+        return (s.max_block, s.dynamic_block, s.tail_block)
 
     def default_priority(self, device):
         if device.type != "cpu":
