@@ -120,7 +120,7 @@ def capture(fn, *args, **kwargs) -> Graph:
 
 def _storages(values) -> set:
     return {t.untyped_storage().data_ptr() for t in values
-            if isinstance(t, torch.Tensor) and t.numel()}
+            if isinstance(t, torch.Tensor) and t.layout == torch.strided and t.numel()}
 
 
 def _copy_into(targets, func, args, kwargs, picks):
@@ -202,7 +202,8 @@ class _Recorder(TorchDispatchMode):
             shared = _storages(inputs)
             # an output in an input's memory is a view: it follows its base
             picks = [i for i, t in enumerate(results) if isinstance(t, torch.Tensor)
-                     and t.numel() and t.untyped_storage().data_ptr() not in shared]
+                     and t.layout == torch.strided and t.numel()
+                     and t.untyped_storage().data_ptr() not in shared]
             if not picks:
                 self.skipped += 1
                 return out

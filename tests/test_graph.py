@@ -144,3 +144,15 @@ def test_inductor_launch_is_captured():
     assert gr.launches == 1
     x.copy_(torch.randn(3, 64))
     assert_close(gr.replay(), reference.rms_norm(x, w, 1e-6), torch.float32, "replay")
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch without oneDNN")
+def test_opaque_tensor_inputs_are_allowed():
+    """A oneDNN-packed weight has no storage to compare: it is an input like any other."""
+    w = torch.randn(32, 16)
+    packed = torch.ops.mkldnn._reorder_linear_weight(w, 4)
+    x = torch.randn(4, 16)
+    gr = graph.capture(lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none",
+                                                                  [], ""))
+    x.copy_(torch.randn(4, 16))
+    assert_close(gr.replay(), x.double() @ w.double().t(), torch.float32, "replay")
