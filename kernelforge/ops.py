@@ -1,11 +1,13 @@
 """The public ops, ``kernelforge.ops.NAME(..., backend=None)``. Each is also
 a torch.library custom op, ``torch.ops.kernelforge.NAME``."""
+from .kernels import activation as _activation
 from .kernels import attention as _attention
 from .kernels import attention_split as _attention_split
 from .kernels import kv_cache as _kv_cache
 from .kernels import rmsnorm as _rmsnorm
 from .kernels import rotary as _rotary
 from .kernels import sampling as _sampling
+from .kernels.activation import silu_and_mul  # noqa: F401
 from .kernels.attention import attention, paged_attention  # noqa: F401
 from .kernels.attention_plan import PagedAttentionPlan, paged_attention_plan  # noqa: F401
 from .kernels.kv_cache import reshape_and_cache  # noqa: F401
@@ -18,6 +20,7 @@ KERNELS = {
     "rms_norm": (_rmsnorm.rms_norm_fwd,),
     "fused_add_rms_norm": (_rmsnorm.fused_add_rms_norm_fwd,),
     "rotary_embedding": _rotary.all_kernels(),
+    "silu_and_mul": (_activation.silu_and_mul_fwd,),
     "reshape_and_cache": (_kv_cache.reshape_and_cache_kernel,),
     # 16 query rows per program on CPUs, 128 on GPUs (_query_block)
     "attention": tuple(_attention.attention_kernel(c, b) for b in (16, 128) for c in (False, True)),

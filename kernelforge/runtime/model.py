@@ -277,8 +277,7 @@ class LlamaModel:
             h = linear(o.reshape(T, self.q_size), layer.o)
             h, residual = ops.fused_add_rms_norm(h, residual, layer.post_norm, c.rms_eps,
                                                  backend=be)
-            gate, up = linear(h, layer.gate_up).chunk(2, dim=-1)
-            h = linear(F.silu(gate) * up, layer.down)
+            h = linear(ops.silu_and_mul(linear(h, layer.gate_up), backend=be), layer.down)
         if logits_indices is not None:
             h, residual = h[logits_indices], residual[logits_indices]
         h, _ = ops.fused_add_rms_norm(h, residual, self.norm, c.rms_eps, backend=be)
