@@ -20,7 +20,9 @@ moves more than that (a second read of x, a temporary) shows as a lower GB/s.
 """
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 import time
 
@@ -29,7 +31,10 @@ import time
 # CPU from the first timed cases. (Compile time is never timed here.)
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 # generated sources go to a private directory for the run, not the user's cache
-os.environ.setdefault("KERNELFORGE_CACHE_DIR", tempfile.mkdtemp(prefix="kernelforge-bench-cache-"))
+if "KERNELFORGE_CACHE_DIR" not in os.environ:
+    os.environ["KERNELFORGE_CACHE_DIR"] = tempfile.mkdtemp(prefix="kernelforge-bench-cache-")
+    # removed at exit: a run's generated sources and libraries (tens of MB) are its own
+    atexit.register(shutil.rmtree, os.environ["KERNELFORGE_CACHE_DIR"], ignore_errors=True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

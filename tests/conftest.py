@@ -1,6 +1,8 @@
 """Shared test set-up: hypothesis profiles, one kernel cache for the whole
 session (so each specialisation compiles once per run), the device."""
+import atexit
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -8,7 +10,10 @@ import torch
 from hypothesis import HealthCheck, settings
 
 # One generated-source cache for the session, outside the user's own.
-os.environ.setdefault("KERNELFORGE_CACHE_DIR", tempfile.mkdtemp(prefix="kernelforge-test-cache-"))
+if "KERNELFORGE_CACHE_DIR" not in os.environ:
+    os.environ["KERNELFORGE_CACHE_DIR"] = tempfile.mkdtemp(prefix="kernelforge-test-cache-")
+    # removed at exit: a run's generated sources and libraries (tens of MB) are its own
+    atexit.register(shutil.rmtree, os.environ["KERNELFORGE_CACHE_DIR"], ignore_errors=True)
 # Small Triton chunks, so the interpreter exercises chunked loops on small rows.
 os.environ.setdefault("KERNELFORGE_TRITON_MAX_BLOCK", "1024")
 

@@ -110,13 +110,15 @@ def vllm_python() -> Optional[str]:
 def hf_dir_from_gguf(path) -> Path:
     """A Hugging Face directory (bf16 safetensors, config, tokenizer) written by
     transformers from the GGUF, for peers that load only such directories;
-    cached beside the kernel cache, keyed by the file's name and size."""
+    cached in ~/.cache/kernelforge/hf (not KERNELFORGE_CACHE_DIR, which test
+    and benchmark runs point at a fresh temporary directory), keyed by the
+    file's name and size."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .. import config
     path = Path(path)
-    out = Path(config.cache_dir()) / "hf" / f"{path.stem}-{path.stat().st_size}-bf16"
+    out = (Path.home() / ".cache" / "kernelforge" / "hf"
+           / f"{path.stem}-{path.stat().st_size}-bf16")
     if (out / "config.json").exists():
         return out
     kw = dict(gguf_file=path.name)
