@@ -362,19 +362,18 @@ class _Printer(ValueRules):
             body = events[i + 1:j]
             t = n.arg.range
             if self.padded(t) and not any(e == "begin" for e, _ in body):
-                b, tb = self.block(t), self.sched.tail_block
                 tails = self.tails(n)
-                self.ev_begin(n, step=None if tails else b)
+                self.ev_begin(n, advance=not tails)
                 saved = dict(self.names)
                 self.split_chunk(n, body)
                 if tails:
                     # a chunk that is not whole: tail_block lanes at a time
-                    self.open(f"else")
+                    self.open("else")
                     self.tail.add(id(t))
                     self.names = dict(saved)
                     self.split_chunk(n, body)
                     self.tail.discard(id(t))
-                    self.line(f"s_{n.arg.axis}_{n.arg.id} += {tb};")
+                    self.line(f"s_{n.arg.axis}_{n.arg.id} += {self.sched.tail_block};")
                     self.close()
                 self.names = saved
                 self.close()
@@ -445,9 +444,9 @@ class _Printer(ValueRules):
             return
         self.materialize(n)
 
-    def ev_begin(self, s: Node, step: int | None = 0) -> None:
-        """Open loop ``s``; ``step`` None: the body advances the chunk start
-        itself (chunks of two sizes), else by the block each iteration."""
+    def ev_begin(self, s: Node, advance: bool = True) -> None:
+        """Open loop ``s``; with ``advance`` False the body moves the chunk
+        start itself (chunks of two sizes), else the loop adds the block."""
         loop = s.arg
         t, axis, lid = loop.range, loop.axis, loop.id
         b = self.block(t)
@@ -494,7 +493,7 @@ class _Printer(ValueRules):
         else:
             first = lo if lo is not None else "0"
             last = hi if hi is not None else self.size(axis)
-            inc = "" if step is None else f"s_{axis}_{lid} += {b}"
+            inc = f"s_{axis}_{lid} += {b}" if advance else ""
             self.open(f"for (int32_t s_{axis}_{lid} = {first}; s_{axis}_{lid} < {last}; {inc})")
 
     def ev_end(self, s: Node, close: bool = True) -> None:
