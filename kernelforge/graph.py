@@ -118,9 +118,12 @@ def capture(fn, *args, **kwargs) -> Graph:
                  torch.is_inference_mode_enabled())
 
 
-def _storages(values) -> set:
-    return {t.untyped_storage().data_ptr() for t in values
-            if isinstance(t, torch.Tensor) and t.layout == torch.strided and t.numel()}
+def _storage(t):
+    """The storage address of a non-empty strided tensor; None for anything
+    else (an opaque oneDNN tensor has no storage to compare)."""
+    if isinstance(t, torch.Tensor) and t.layout == torch.strided and t.numel():
+        return t.untyped_storage().data_ptr()
+    return None
 
 
 def _copy_into(targets, func, args, kwargs, picks):
@@ -199,11 +202,9 @@ class _Recorder(TorchDispatchMode):
         else:
             results, _ = tree_flatten(out)
             inputs, _ = tree_flatten((args, kwargs))
-            shared = _storages(inputs)
+            shared = {_storage(t) for t in inputs} | {None}     # None: nothing to copy
             # an output in an input's memory is a view: it follows its base
-            picks = [i for i, t in enumerate(results) if isinstance(t, torch.Tensor)
-                     and t.layout == torch.strided and t.numel()
-                     and t.untyped_storage().data_ptr() not in shared]
+            picks = [i for i, t in enumerate(results) if _storage(t) not in shared]
             if not picks:
                 self.skipped += 1
                 return out

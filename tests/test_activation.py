@@ -37,8 +37,13 @@ def test_silu_and_mul_matches_float64(backend, data):
     y = silu_and_mul(x, backend=backend)
     assert y.shape == (rows, d) and y.dtype == dtype
     assert_close(y, reference(x), dtype, f"silu_and_mul {backend} {dtype} rows={rows} d={d}")
-    gate, up = x.chunk(2, dim=-1)
-    assert_close(y, torch.nn.functional.silu(gate) * up, dtype, "against eager torch")
+    if dtype == torch.float32:
+        # eager torch as a second reference only in fp32: in 16-bit dtypes it
+        # rounds twice too (silu, then the product), and a 1-ulp difference in
+        # the rounded silu (another exp) becomes 2 ulps of the product, which
+        # the 16-bit tolerance (set for one result against float64) does not cover
+        gate, up = x.chunk(2, dim=-1)
+        assert_close(y, torch.nn.functional.silu(gate) * up, dtype, "against eager torch")
 
 
 @pytest.mark.parametrize("backend", ["eager", "cpp"])

@@ -191,14 +191,18 @@ class CppBackend(Backend):
                 if t is not None:
                     t.copy_(c)          # an output that was copied to be contiguous
 
-        def run(*args):
-            # the hot path of every op on CPU: one int64 array per call
-            c_fn = fn
+        def chosen(args):
+            """The restrict build, or the aliasing one when an output shares
+            an input's storage."""
             if outs:
                 mem = {args[i].untyped_storage().data_ptr() for i in outs}
                 if any(args[i].untyped_storage().data_ptr() in mem for i in ins):
-                    c_fn = aliased()           # an output shares an input's storage
-            call(c_fn, args)
+                    return aliased()
+            return fn
+
+        def run(*args):
+            # the hot path of every op on CPU: one int64 array per call
+            call(chosen(args), args)
 
         def fresh(*args):
             # dispatch allocated every output: none can share an input's memory
@@ -210,11 +214,7 @@ class CppBackend(Backend):
             arr, farr, back = pack(args)
             if back:            # strided last dims are copied per call: no shortcut
                 return functools.partial(run, *args)
-            c_fn = fn
-            if outs:
-                mem = {args[i].untyped_storage().data_ptr() for i in outs}
-                if any(args[i].untyped_storage().data_ptr() in mem for i in ins):
-                    c_fn = aliased()
+            c_fn = chosen(args)
 
             def bound():
                 c_fn(arr, farr, threads())

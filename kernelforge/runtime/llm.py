@@ -235,21 +235,16 @@ class LLM:
                     f"sequences: {self.pool.num_free} of {self.pool.num_blocks} KV blocks free")
             return []
         sampled_seqs = [seq for seq, n in batch if seq.num_computed + n == seq.num_tokens]
-        new_tokens = []
         if self.graphs is not None and len(sampled_seqs) == len(batch) and \
                 all(n == 1 for _, n in batch) and len(batch) <= self.graphs.max_batch:
             # decode rows only: replay the captured step (decode_graphs.py)
             logits = self.graphs.run([seq.last_token for seq, _ in batch],
                                      [seq.num_computed for seq, _ in batch],
                                      [seq.block_table for seq, _ in batch])
-            new_tokens = sample(logits, sampled_seqs)
-        elif sampled_seqs:
-            input_ids, positions, meta, rows = self._prepare(batch)
-            logits = self.model.forward(input_ids, positions, meta, self.kv_caches, rows)
-            new_tokens = sample(logits, sampled_seqs)
         else:
             input_ids, positions, meta, rows = self._prepare(batch)
-            self.model.forward(input_ids, positions, meta, self.kv_caches, rows)
+            logits = self.model.forward(input_ids, positions, meta, self.kv_caches, rows)
+        new_tokens = sample(logits, sampled_seqs) if sampled_seqs else []
         for seq, n in batch:
             seq.num_computed += n
             self.scheduler.cache_full_blocks(seq, seq.num_computed - n)
