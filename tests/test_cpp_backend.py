@@ -119,3 +119,41 @@ def test_a_kernel_the_cpp_lowering_cannot_lower_falls_back(monkeypatch):
     assert torch.equal(top, torch.topk(x, 4, -1).values)
     with pytest.raises(ValueError, match="'cpp' cannot run kernel `sort_topk`: .*sort, topk"):
         kernelforge.launch(K.sort_topk, x, srt, top, backend="cpp")
+
+
+@kl.kernel(static=("G", "N", "D"))
+def contractions(q: kl.In("R", "G", "D"), k: kl.In("R", "N", "D"), v: kl.In("R", "N", "D"),
+                 s: kl.Out("R", "G", "N"), o: kl.Out("R", "G", "D")):
+    r = kl.parallel("R")
+    g, n, d = kl.tile("G"), kl.tile("N"), kl.tile("D")
+    qv = kl.load(q[r, g, d]).to(kl.f32)
+    sc = kl.sum(qv * kl.load(k[r, n, d]).to(kl.f32), "D")       # q.k, k stored along D
+    kl.store(s[r, g, n], sc)
+    kl.store(o[r, g, d], kl.sum(sc * kl.load(v[r, n, d]).to(kl.f32), "N"))   # p.v
+
+
+@pytest.mark.parametrize("G, N, D", [(1, 16, 64), (3, 48, 80), (5, 128, 96), (6, 32, 64),
+                                     (7, 20, 128)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sums_of_products_lower_as_block_products(G, N, D, dtype):
+    """``sum(a * b, axis)`` over two blocks that each lack one output axis is a
+    block product: the C++ lowering emits kf_dot_nt for q.k (a few rows
+    against keys stored along D: 16 at a time, then kf_hsum16's shuffles;
+    a key count that 16 does not divide transposes them for kf_dot) and
+    kf_dot for p.v. Row counts that 4 does not divide (G of 5, 6, 7:
+    kf_dot's row blocking must not run past them), key counts padded to a
+    power of two (N=20, 48) and every supported head size, against float64."""
+    g = torch.Generator().manual_seed(G * 1000 + N + D)
+    # non-negative values: no cancellation, so each sum's fp32 rounding stays
+    # relative to its value (random signs make some sums far smaller than
+    # their terms, and no per-element tolerance fits them)
+    q = torch.rand(3, G, D, generator=g).to(dtype)
+    k, v = (torch.rand(3, N, D, generator=g).to(dtype) for _ in range(2))
+    s, o = torch.full((3, G, N), float("nan")), torch.full((3, G, D), float("nan"))
+    args = (q, k, v, s, o)
+    src = kernelforge.dispatch.source(contractions, args, "cpp")
+    assert "kf_dot<" in src and ("kf_dot_nt<" in src) == (N % 16 == 0)   # 20 keys: transposed
+    kernelforge.launch(contractions, *args, backend="cpp")
+    want_s = torch.einsum("rgd,rnd->rgn", q.double(), k.double())
+    assert_close(s, want_s, torch.float32, "q.k")
+    assert_close(o, torch.einsum("rgn,rnd->rgd", want_s, v.double()), torch.float32, "p.v")

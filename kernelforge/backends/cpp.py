@@ -219,6 +219,7 @@ class CppBackend(Backend):
             def bound():
                 c_fn(arr, farr, threads())
             bound.keep = args           # the tensors the array points into stay alive
+            bound.kernel = kernel.name  # for profiles of a replay
             return bound
 
         run.fresh = fresh

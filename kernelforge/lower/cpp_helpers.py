@@ -82,35 +82,43 @@ static inline float kf_exp2(float x) { return kf_exp(x * 0.693147180559945309f);
 static inline double kf_exp2(double x) { return std::exp2(x); }
 
 // C[M][N] = A[M][K] * B[K][N] (row-major blocks, fp32): panels of up to 64
-// columns, 4 rows at a time, accumulators in vector registers.
+// columns, up to 4 rows at a time, accumulators in vector registers.
 typedef float kf_vf __attribute__((vector_size(64), aligned(4)));
 #if defined(__GNUC__) && !defined(__clang__)
 #define KF_FMA __attribute__((optimize("fp-contract=fast")))   // products fuse into FMAs
 #else
 #define KF_FMA
 #endif
+// columns [j0, j0 + PN) of C; R rows at a time, R dividing M (a G of 5 or 6
+// query heads must not run past the last row)
+template <int M, int N, int K, int PN>
+KF_FMA static inline void kf_dot_panel(const float* __restrict A, const float* __restrict B,
+                                float* __restrict C, int j0) {
+  constexpr int NV = PN / 16, R = M % 4 == 0 ? 4 : M % 3 == 0 ? 3 : M % 2 == 0 ? 2 : 1;
+  for (int i0 = 0; i0 < M; i0 += R) {
+    kf_vf c[R][NV];
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < NV; ++j) c[r][j] = kf_vf{};
+    for (int k = 0; k < K; ++k) {
+      kf_vf b[NV];
+      for (int j = 0; j < NV; ++j) std::memcpy(&b[j], B + k * N + j0 + j * 16, 64);
+      for (int r = 0; r < R; ++r) {
+        float a = A[(i0 + r) * K + k];
+        for (int j = 0; j < NV; ++j) c[r][j] += a * b[j];
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < NV; ++j) std::memcpy(C + (i0 + r) * N + j0 + j * 16, &c[r][j], 64);
+  }
+}
 template <int M, int N, int K>
 KF_FMA static inline void kf_dot(const float* __restrict A, const float* __restrict B,
                           float* __restrict C) {
   if constexpr (N % 16 == 0) {
-    constexpr int PN = N < 64 ? N : 64, NV = PN / 16, R = M < 4 ? M : 4;
-    for (int j0 = 0; j0 < N; j0 += PN) {
-      for (int i0 = 0; i0 < M; i0 += R) {
-        kf_vf c[R][NV];
-        for (int r = 0; r < R; ++r)
-          for (int j = 0; j < NV; ++j) c[r][j] = kf_vf{};
-        for (int k = 0; k < K; ++k) {
-          kf_vf b[NV];
-          for (int j = 0; j < NV; ++j) std::memcpy(&b[j], B + k * N + j0 + j * 16, 64);
-          for (int r = 0; r < R; ++r) {
-            float a = A[(i0 + r) * K + k];
-            for (int j = 0; j < NV; ++j) c[r][j] += a * b[j];
-          }
-        }
-        for (int r = 0; r < R; ++r)
-          for (int j = 0; j < NV; ++j) std::memcpy(C + (i0 + r) * N + j0 + j * 16, &c[r][j], 64);
-      }
-    }
+    // whole panels of 64 columns, then the rest (a head size of 80 or 96)
+    constexpr int P = N < 64 ? N : 64;
+    for (int j0 = 0; j0 + P <= N; j0 += P) kf_dot_panel<M, N, K, P>(A, B, C, j0);
+    if constexpr (N % P != 0) kf_dot_panel<M, N, K, N % P>(A, B, C, N - N % P);
   } else {
     for (int i = 0; i < M; ++i) {
       float c[N] = {};
@@ -119,6 +127,59 @@ KF_FMA static inline void kf_dot(const float* __restrict A, const float* __restr
         for (int j = 0; j < N; ++j) c[j] += a * B[k * N + j];
       }
       for (int j = 0; j < N; ++j) C[i * N + j] = c[j];
+    }
+  }
+}
+
+// Two vectors' lanes picked by index (0-15 from a, 16-31 from b), in GCC's
+// and clang's spelling.
+#if defined(__clang__)
+#define KF_SHUF(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+typedef int32_t kf_vi __attribute__((vector_size(64)));
+#define KF_SHUF(a, b, ...) __builtin_shuffle(a, b, (kf_vi){__VA_ARGS__})
+#endif
+// Lane j of the result is the sum of v[j]'s 16 lanes: 16 horizontal sums in
+// 15 shuffle pairs and adds (four levels; each folds every vector's partials
+// in half and interleaves two vectors), not one reduction tree per vector.
+static inline kf_vf kf_hsum16(const kf_vf* v) {
+  kf_vf a[8], b[4], c[2];
+  for (int j = 0; j < 8; ++j)     // lanes 0-7: v[j]'s 8 partials; 8-15: v[j + 8]'s
+    a[j] = KF_SHUF(v[j], v[j + 8], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           KF_SHUF(v[j], v[j + 8], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  for (int j = 0; j < 4; ++j)     // lanes 4q-4q+3: v[j + 4q]'s 4 partials
+    b[j] = KF_SHUF(a[j], a[j + 4], 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27) +
+           KF_SHUF(a[j], a[j + 4], 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+  for (int j = 0; j < 2; ++j)     // lanes 2p, 2p+1: v[j + 2p]'s 2 partials
+    c[j] = KF_SHUF(b[j], b[j + 2], 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
+           KF_SHUF(b[j], b[j + 2], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+  return KF_SHUF(c[0], c[1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
+         KF_SHUF(c[0], c[1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+}
+
+// C[M][N] = A[M][K] * B[N][K]^T (both read along K, N and K multiples of 16):
+// for a few rows (decode's query heads) against keys stored key by key. Each
+// row meets 16 B rows at a time, one vector accumulator per B row, then
+// kf_hsum16; kf_dot would first need B transposed, one scalar move per value.
+template <int M, int N, int K>
+KF_FMA static inline void kf_dot_nt(const float* __restrict A, const float* __restrict B,
+                             float* __restrict C) {
+  static_assert(N % 16 == 0 && K % 16 == 0, "kf_dot_nt: N and K multiples of 16");
+  for (int j0 = 0; j0 < N; j0 += 16) {
+    for (int i = 0; i < M; ++i) {
+      kf_vf acc[16];
+      for (int j = 0; j < 16; ++j) acc[j] = kf_vf{};
+      for (int k = 0; k < K; k += 16) {
+        kf_vf a;
+        std::memcpy(&a, A + i * K + k, 64);
+        for (int j = 0; j < 16; ++j) {
+          kf_vf b;
+          std::memcpy(&b, B + (j0 + j) * K + k, 64);
+          acc[j] += a * b;
+        }
+      }
+      kf_vf s = kf_hsum16(acc);
+      std::memcpy(C + i * N + j0, &s, 64);
     }
   }
 }

@@ -275,7 +275,11 @@ class _Printer(LoopRules, ValueRules):
         self.count += 1
         self.src(n.loc)
         if n.op == Op.REDUCE:
-            self.reduce(nm, n)
+            parts = self.contraction(n)
+            if parts:
+                self.dot(nm, n, parts)
+            else:
+                self.reduce(nm, n)
         elif n.op == Op.DOT:
             self.dot(nm, n)
         else:

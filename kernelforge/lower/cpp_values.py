@@ -255,9 +255,28 @@ class ValueRules:
         r = _ROUND.get(d)
         return f"{r}({e})" if r else e
 
-    def dot(self, nm: str, n: Node) -> None:
-        a, b = n.src
-        k = n.arg
+    def contraction(self, n: Node):
+        """``(a, b, axis)`` when the REDUCE ``n`` is ``sum(a * b, axis)`` over two
+        f32 blocks that each lack one of its two output axes (``q [G, D] * k
+        [N, D]`` summed over D): a block product, lowered as ``dot`` instead of
+        one horizontal sum per output element (paged decode's q.k and p.v,
+        written with ``kl.sum`` so that the Triton lowering takes any G).
+        Summation order differs from the plain reduction (fp32 rounding only)."""
+        (x,) = n.src
+        axis, kind = n.arg
+        out = self.tdims(n)
+        if kind != "sum" or x.op != Op.MUL or len(out) != 2 or id(x) in self.names or \
+                not all(v.dtype == dt.f32 for v in (n, x, *x.src)):
+            return None
+        a, b = x.src
+        da, db = set(self.tdims(a)), set(self.tdims(b))
+        if {frozenset(da), frozenset(db)} != {frozenset((out[0], axis)), frozenset((out[1], axis))}:
+            return None
+        return a, b, axis
+
+    def dot(self, nm: str, n: Node, parts=None) -> None:
+        """``n``: a DOT, or a REDUCE with its ``contraction`` ``parts``."""
+        a, b, k = parts or (*n.src, n.arg)
         out = self.tdims(n)
         if len(out) != 2 or len(self.tdims(a)) != 2 or len(self.tdims(b)) != 2 or \
                 n.dtype != dt.f32:
@@ -268,9 +287,15 @@ class ValueRules:
             a, b = b, a
         M, N = (self.block(self.tile(n, d)) for d in (x, y))
         K = self.block(self.tile(a, k))
+        # a few rows against a B stored along k (decode's query heads against
+        # keys): kf_dot_nt reads B as it lies; kf_dot would transpose it first,
+        # a scalar move per value that cost more than the product (70% of
+        # paged decode at G=3); 16 or more rows share that transpose instead
+        nt = M < 16 and N % 16 == 0 and K % 16 == 0 and self.stored_along(b, k)
+        b_dims, b_shape = ((y, k), (N, K)) if nt else ((k, y), (K, N))
         args = []
         for tmp, op, (r, c), (R, C) in ((f"{nm}_a", a, (x, k), (M, K)),
-                                         (f"{nm}_b", b, (k, y), (K, N))):
+                                         (f"{nm}_b", b, b_dims, b_shape)):
             if (self.tdims(op) == (r, c) and id(op) in self.names and op.dtype == dt.f32
                     and not self.mask(op, (r, c), axes=(k,))):
                 args.append(self.names[id(op)])     # already a packed f32 block: no copy
@@ -288,6 +313,11 @@ class ValueRules:
             self.line(f"{tmp}[i_{r} * {C} + i_{c}] = (float){e};")
             self.unnest(depth)
         self.declare(nm, n)
-        self.line(f"kf_dot<{M}, {N}, {K}>({args[0]}, {args[1]}, {nm});")
+        self.line(f"kf_dot{'_nt' if nt else ''}<{M}, {N}, {K}>({args[0]}, {args[1]}, {nm});")
+
+    def stored_along(self, x: Node, axis: str) -> bool:
+        """``x`` is a (cast) load whose contiguous memory dim is ``axis``."""
+        src = x.src[0] if x.op == Op.CAST else x
+        return src.op == Op.LOAD and src.src[0].arg.axes[-1] == axis
 
     # -- driver ---------------------------------------------------------------------
