@@ -141,8 +141,8 @@ def test_sums_of_products_lower_as_block_products(G, N, D, dtype):
     against keys stored along D: 16 at a time, then kf_hsum16's shuffles;
     a key count that 16 does not divide transposes them for kf_dot) and
     kf_dot for p.v. Row counts that 4 does not divide (G of 5, 6, 7:
-    kf_dot's row blocking must not run past them), key counts padded to a
-    power of two (N=20, 48) and every supported head size, against float64."""
+    kf_dot's row blocking must not run past them), key counts that are not
+    powers of two (N=20, 48) and every supported head size, against float64."""
     g = torch.Generator().manual_seed(G * 1000 + N + D)
     # non-negative values: no cancellation, so each sum's fp32 rounding stays
     # relative to its value (random signs make some sums far smaller than

@@ -269,8 +269,8 @@ class ValueRules:
                 not all(v.dtype == dt.f32 for v in (n, x, *x.src)):
             return None
         a, b = x.src
-        da, db = set(self.tdims(a)), set(self.tdims(b))
-        if {frozenset(da), frozenset(db)} != {frozenset((out[0], axis)), frozenset((out[1], axis))}:
+        if {frozenset(self.tdims(a)), frozenset(self.tdims(b))} != \
+                {frozenset((out[0], axis)), frozenset((out[1], axis))}:
             return None
         return a, b, axis
 
@@ -306,8 +306,8 @@ class ValueRules:
             e = self.masked(op, k, "0")
             src = op.src[0] if op.op == Op.CAST else op
             order = ((r, c), (R, C))
-            if src.op == Op.LOAD and id(src) not in self.names and \
-                    src.src[0].arg.axes[-1] == r and self.tile(op, r).arg[0] == r:
+            if id(src) not in self.names and self.stored_along(op, r) and \
+                    self.tile(op, r).arg[0] == r:
                 order = ((c, r), (C, R))     # read memory along its contiguous dim
             depth = self.nest(*order)
             self.line(f"{tmp}[i_{r} * {C} + i_{c}] = (float){e};")
