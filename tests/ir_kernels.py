@@ -179,3 +179,16 @@ def scatter_rows(x: kl.In("T", "D"), slot: kl.In("T"), table: kl.Out("S", "D")):
     t, d = kl.parallel("T"), kl.tile("D")
     s = kl.load(slot[t])
     kl.store(table[s, d], kl.load(x[t, d]), mask=s >= 0)
+
+
+# q.k and p.v as sums of products (paged decode's form): block products in the
+# C++ and Triton lowerings (tests/test_cpp_backend.py, tests/test_triton_dots.py)
+@kl.kernel(static=("G", "N", "D"))
+def contractions(q: kl.In("R", "G", "D"), k: kl.In("R", "N", "D"), v: kl.In("R", "N", "D"),
+                 s: kl.Out("R", "G", "N"), o: kl.Out("R", "G", "D")):
+    r = kl.parallel("R")
+    g, n, d = kl.tile("G"), kl.tile("N"), kl.tile("D")
+    qv = kl.load(q[r, g, d]).to(kl.f32)
+    sc = kl.sum(qv * kl.load(k[r, n, d]).to(kl.f32), "D")       # q.k, k stored along D
+    kl.store(s[r, g, n], sc)
+    kl.store(o[r, g, d], kl.sum(sc * kl.load(v[r, n, d]).to(kl.f32), "N"))   # p.v

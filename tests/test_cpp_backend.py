@@ -9,6 +9,7 @@ import kernelforge.lang as kl
 from kernelforge.backends.cpp import compiler
 from kernelforge.ir.errors import KernelError
 from kernelforge.tolerance import assert_close
+import ir_kernels as K
 
 pytestmark = pytest.mark.skipif(compiler()[0] is None, reason="no C++ compiler here")
 
@@ -121,17 +122,6 @@ def test_a_kernel_the_cpp_lowering_cannot_lower_falls_back(monkeypatch):
         kernelforge.launch(K.sort_topk, x, srt, top, backend="cpp")
 
 
-@kl.kernel(static=("G", "N", "D"))
-def contractions(q: kl.In("R", "G", "D"), k: kl.In("R", "N", "D"), v: kl.In("R", "N", "D"),
-                 s: kl.Out("R", "G", "N"), o: kl.Out("R", "G", "D")):
-    r = kl.parallel("R")
-    g, n, d = kl.tile("G"), kl.tile("N"), kl.tile("D")
-    qv = kl.load(q[r, g, d]).to(kl.f32)
-    sc = kl.sum(qv * kl.load(k[r, n, d]).to(kl.f32), "D")       # q.k, k stored along D
-    kl.store(s[r, g, n], sc)
-    kl.store(o[r, g, d], kl.sum(sc * kl.load(v[r, n, d]).to(kl.f32), "N"))   # p.v
-
-
 @pytest.mark.parametrize("G, N, D", [(1, 16, 64), (3, 48, 80), (5, 128, 96), (6, 32, 64),
                                      (7, 20, 128)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -151,9 +141,9 @@ def test_sums_of_products_lower_as_block_products(G, N, D, dtype):
     k, v = (torch.rand(3, N, D, generator=g).to(dtype) for _ in range(2))
     s, o = torch.full((3, G, N), float("nan")), torch.full((3, G, D), float("nan"))
     args = (q, k, v, s, o)
-    src = kernelforge.dispatch.source(contractions, args, "cpp")
+    src = kernelforge.dispatch.source(K.contractions, args, "cpp")
     assert "kf_dot<" in src and ("kf_dot_nt<" in src) == (N % 16 == 0)   # 20 keys: transposed
-    kernelforge.launch(contractions, *args, backend="cpp")
+    kernelforge.launch(K.contractions, *args, backend="cpp")
     want_s = torch.einsum("rgd,rnd->rgn", q.double(), k.double())
     assert_close(s, want_s, torch.float32, "q.k")
     assert_close(o, torch.einsum("rgn,rnd->rgd", want_s, v.double()), torch.float32, "p.v")

@@ -130,7 +130,7 @@ fi
 # -- 2. benchmark (first: its numbers matter most on a lent machine) ----------------------
 step "2. tools/gpu_bench.py"
 if [ "$HAVE_GPU" = 1 ]; then
-    run_step "gpu_bench.py" 260 $PY tools/gpu_bench.py
+    run_step "gpu_bench.py" "${BENCH_CAP_S:-260}" $PY tools/gpu_bench.py
 else
     $PY tools/gpu_bench.py      # says there is no GPU and exits 0
     record "gpu_bench.py" "skipped (no GPU)"

@@ -21,6 +21,7 @@ from ..ir.nodes import Node, Op
 from .codegen import Lines, expand, identity, literal, next_pow2, spec_text
 from .triton_helpers import COMBINE as _COMBINE, DOT_OPERAND as _DOT_OPERAND, \
     F32_DOT as _F32_DOT, INTERPRET_FLAG as _INTERPRET_FLAG, TO_BF16 as _TO_BF16
+from . import triton_dots
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,24 @@ class _Printer:
         self.straight: set[int] = set()      # loops printed as one straight-line chunk
         # bounded loops: tile -> (per-row mask name, its axes) when the bounds vary per row
         self.row_masks: dict[int, tuple[str, tuple[str, ...]]] = {}
+        # sum(a * b, k) reductions printed as tl.dot (triton_dots), and the
+        # static axes padded to tl.dot's 16 for them
+        self.pad16: set[str] = set()
+        self.contractions = self._dot_contractions()
+        self.fused = {id(c[0].src[0]) for c in self.contractions.values()}
+        self.pending = ""         # the name ev_node is defining (for helper lines)
+
+    def _dot_contractions(self) -> dict:
+        """The contractions whose three axes reach tl.dot's 16 (static whole
+        axes below 16 are padded to it)."""
+        found = {}
+        for n, a, b, axis in triton_dots.find_contractions(self):
+            tiles = [self.an.tiles(n)[d] for d in self.tdims(n)] + [self.an.tiles(a)[axis]]
+            small = [t for t in tiles if self.block(t) < triton_dots.MIN_DOT]
+            if all(t.op == Op.RANGE and t.arg[1] == "full" for t in small):
+                self.pad16.update(t.arg[0] for t in small)
+                found[id(n)] = (n, a, b, axis)
+        return found
 
     # -- tiles ------------------------------------------------------------------
     def block(self, t: Node) -> int:
@@ -138,7 +157,8 @@ class _Printer:
         if kind == "parallel":
             return t.arg[2]
         if kind == "full":
-            return next_pow2(size)
+            b = next_pow2(size)
+            return max(b, triton_dots.MIN_DOT) if axis in self.pad16 else b
         if size is None:
             return self.sched.dynamic_block
         return min(next_pow2(size), self.sched.max_block)
@@ -246,14 +266,17 @@ class _Printer:
         if n.op == Op.LOOP_OUT:
             self.names[id(n)] = self.names[id(n.src[0].arg.carries[n.arg])]
             return
+        if id(n) in self.fused:
+            return            # a product only a tl.dot reads (triton_dots): never built
         for s in n.src:
             if s.op == Op.RANGE:
                 self.ensure_tile(s)
+        self.out.src(n.loc)
+        self.pending = nm = f"v{self.count}"
+        self.count += 1
         expr = self.expr(n)
         self.count_values(n)
-        self.out.src(n.loc)
-        nm = self.names[id(n)] = f"v{self.count}"
-        self.count += 1
+        self.names[id(n)] = nm
         self.out.line(f"{nm} = {expr}")
 
     def count_values(self, n: Node) -> None:
@@ -423,6 +446,8 @@ class _Printer:
             return f"tl.cast({self.name(x)}, {n.dtype.triton})"
         if op == Op.BITCAST:
             return f"{self.name(n.src[0])}.to({n.dtype.triton}, bitcast=True)"
+        if op == Op.REDUCE and id(n) in self.contractions:
+            return self.dot(*self.contractions[id(n)])
         if op == Op.REDUCE:
             (x,) = n.src
             axis, kind = n.arg
@@ -460,7 +485,7 @@ class _Printer:
                                   f"got {n.arg[1]}", n.loc)
             return f"tl.topk({e}, {n.arg[1]}, dim={d})"
         if op == Op.DOT:
-            return self.dot(n)
+            return self.dot(n, *n.src, n.arg)
         if op == Op.NOT:
             # x ^ all-ones: `~` on u32 raises under the interpreter (NumPy 2)
             ones = {dt.u32: "tl.full([], 4294967295, tl.uint32)", dt.bool_: "True"}
@@ -469,29 +494,61 @@ class _Printer:
             return _TABLE[op].format(*(self.operand(s, want) for s in n.src))
         raise KernelError(f"the Triton lowering has no rule for {op.name}", n.loc)
 
-    def dot(self, n: Node) -> str:
-        a, b = n.src
-        k = n.arg
+    def dot(self, n: Node, a: Node, b: Node, k: str) -> str:
+        """``tl.dot`` for a DOT or a contraction ``sum(a * b, k)`` (triton_dots)."""
         ad, bd = self.tdims(a), self.tdims(b)
         if len(ad) != 2 or len(bd) != 2:
             raise KernelError("the Triton lowering supports dot of two 2-D blocks; got "
                               f"{list(ad)} and {list(bd)}", n.loc)
+        if n.op == Op.REDUCE and self.tdims(n)[0] not in ad:
+            a, b, ad, bd = b, a, bd, ad
         x = next(d for d in ad if d != k)
         y = next(d for d in bd if d != k)
-        ea = self.dot_operand(a, k)
-        eb = self.dot_operand(b, k)
-        if a.dtype in (dt.bf16, dt.f16):
-            self.helpers.update((_INTERPRET_FLAG, _DOT_OPERAND))
-            ea, eb = f"_dot_operand({ea})", f"_dot_operand({eb})"
-        ea = ea if ad == (x, k) else f"tl.trans({ea})"
-        eb = eb if bd == (k, y) else f"tl.trans({eb})"
+        ha, hb = triton_dots.half_source(a), triton_dots.half_source(b)
         self.has_dot = True
         prec = ""
-        if a.dtype == dt.f32:
-            self.helpers.add(_F32_DOT)
-            prec = ", input_precision=_F32_DOT"
+        if ha is not None and hb is not None and ha.dtype == hb.dtype:
+            # 16-bit operands (or f32 casts of them): exact products, fp32 sums
+            ea, eb = self.half_operand(ha, k), self.half_operand(hb, k)
+        elif (ha is None) != (hb is None) and (ha or hb).dtype in triton_dots.HALF:
+            # f32 against 16-bit: the f32 operand as hi + lo in the 16-bit type
+            h = (ha or hb).dtype
+            f = a if ha is None else b
+            nm, ef = self.pending, self.dot_operand(f, k)
+            self.helpers.update((_INTERPRET_FLAG, _TO_BF16, _DOT_OPERAND))
+            self.out.line(f"# {self.name(f)} as hi + lo in {h.name} (two 16-bit tensor-core "
+                          "products: twice the 16-bit significand)")
+            if ef != self.name(f):
+                self.out.line(f"{nm}_f = {ef}")
+                ef = f"{nm}_f"
+            self.out.line(f"{nm}_hi = {triton_dots.to_half(ef, h)}")
+            self.out.line(f"{nm}_lo = {triton_dots.to_half(f'{ef} - {nm}_hi.to(tl.float32)', h)}")
+            half = self.half_operand(ha or hb, k)
+            parts = [(f"_dot_operand({nm}_{w})", half) if ha is None else
+                     (half, f"_dot_operand({nm}_{w})") for w in ("lo", "hi")]
+            (la, lb), (ua, ub) = [(self.oriented(pa, ad, (x, k)), self.oriented(pb, bd, (k, y)))
+                                  for pa, pb in parts]
+            e = f"tl.dot({ua}, {ub}, acc=tl.dot({la}, {lb}, out_dtype=tl.float32))"
+            return e if self.tdims(n) == (x, y) else f"tl.trans({e})"
+        else:
+            ea, eb = self.dot_operand(a, k), self.dot_operand(b, k)
+            if a.dtype in triton_dots.HALF:
+                self.helpers.update((_INTERPRET_FLAG, _DOT_OPERAND))
+                ea, eb = f"_dot_operand({ea})", f"_dot_operand({eb})"
+            if a.dtype == dt.f32:
+                self.helpers.add(_F32_DOT)
+                prec = ", input_precision=_F32_DOT"
+        ea, eb = self.oriented(ea, ad, (x, k)), self.oriented(eb, bd, (k, y))
         e = f"tl.dot({ea}, {eb}, out_dtype={n.dtype.triton}{prec})"
         return e if self.tdims(n) == (x, y) else f"tl.trans({e})"
+
+    @staticmethod
+    def oriented(e: str, have: tuple, want: tuple) -> str:
+        return e if have == want else f"tl.trans({e})"
+
+    def half_operand(self, h: Node, k: str) -> str:
+        self.helpers.update((_INTERPRET_FLAG, _DOT_OPERAND))
+        return f"_dot_operand({self.dot_operand(h, k)})"
 
     def dot_operand(self, x: Node, axis: str) -> str:
         return self.masked(x, axis, "0")
