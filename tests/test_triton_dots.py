@@ -36,9 +36,9 @@ def test_sums_of_products_run_as_tensor_core_products(G, N, D, dtype):
     assert_close(o.cpu(), want_o.cpu(), torch.float32, "p.v")
 
 
-def test_a_product_read_twice_stays_a_product():
-    """The product must feed only the sum to become a tl.dot: paged decode's
-    q.k does, and the generated module never builds its [G, N, D] block."""
+def test_paged_decode_never_builds_its_product_block():
+    """Paged decode's q.k and p.v are tl.dots: the generated module never
+    builds a [G, N, D] product."""
     from kernelforge.kernels.attention import paged_attention_kernel
     kdef = paged_attention_kernel(False)
     q = torch.zeros(2, 8, 4, 128, dtype=torch.bfloat16)
@@ -46,5 +46,7 @@ def test_a_product_read_twice_stays_a_product():
     i32 = lambda *s: torch.zeros(*s, dtype=torch.int32)  # noqa: E731
     args = (q, kc, kc, i32(2, 2), i32(2), i32(2), i32(2), i32(32), torch.empty_like(q), 1.0, 0.0)
     src = kernelforge.dispatch.source(kdef, args, "triton")
-    assert src.count("tl.dot(") == 3            # q.k, then p.v as hi + lo
+    # q.k, then p.v as hi + lo, in each of the key loop's two copies (the
+    # unmasked interior, then the masked edges: triton_printer.split_loop)
+    assert src.count("tl.dot(") == 6
     assert "[:, :, None]" not in src and "[:, None, :]" not in src   # no 3-D product

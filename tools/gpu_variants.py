@@ -49,14 +49,14 @@ def variant_cases(kernelforge, run_case, rows, prefix, fn, refs, dtype, nbytes, 
             return s
         if "w" in v:
             s = re.sub(r"NUM_WARPS = \d+", f"NUM_WARPS = {v['w']}", s)
-        if "kb" in v:    # the key loop's chunk: tl.range(lo_x, hi_x, 64) and its aranges
-            loop = re.search(r"for start_(\w+) in tl\.range\((lo_\w+), (hi_\w+), (\d+)\)", s)
-            if loop:
-                axis, old = loop.group(1), loop.group(4)
-                s = s.replace(f"tl.range({loop.group(2)}, {loop.group(3)}, {old})",
-                              f"tl.range({loop.group(2)}, {loop.group(3)}, {v['kb']})")
-                s = s.replace(f"offs_{axis} = start_{axis} + tl.arange(0, {old})",
-                              f"offs_{axis} = start_{axis} + tl.arange(0, {v['kb']})")
+        if "kb" in v:    # the key loop's chunk, in the loop headers and their chunk arithmetic
+            m = re.search(r"offs_(\w+) = start_\1 \+ tl\.arange\(0, (\d+)\)", s)
+            if m:
+                axis, old = m.group(1), m.group(2)
+                keys = ("start_", "s0_", "s1_", "n_head_", "n_edge_")
+                s = "\n".join(re.sub(rf"\b{old}\b", str(v["kb"]), line)
+                              if f"_{axis}" in line and any(k in line for k in keys) else line
+                              for line in s.splitlines())
         if "prec" in v:
             s = s.replace("input_precision=_F32_DOT", f'input_precision="{v["prec"]}"')
         if v.get("pv") == "once":   # drop the lo product: tl.dot(hi, v, acc=tl.dot(lo, v))
