@@ -40,6 +40,25 @@ def specializations(kdef):
     return out
 
 
+def launch_specialization(fn, signature: dict):
+    """``(signature, constexprs, attrs)`` for ``ASTSource`` as Triton's launcher
+    specialises contiguous tensors: each tensor's last stride the constant 1,
+    pointers and outer strides divisible by 16. Without this no load is known
+    to be contiguous, and the compile is not the one a GPU runs."""
+    import re
+    sig, constexprs, attrs, last = dict(signature), {}, {}, {}
+    strides = {n: re.fullmatch(r"(\w+)_stride(\d+)", n) for n in sig}
+    for m in filter(None, strides.values()):
+        last[m.group(1)] = max(last.get(m.group(1), -1), int(m.group(2)))
+    for i, name in enumerate(fn.arg_names):
+        m = strides.get(name)
+        if m and int(m.group(2)) == last[m.group(1)]:
+            sig[name], constexprs[name] = "constexpr", 1
+        elif name.endswith("_ptr") or m:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, constexprs, attrs
+
+
 def compile_one(kdef, dtypes, sizes, target: str, backend) -> Result:
     import triton
     from triton.backends.compiler import GPUTarget
@@ -56,7 +75,8 @@ def compile_one(kdef, dtypes, sizes, target: str, backend) -> Result:
         if hasattr(mod, "_F32_DOT"):    # chosen at import from the GPU present: none here
             import triton.language as tl
             mod._F32_DOT = tl.constexpr("tf32x3" if TARGETS[target][0] == "cuda" else "ieee")
-        src = ASTSource(fn=fn, signature=mod.SIGNATURE)
+        sig, constexprs, attrs = launch_specialization(fn, mod.SIGNATURE)
+        src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
         compiled = triton.compile(src, target=GPUTarget(*TARGETS[target]),
                                   options={"num_warps": mod.NUM_WARPS})
         kind = "cubin" if "cubin" in compiled.asm else "hsaco" if "hsaco" in compiled.asm else \

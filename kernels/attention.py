@@ -64,7 +64,8 @@ def attention_kernel(softcap: bool, block_q: int = 16) -> kl.KernelDef:
         def step(n, m_i, l_i, acc):
             # q.k in the input dtype, accumulated in fp32: the products of bf16 or
             # fp16 values are exact in fp32, so this equals casting first (and
-            # runs on tensor cores). p.v stays fp32: rounding p would cost accuracy.
+            # runs on tensor cores). p.v is an fp32 product: rounding p once would
+            # cost accuracy (Triton multiplies p as hi + lo halves, triton_dots.py).
             s = _cap(kl.dot(qt, kl.load(k[n, hk, d]), "D") * scale, cap, softcap)
             m_new, l_new, p, alpha = lib.online_softmax_step(m_i, l_i, s, "TK")
             return m_new, l_new, acc * alpha + kl.dot(p, kl.load(v[n, hk, d]).to(kl.f32), "TK")
