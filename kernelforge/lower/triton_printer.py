@@ -20,7 +20,8 @@ from ..ir.errors import KernelError
 from ..ir.nodes import Node, Op
 from .codegen import Lines, expand, identity, literal, next_pow2, spec_text
 from .triton_helpers import COMBINE as _COMBINE, DOT_OPERAND as _DOT_OPERAND, \
-    F32_DOT as _F32_DOT, INTERPRET_FLAG as _INTERPRET_FLAG, TO_BF16 as _TO_BF16
+    F32_DOT as _F32_DOT, INTERPRET_FLAG as _INTERPRET_FLAG, MINMAX_REDUCE as _MINMAX_REDUCE, \
+    TO_BF16 as _TO_BF16
 from . import triton_dots
 
 
@@ -545,6 +546,9 @@ class _Printer:
                              (axis,), self.tdims(x))
                 idx = f"tl.broadcast_to({idx}.to(tl.int32), {e}.shape)"
                 return f"tl.reduce(({e}, {idx}), {d}, _{kind}_combine)[1]"
+            if kind in _MINMAX_REDUCE and d is not None:
+                self.helpers.update((_INTERPRET_FLAG, _MINMAX_REDUCE[kind]))
+                return f"_{kind}_reduce({e}, {d})"
             return f"tl.reduce({e}, {d}, _{kind}_combine)"
         if op == Op.SCAN:
             (x,) = n.src
@@ -596,7 +600,7 @@ class _Printer:
             h = (ha or hb).dtype
             f = a if ha is None else b
             nm, ef = self.pending, self.dot_operand(f, k)
-            self.helpers.update((_INTERPRET_FLAG, _TO_BF16, _DOT_OPERAND))
+            self.helpers.update((_INTERPRET_FLAG, _DOT_OPERAND))
             self.out.line(f"# {self.name(f)} as hi + lo in {h.name} (two 16-bit tensor-core "
                           "products: twice the 16-bit significand)")
             if ef != self.name(f):

@@ -67,13 +67,13 @@ class DecodeGraphs:
                                 seq_lens=self.lens[:size], query_start_loc=self.starts[:size + 1])
             with torch.inference_mode():
                 g = graph.capture(self.model.forward, ids, pos, meta, self.kv_caches,
-                                  checks=False)
+                                  checks=False, float_logits=False)
             self.graphs[size] = g
         return g
 
     def run(self, tokens: list[int], positions: list[int], block_tables: list[list[int]]
             ) -> torch.Tensor:
-        """Logits [n, vocab] (float32) of one decode step: row i is token
+        """Logits [n, vocab] (the model's dtype) of one decode step: row i is token
         ``tokens[i]`` at ``positions[i]`` of the sequence whose blocks are
         ``block_tables[i]``. The result is the graph's output tensor: valid
         until the next call."""

@@ -243,7 +243,8 @@ class LLM:
                                      [seq.block_table for seq, _ in batch])
         else:
             input_ids, positions, meta, rows = self._prepare(batch)
-            logits = self.model.forward(input_ids, positions, meta, self.kv_caches, rows)
+            logits = self.model.forward(input_ids, positions, meta, self.kv_caches, rows,
+                                        float_logits=False)
         new_tokens = sample(logits, sampled_seqs) if sampled_seqs else []
         for seq, n in batch:
             seq.num_computed += n

@@ -236,13 +236,15 @@ class LlamaModel:
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata,
                 kv_caches: list, logits_indices: Optional[torch.Tensor] = None,
-                checks: Optional[bool] = None) -> torch.Tensor:
-        """Logits (float32) for the rows ``logits_indices`` (default: every row).
+                checks: Optional[bool] = None, float_logits: bool = True) -> torch.Tensor:
+        """Logits for the rows ``logits_indices`` (default: every row).
 
         input_ids, positions: int64 [T]; meta: the step's paging; kv_caches: from
         ``allocate_kv_cache``, written in place; checks: overrides the model's
         ``checks`` for this call (a captured graph runs without the ops' host
-        checks: its runner checks the values instead).
+        checks: its runner checks the values instead); float_logits: float32
+        logits (default), else the model's dtype (the engine: its sampler
+        widens them only where it computes on them, sampler.py).
         """
         c, be = self.config, self.backend
         checks = self.checks if checks is None else checks
@@ -281,4 +283,5 @@ class LlamaModel:
         if logits_indices is not None:
             h, residual = h[logits_indices], residual[logits_indices]
         h, _ = ops.fused_add_rms_norm(h, residual, self.norm, c.rms_eps, backend=be)
-        return linear(h, self.lm_head).float()
+        logits = linear(h, self.lm_head)
+        return logits.float() if float_logits else logits

@@ -64,8 +64,10 @@ def _draw(logits: torch.Tensor, seqs: "list[Sequence]") -> list[int]:
     params = [s.params for s in seqs]
     if any(p.repetition_penalty != 1 or p.frequency_penalty or p.presence_penalty
            for p in params):
+        # penalties in fp32 (the model's bf16 logits are exact in it); a penalised
+        # bf16 logit would be rounded again
         logits = kernelforge.ops.apply_penalties(
-            logits, _padded([s.prompt_ids for s in seqs], logits.device),
+            logits.float(), _padded([s.prompt_ids for s in seqs], logits.device),
             _padded([s.output_ids for s in seqs], logits.device),
             repetition_penalty=torch.tensor([p.repetition_penalty for p in params]),
             frequency_penalty=torch.tensor([p.frequency_penalty for p in params]),
