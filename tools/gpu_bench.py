@@ -142,7 +142,7 @@ def main() -> int:
 
     # -- implementations ------------------------------------------------------------
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-    from peers import formula, fused_formula
+    from peers import formula
 
     def ref_rms(x, w):
         x64 = x.double()
