@@ -47,6 +47,6 @@ def test_paged_decode_never_builds_its_product_block():
     args = (q, kc, kc, i32(2, 2), i32(2), i32(2), i32(2), i32(32), torch.empty_like(q), 1.0, 0.0)
     src = kernelforge.dispatch.source(kdef, args, "triton")
     # q.k, then p.v as hi + lo, in each of the key loop's two copies (the
-    # unmasked interior, then the masked edges: triton_printer.split_loop)
+    # unmasked interior, then the masked edges: triton_loops.split_loop)
     assert src.count("tl.dot(") == 6
     assert "[:, :, None]" not in src and "[:, None, :]" not in src   # no 3-D product

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import math
 
+from ..ir import dtypes as dt
+from ..ir.nodes import Op
+
 
 class Lines:
     """``comment`` and ``unit`` (one indent level) are the target language's:
@@ -94,3 +97,22 @@ def spec_text(k) -> str:
                              for a in p.axes)
             out.append(f"{p.name}: {p.dtype}[{dims}]")
     return ", ".join(out)
+
+
+def contraction_parts(n, tdims):
+    """``(a, b, axis)`` when ``n`` is ``sum(a * b, axis)`` over two f32 blocks
+    that each lack one of its two output axes (``q [G, D] * k [N, D]`` summed
+    over D): a block product, which the C++ and Triton lowerings print as one
+    (paged decode writes q.k and p.v this way). ``tdims(node)`` gives a
+    node's block axes. None otherwise."""
+    if n.op != Op.REDUCE or n.arg[1] != "sum":
+        return None
+    (x,) = n.src
+    axis, out = n.arg[0], tdims(n)
+    if x.op != Op.MUL or len(out) != 2 or not all(v.dtype == dt.f32 for v in (n, x, *x.src)):
+        return None
+    a, b = x.src
+    if {frozenset(tdims(a)), frozenset(tdims(b))} != \
+            {frozenset((out[0], axis)), frozenset((out[1], axis))}:
+        return None
+    return a, b, axis

@@ -10,7 +10,7 @@ import math
 from ..ir import dtypes as dt
 from ..ir.errors import KernelError
 from ..ir.nodes import COMPARE, Node, Op
-from .codegen import identity
+from .codegen import contraction_parts, identity
 
 # register (compute) type and memory type of each IR dtype
 _CT = {dt.f64: "double", dt.f32: "float", dt.f16: "float", dt.bf16: "float", dt.i64: "int64_t",
@@ -262,17 +262,9 @@ class ValueRules:
         one horizontal sum per output element (paged decode's q.k and p.v,
         written with ``kl.sum`` so that the Triton lowering takes any G).
         Summation order differs from the plain reduction (fp32 rounding only)."""
-        (x,) = n.src
-        axis, kind = n.arg
-        out = self.tdims(n)
-        if kind != "sum" or x.op != Op.MUL or len(out) != 2 or id(x) in self.names or \
-                not all(v.dtype == dt.f32 for v in (n, x, *x.src)):
+        if n.src[0].op != Op.MUL or id(n.src[0]) in self.names:   # the product built anyway
             return None
-        a, b = x.src
-        if {frozenset(self.tdims(a)), frozenset(self.tdims(b))} != \
-                {frozenset((out[0], axis)), frozenset((out[1], axis))}:
-            return None
-        return a, b, axis
+        return contraction_parts(n, self.tdims)
 
     def dot(self, nm: str, n: Node, parts=None) -> None:
         """``n``: a DOT, or a REDUCE with its ``contraction`` ``parts``."""

@@ -19,10 +19,11 @@ from ..ir.analysis import Analysis, linearize
 from ..ir.errors import KernelError
 from ..ir.nodes import Node, Op
 from .codegen import Lines, expand, identity, literal, next_pow2, spec_text
-from .triton_helpers import COMBINE as _COMBINE, DOT_OPERAND as _DOT_OPERAND, \
-    F32_DOT as _F32_DOT, INTERPRET_FLAG as _INTERPRET_FLAG, MINMAX_REDUCE as _MINMAX_REDUCE, \
-    TO_BF16 as _TO_BF16
+from .triton_helpers import COMBINE as _COMBINE, INTERPRET_FLAG as _INTERPRET_FLAG, \
+    MINMAX_REDUCE as _MINMAX_REDUCE, TO_BF16 as _TO_BF16
 from . import triton_dots
+from .triton_dots import DotPrinting
+from .triton_loops import LoopPrinting
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,10 @@ def print_module(k, schedule: TritonSchedule = TritonSchedule()) -> str:
     return p.module()
 
 
-class _Printer:
+class _Printer(LoopPrinting, DotPrinting):
+    """The printer; loops are printed by ``LoopPrinting`` (triton_loops.py),
+    products by ``DotPrinting`` (triton_dots.py)."""
+
     def __init__(self, k, an: Analysis, sched: TritonSchedule):
         self.k, self.an, self.sched = k, an, sched
         self.out = Lines()
@@ -137,18 +141,6 @@ class _Printer:
         self.fused = {id(c[0].src[0]) for c in self.contractions.values()}
         self.pending = ""         # the name ev_node is defining (for helper lines)
         self.unmasked: set[int] = set()   # loop tiles inside their interior (split_loop)
-
-    def _dot_contractions(self) -> dict:
-        """The contractions whose three axes reach tl.dot's 16 (static whole
-        axes below 16 are padded to it)."""
-        found = {}
-        for n, a, b, axis in triton_dots.find_contractions(self):
-            tiles = [self.an.tiles(n)[d] for d in self.tdims(n)] + [self.an.tiles(a)[axis]]
-            small = [t for t in tiles if self.block(t) < triton_dots.MIN_DOT]
-            if all(t.op == Op.RANGE and t.arg[1] == "full" for t in small):
-                self.pad16.update(t.arg[0] for t in small)
-                found[id(n)] = (n, a, b, axis)
-        return found
 
     # -- tiles ------------------------------------------------------------------
     def block(self, t: Node) -> int:
@@ -305,140 +297,6 @@ class _Printer:
         if dynamic:
             self.loop_values = max(self.loop_values, elems)
 
-    def ev_begin(self, s: Node) -> None:
-        loop, o = s.arg, self.out
-        t = loop.range
-        axis, b = loop.axis, self.block(t)
-        lo, hi = self.loop_prelude(s)
-        offs, a = self.tile_names[id(t)][0], f"{axis.lower()}{loop.id}"
-        size = self.k.axes[axis].size
-        if size is not None and size <= b:
-            o.line(f"# seq_for over {axis}: one chunk of {b} covers all {size}")
-            o.line(f"{offs} = tl.arange(0, {b})")
-            self.straight.add(s.arg.id)
-        else:
-            o.line(f"for start_{a} in tl.range({lo or 0}, {hi or self.size(axis)}, {b}):")
-            o.indent()
-            o.line(f"{offs} = start_{a} + tl.arange(0, {b})")
-        self.loop_masks(s, lo, hi)
-
-    def loop_prelude(self, s: Node):
-        """A loop's carried values, tile names and, for a bounded loop, the
-        program's walk: from the smallest start to the largest stop of its rows."""
-        loop, o = s.arg, self.out
-        axis = loop.axis
-        o.src(loop.loc)
-        for c, init in zip(loop.carries, s.src):
-            nm = self.names[id(c)] = f"c{loop.id}_{c.arg[1]}"
-            o.line(f"{nm} = {self.materialize(init, c)}")
-        a = f"{axis.lower()}{loop.id}"
-        self.tile_names[id(loop.range)] = (f"offs_{a}", f"mask_{a}")
-        if not loop.bounded:
-            return None, None
-        # the program's rows may each have their own range: walk from the
-        # smallest start to the largest stop; lanes outside a row's range are masked
-        lo, hi = f"lo_{a}", f"hi_{a}"
-        self.loop_bound(lo, loop.start, "min", "0")
-        self.loop_bound(hi, loop.stop, "max", self.size(axis))
-        return lo, hi
-
-    def loop_bound(self, nm: str, b_node, red: str, dflt: str) -> None:
-        if b_node is None:
-            self.out.line(f"{nm} = {dflt}")
-        elif self.tdims(b_node):
-            self.helpers.add(_COMBINE[red])
-            self.out.line(f"{nm} = tl.reduce({self.name(b_node)}, None, _{red}_combine)")
-        else:
-            self.out.line(f"{nm} = {self.name(b_node)}")
-
-    def loop_masks(self, s: Node, lo, hi) -> None:
-        """The chunk's mask (padding, the walk's bounds) and, when rows have
-        their own bounds, the per-row mask."""
-        loop, o = s.arg, self.out
-        t, axis = loop.range, loop.axis
-        offs, mask = self.tile_names[id(t)]
-        if not self.padded(t):
-            return
-        extent = f"{offs} < {self.size(axis)}"
-        if loop.bounded:
-            extent = f"({offs} >= {lo}) & ({offs} < {hi}) & ({extent})"
-        o.line(f"{mask} = {extent}")
-        rows = sorted({a for bn in loop.bounds() for a in self.tdims(bn)},
-                      key=list(self.k.axes).index)
-        if rows:
-            axes = tuple(a for a in self.k.axes if a in rows or a == axis)
-            rmask = f"rmask_{axis.lower()}{loop.id}"
-            parts = [expand(mask, (axis,), axes)]
-            for bn, op in ((loop.start, ">="), (loop.stop, "<")):
-                if bn is not None and self.tdims(bn):
-                    parts.append(f"({expand(offs, (axis,), axes)} {op} "
-                                 f"{expand(self.name(bn), self.tdims(bn), axes)})")
-            o.line(f"{rmask} = {' & '.join(parts)}")
-            self.row_masks[id(t)] = (rmask, axes)
-
-    def splittable(self, s: Node, body) -> bool:
-        """A bounded loop over chunks whose body has no loop or store of its own."""
-        loop = s.arg
-        size = self.k.axes[loop.axis].size
-        return (loop.bounded and (size is None or size > self.block(loop.range))
-                and all(ev == "node" for ev, _ in body))
-
-    def split_loop(self, s: Node, body) -> None:
-        """A bounded loop as two: the chunks every row of the program sees
-        whole, with no masks at all (causal prefill's keys left of the
-        diagonal, a decode row's keys but the last chunk), then the rest, the
-        first chunks up to the interior and the last from it, masked per row.
-        The online softmax is indifferent to the order it sees chunks in."""
-        loop, o = s.arg, self.out
-        t, axis, b = loop.range, loop.axis, self.block(loop.range)
-        lo, hi = self.loop_prelude(s)
-        offs = self.tile_names[id(t)][0]
-        a = f"{axis.lower()}{loop.id}"
-        s0, s1, start = f"s0_{a}", f"s1_{a}", f"start_{a}"
-        self.loop_bound(f"lo_in_{a}", loop.start, "max", "0")
-        self.loop_bound(f"hi_in_{a}", loop.stop, "min", self.size(axis))
-        o.line(f"# chunks in [{s0}, {s1}) lie inside every row's range: no masks there")
-        o.line(f"{s0} = {lo} + (tl.maximum(lo_in_{a} - {lo}, 0) + {b} - 1) // {b} * {b}")
-        o.line(f"{s1} = {s0} + tl.maximum(tl.minimum(hi_in_{a}, {self.size(axis)}) - {s0}, 0) "
-               f"// {b} * {b}")
-        o.line(f"for {start} in tl.range({s0}, {s1}, {b}):")
-        o.indent()
-        o.line(f"{offs} = {start} + tl.arange(0, {b})")
-        self.unmasked.add(id(t))
-        self.loop_body(s, body)
-        self.unmasked.discard(id(t))
-        o.line(f"# the rest: chunks from {lo} up to {s0}, then from {s1} up to {hi}, masked")
-        o.line(f"n_head_{a} = ({s0} - {lo}) // {b}")
-        o.line(f"n_edge_{a} = n_head_{a} + (tl.maximum({hi} - {s1}, 0) + {b} - 1) // {b}")
-        o.line(f"for i_{a} in tl.range(0, n_edge_{a}):")
-        o.indent()
-        o.line(f"{start} = {lo} + i_{a} * {b} + (i_{a} >= n_head_{a}).to(tl.int32) * "
-               f"({s1} - {s0})")
-        o.line(f"{offs} = {start} + tl.arange(0, {b})")
-        self.loop_masks(s, lo, hi)
-        self.loop_body(s, body)
-
-    def loop_body(self, s: Node, body) -> None:
-        for ev, n in body:
-            self.ev_node(n)
-        for c, y in zip(s.arg.carries, s.arg.yields):
-            self.out.line(f"{self.names[id(c)]} = {self.name(y)}")
-        self.out.dedent()
-
-    def materialize(self, init: Node, c: Node) -> str:
-        """Loop-carried values need a fixed type: give literals a typed block."""
-        if init.op == Op.CONST:
-            shape = ", ".join(str(self.block(self.an.tiles(c)[a])) for a in self.tdims(c))
-            return f"tl.full([{shape}], {literal(init.arg)}, {init.dtype.triton})"
-        return self.name(init)
-
-    def ev_end(self, s: Node) -> None:
-        loop = s.arg
-        for c, y in zip(loop.carries, loop.yields):
-            self.out.line(f"{self.names[id(c)]} = {self.name(y)}")
-        if loop.id not in self.straight:
-            self.out.dedent()
-
     def ev_store(self, s: Node) -> None:
         param, value, *index = s.src
         for i in index:
@@ -578,65 +436,6 @@ class _Printer:
         if op in _TABLE:
             return _TABLE[op].format(*(self.operand(s, want) for s in n.src))
         raise KernelError(f"the Triton lowering has no rule for {op.name}", n.loc)
-
-    def dot(self, n: Node, a: Node, b: Node, k: str) -> str:
-        """``tl.dot`` for a DOT or a contraction ``sum(a * b, k)`` (triton_dots)."""
-        ad, bd = self.tdims(a), self.tdims(b)
-        if len(ad) != 2 or len(bd) != 2:
-            raise KernelError("the Triton lowering supports dot of two 2-D blocks; got "
-                              f"{list(ad)} and {list(bd)}", n.loc)
-        if n.op == Op.REDUCE and self.tdims(n)[0] not in ad:
-            a, b, ad, bd = b, a, bd, ad
-        x = next(d for d in ad if d != k)
-        y = next(d for d in bd if d != k)
-        ha, hb = triton_dots.half_source(a), triton_dots.half_source(b)
-        self.has_dot = True
-        prec = ""
-        if ha is not None and hb is not None and ha.dtype == hb.dtype:
-            # 16-bit operands (or f32 casts of them): exact products, fp32 sums
-            ea, eb = self.half_operand(ha, k), self.half_operand(hb, k)
-        elif (ha is None) != (hb is None) and (ha or hb).dtype in triton_dots.HALF:
-            # f32 against 16-bit: the f32 operand as hi + lo in the 16-bit type
-            h = (ha or hb).dtype
-            f = a if ha is None else b
-            nm, ef = self.pending, self.dot_operand(f, k)
-            self.helpers.update((_INTERPRET_FLAG, _DOT_OPERAND))
-            self.out.line(f"# {self.name(f)} as hi + lo in {h.name} (two 16-bit tensor-core "
-                          "products: twice the 16-bit significand)")
-            if ef != self.name(f):
-                self.out.line(f"{nm}_f = {ef}")
-                ef = f"{nm}_f"
-            self.out.line(f"{nm}_hi = {triton_dots.to_half(ef, h)}")
-            self.out.line(f"{nm}_lo = {triton_dots.to_half(f'{ef} - {nm}_hi.to(tl.float32)', h)}")
-            half = self.half_operand(ha or hb, k)
-            parts = [(f"_dot_operand({nm}_{w})", half) if ha is None else
-                     (half, f"_dot_operand({nm}_{w})") for w in ("lo", "hi")]
-            (la, lb), (ua, ub) = [(self.oriented(pa, ad, (x, k)), self.oriented(pb, bd, (k, y)))
-                                  for pa, pb in parts]
-            e = f"tl.dot({ua}, {ub}, acc=tl.dot({la}, {lb}, out_dtype=tl.float32))"
-            return e if self.tdims(n) == (x, y) else f"tl.trans({e})"
-        else:
-            ea, eb = self.dot_operand(a, k), self.dot_operand(b, k)
-            if a.dtype in triton_dots.HALF:
-                self.helpers.update((_INTERPRET_FLAG, _DOT_OPERAND))
-                ea, eb = f"_dot_operand({ea})", f"_dot_operand({eb})"
-            if a.dtype == dt.f32:
-                self.helpers.add(_F32_DOT)
-                prec = ", input_precision=_F32_DOT"
-        ea, eb = self.oriented(ea, ad, (x, k)), self.oriented(eb, bd, (k, y))
-        e = f"tl.dot({ea}, {eb}, out_dtype={n.dtype.triton}{prec})"
-        return e if self.tdims(n) == (x, y) else f"tl.trans({e})"
-
-    @staticmethod
-    def oriented(e: str, have: tuple, want: tuple) -> str:
-        return e if have == want else f"tl.trans({e})"
-
-    def half_operand(self, h: Node, k: str) -> str:
-        self.helpers.update((_INTERPRET_FLAG, _DOT_OPERAND))
-        return f"_dot_operand({self.dot_operand(h, k)})"
-
-    def dot_operand(self, x: Node, axis: str) -> str:
-        return self.masked(x, axis, "0")
 
     # -- module -------------------------------------------------------------------
     def module(self) -> str:
