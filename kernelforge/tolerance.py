@@ -64,3 +64,38 @@ def assert_close(actual: torch.Tensor, reference: torch.Tensor, dtype: torch.dty
             f"{bound[i].item():.3e} (atol {tol.atol}, rtol {tol.rtol} for {dtype}) at flat "
             f"index {i}; actual {a[finite][i].item()!r}, reference {r[finite][i].item()!r}; "
             f"{int((err > bound).sum())} of {err.numel()} elements out of tolerance")
+
+
+def assert_close_rows(actual: torch.Tensor, reference: torch.Tensor, dtype: torch.dtype,
+                      what: str = "") -> None:
+    """Whole-model outputs (rows of logits) under the policy for ``dtype``, the
+    bound scaled by each row's largest magnitude instead of each element's:
+
+        |actual - reference| <= atol + rtol * max_j |reference[row, j]|
+
+    Why: a logit ends a chain of dot products, and two correct computations
+    that sum in different orders (another batch size, so another GEMM kernel;
+    another library) differ by rounding errors the size of the *terms*, which a
+    logit near zero does not shrink. Measured on the runtime tests' random
+    Llama (float32 logits of magnitude 10-15): the decode graph's rows against
+    the op-by-op forward differ by up to 6e-5, far over the elementwise rule's
+    1e-5 for logits near zero, and 1e-6 - 5e-6 of the row's scale; a real bug
+    (a padding row leaking into another, a wrong key) moves a logit by O(1).
+    """
+    a, r = actual.detach().double().cpu(), reference.detach().double().cpu()
+    if a.shape != r.shape or a.dim() != 2:
+        raise AssertionError(f"{what}: shape {list(a.shape)} vs reference {list(r.shape)}; "
+                             "rows of equal shape expected")
+    if not bool(torch.isfinite(r).all()) or not bool(torch.isfinite(a).all()):
+        raise AssertionError(f"{what}: non-finite values (rows of logits are finite)")
+    tol = tolerance(dtype)
+    err = (a - r).abs()
+    bound = tol.atol + tol.rtol * r.abs().amax(dim=-1, keepdim=True)
+    bad = err > bound
+    if bool(bad.any()):
+        row, col = divmod(int(torch.argmax((err - bound).flatten())), a.shape[1])
+        raise AssertionError(
+            f"{what}: |actual - reference| = {err[row, col].item():.3e} exceeds "
+            f"{bound[row, 0].item():.3e} (atol {tol.atol} + rtol {tol.rtol} x the row's "
+            f"largest |value| {r[row].abs().max().item():.4g}, for {dtype}) at row {row}, "
+            f"column {col}; {int(bad.sum())} of {err.numel()} elements out of tolerance")
