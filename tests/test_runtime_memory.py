@@ -75,7 +75,7 @@ _PEAK_SCRIPT = _RSS + textwrap.dedent('''
     gc.collect()
     built, built_peak = rss(), peak_rss()
     weights = llm.model.weight_bytes()
-    kv = sum(t.untyped_storage().nbytes() for pair in llm.kv_caches for t in pair)
+    kv = sum(t.numel() * t.element_size() for pair in llm.kv_caches for t in pair)
     prompts = [f"Question {i}: what is {i} plus {i}? Answer briefly." for i in range(32)]
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
     t2 = time.perf_counter()

@@ -153,10 +153,11 @@ def as_q4_1(w) -> Q4_1Weight:
     return w if isinstance(w, Q4_1Weight) else quantize_q4_1(w)
 
 
-def storage_bytes(tensors) -> int:
-    """Bytes of the storages behind ``tensors``, each storage counted once
-    (views and a tied head share one)."""
-    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+def tensor_bytes(tensors) -> int:
+    """Bytes ``tensors`` hold, a tensor found twice (a tied head) counted once.
+    Each counts its own elements, not its storage's: the model's weights and
+    its KV caches are views into one shared buffer each (hugepages.py)."""
+    return sum({(t.data_ptr(), t.shape, t.dtype): t.numel() * t.element_size()
                 for t in tensors}.values())
 
 
@@ -210,7 +211,7 @@ class Int4Linear:
 
     def nbytes(self) -> int:
         """Bytes of the packed weight, the scales and zeros and the bias."""
-        return storage_bytes(self.tensors())
+        return tensor_bytes(self.tensors())
 
 
 class Int8Linear:
@@ -247,4 +248,4 @@ class Int8Linear:
 
     def nbytes(self) -> int:
         """Bytes of the int8 weight and the scales."""
-        return storage_bytes(self.tensors())
+        return tensor_bytes(self.tensors())
