@@ -192,3 +192,22 @@ def contractions(q: kl.In("R", "G", "D"), k: kl.In("R", "N", "D"), v: kl.In("R",
     sc = kl.sum(qv * kl.load(k[r, n, d]).to(kl.f32), "D")       # q.k, k stored along D
     kl.store(s[r, g, n], sc)
     kl.store(o[r, g, d], kl.sum(sc * kl.load(v[r, n, d]).to(kl.f32), "N"))   # p.v
+
+
+# rows gathered through a table inside a loop (paged attention's key and value
+# reads, reduced to their access pattern): the C++ lowering prefetches the
+# rows of both tables at the top of each chunk (tests/test_cpp_backend.py)
+@kl.kernel(static=("D",))
+def gathered_row_sums(idx: kl.In("R", "N"), a: kl.In("S", "D"), b: kl.In("S", "D"),
+                      w: kl.In("D"), out: kl.Out("R", "D")):
+    r, d = kl.parallel("R"), kl.tile("D")
+    wv = kl.load(w[d]).to(kl.f32)
+
+    def step(n, acc):
+        rows = kl.load(idx[r, n])
+        # a's rows feed a sum over D first; b's rows are read only after it
+        score = kl.sum(kl.load(a[rows, d]).to(kl.f32) * wv, "D")
+        return acc + kl.sum(score * kl.load(b[rows, d]).to(kl.f32), "N")
+
+    (acc,) = kl.seq_for("N", step, init=(kl.zeros(kl.f32, "R", "D"),))
+    kl.store(out[r, d], acc.to(out.dtype))

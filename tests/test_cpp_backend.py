@@ -147,3 +147,30 @@ def test_sums_of_products_lower_as_block_products(G, N, D, dtype):
     want_s = torch.einsum("rgd,rnd->rgn", q.double(), k.double())
     assert_close(s, want_s, torch.float32, "q.k")
     assert_close(o, torch.einsum("rgn,rnd->rgd", want_s, v.double()), torch.float32, "p.v")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N", [5, 16, 300])
+def test_gathered_rows_are_prefetched_at_the_top_of_each_chunk(N, dtype):
+    """Loads of whole rows at rows read from a table, inside a loop, get
+    their rows prefetched once the indices are known and before the first
+    use, the rows of both tables together (cpp_prefetch.py); a load of
+    contiguous rows gets none. A hint only: the results equal float64 sums."""
+    g = torch.Generator().manual_seed(N)
+    S, D, R = 40, 64, 3
+    idx = torch.randint(0, S, (R, N), generator=g, dtype=torch.int32)
+    a, b = (torch.rand(S, D, generator=g).to(dtype) for _ in range(2))
+    w = torch.rand(D, generator=g).to(dtype)
+    out = torch.full((R, D), float("nan"), dtype=torch.float32)
+    args = (idx, a, b, w, out)
+    src = kernelforge.dispatch.source(K.gathered_row_sums, args, "cpp")
+    body = src[src.index("kf_args"):]
+    for name in ("a", "b"):
+        hint = body.find(f"// prefetch the {name} rows")
+        assert hint >= 0, f"no prefetch of {name}'s rows"
+        assert hint < body.index(f"{name}[kf_clamp"), f"{name}'s rows prefetched after use"
+    assert "prefetch the w rows" not in body and "prefetch the idx rows" not in body
+    kernelforge.launch(K.gathered_row_sums, *args, backend="cpp")
+    rows_a, rows_b = a.double()[idx.long()], b.double()[idx.long()]   # [R, N, D]
+    score = (rows_a * w.double()).sum(-1, keepdim=True)
+    assert_close(out, (score * rows_b).sum(1), torch.float32, "gathered row sums")

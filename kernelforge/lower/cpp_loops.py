@@ -72,7 +72,7 @@ class LoopRules:
         saved = dict(self.names)
         self.open(f"if ({self.full_chunk(n)})")
         self.fast.add(id(t))
-        self.emit(body)
+        self.emit_chunk(body)        # cpp_prefetch.py
         self.ev_end(n, close=False)
         self.fast.discard(id(t))
         if tails:
@@ -82,7 +82,7 @@ class LoopRules:
             return                      # the caller's else: the tail
         self.names = dict(saved)
         self.open("else")
-        self.emit(body)
+        self.emit_chunk(body)        # cpp_prefetch.py
         self.ev_end(n, close=False)
         self.close()
         self.names = saved

@@ -28,6 +28,7 @@ from ..ir.nodes import Node, Op
 from .codegen import Lines, next_pow2, spec_text
 from .cpp_helpers import PRELUDE
 from .cpp_loops import LoopRules
+from .cpp_prefetch import PrefetchRules
 from .cpp_values import (_CHEAP, _CT, _INLINE, _LEAF, _MT, _ROUND, _STACK_BYTES, _STORE,
                          ValueRules)
 
@@ -98,7 +99,7 @@ def print_module(k, schedule: CppSchedule = CppSchedule(), restrict: bool = True
     return p.module()
 
 
-class _Printer(LoopRules, ValueRules):
+class _Printer(LoopRules, PrefetchRules, ValueRules):
     def __init__(self, k, an: Analysis, sched: CppSchedule):
         self.k, self.an, self.sched = k, an, sched
         self.out = Lines(indent=2, comment="//", unit="  ")
