@@ -83,11 +83,12 @@ def move_attributes(slots: list[tuple[object, str]]) -> None:
             n = t.numel() * t.element_size()
             view = buf[pos:pos + n].view(t.dtype).view(t.shape)
             view.copy_(t)
-            copies[id(t)] = (view, t)       # the source kept until its last slot moves
+            # keyed by the source's id: a source still at a later slot is alive,
+            # so no other live source can share its id (only views are made here)
+            copies[id(t)] = view
             pos += _aligned(n)
-        setattr(obj, name, copies[id(t)][0])
-        del t
-    copies.clear()
+        setattr(obj, name, copies[id(t)])
+        del t                               # the source goes once its last slot moved
 
 
 def zeros(shape: tuple, dtype: torch.dtype, count: int) -> list[torch.Tensor]:
