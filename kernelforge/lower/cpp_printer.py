@@ -43,7 +43,7 @@ class CppSchedule:
     turns tails off."""
     max_block: int = 4096
     dynamic_block: int = 128
-    tail_block: int = 16
+    tail_block: int = 32       # not 16: more prefetched rows in flight per chunk (docs/design.md)
 
 
 _RESERVED = frozenset("""alignas alignof and asm auto bool break case catch char class const
