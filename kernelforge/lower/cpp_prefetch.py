@@ -31,11 +31,11 @@ class PrefetchRules:
     def emit_chunk(self, body) -> None:
         """Emit a chunk's ``body`` events, with the rows of its gathered loads
         prefetched just before the first event that reads one of them."""
-        events = {id(n) for ev, n in body if ev == "node"}
         gathers = self.gathered_loads(body)
         if not gathers:
             self.emit(body)
             return
+        events = {id(n) for ev, n in body if ev == "node"}
         first = len(body)
         for j, (ev, n) in enumerate(body):
             if ev != "node":

