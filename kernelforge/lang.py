@@ -177,14 +177,23 @@ def _axis(name: str) -> Axis:
     return k.axes[name]
 
 
-def parallel(axis: str, block: int = 1) -> Value:
+def parallel(axis: str, block: int = 1, *, descending: bool = False) -> Value:
     """The launch grid: one program per ``block`` indices of ``axis``.
 
     Args:
         axis: an axis of the kernel.
         block: indices per program (power of two); 1 makes the index a scalar.
+        descending: launch the programs from the last block to the first. For
+            kernels whose later blocks do more work (causal attention: later
+            rows see more keys), so the longest programs start first and the
+            end of the grid is not one long program alone. Only the order
+            changes (the Triton lowering maps program i to block n - 1 - i);
+            lowerings without a launch order ignore it.
     Returns:
         the tile of indices this program owns.
+
+    Example:
+        >>> t = kl.parallel("T", block=128, descending=True)
     """
     _axis(axis)
     t = tracer()
@@ -195,7 +204,8 @@ def parallel(axis: str, block: int = 1) -> Value:
         raise KernelError(f"axis `{axis}` is already parallel", caller_loc())
     if block < 1 or block & (block - 1):
         raise KernelError(f"parallel block must be a power of two >= 1, got {block}", caller_loc())
-    n = Node(Op.RANGE, i32, (axis,), (), (axis, "parallel", block), caller_loc())
+    n = Node(Op.RANGE, i32, (axis,), (), (axis, "parallel", block, bool(descending)),
+             caller_loc())
     t.k.grid.append(n)
     return Value(n)
 

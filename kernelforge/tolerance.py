@@ -40,9 +40,14 @@ def tolerance(dtype: torch.dtype) -> Tol:
 
 
 def assert_close(actual: torch.Tensor, reference: torch.Tensor, dtype: torch.dtype,
-                 what: str = "") -> None:
+                 what: str = "", extra: torch.Tensor | None = None) -> None:
     """Check ``actual`` against a float64 ``reference`` under the policy for
-    ``dtype``; NaN and inf must appear in the same places with the same sign."""
+    ``dtype``; NaN and inf must appear in the same places with the same sign.
+
+    ``extra``: an allowance per element added to the bound, for a rounding
+    the op itself specifies, computed from the data by the caller's reference
+    (attention with ``round_p``: ``rtol * sum_j p_j |v_j|``, docs/tolerance.md).
+    """
     tol = tolerance(dtype)
     a, r = actual.detach().double().cpu(), reference.detach().double().cpu()
     if a.shape != r.shape:
@@ -56,12 +61,16 @@ def assert_close(actual: torch.Tensor, reference: torch.Tensor, dtype: torch.dty
         raise AssertionError(f"{what}: infinities differ from the reference")
     finite = ~(nan_r | inf_r)
     err = (a - r).abs()[finite]
-    bound = (tol.atol + tol.rtol * r.abs())[finite]
+    bound = tol.atol + tol.rtol * r.abs()
+    if extra is not None:
+        bound = bound + extra.detach().double().cpu().expand_as(bound)
+    bound = bound[finite]
     if err.numel() and bool((err > bound).any()):
         i = int(torch.argmax(err - bound))
         raise AssertionError(
             f"{what}: |actual - reference| = {err[i].item():.3e} exceeds "
-            f"{bound[i].item():.3e} (atol {tol.atol}, rtol {tol.rtol} for {dtype}) at flat "
+            f"{bound[i].item():.3e} (atol {tol.atol}, rtol {tol.rtol} for {dtype}"
+            f"{', plus the op-specified allowance' if extra is not None else ''}) at flat "
             f"index {i}; actual {a[finite][i].item()!r}, reference {r[finite][i].item()!r}; "
             f"{int((err > bound).sum())} of {err.numel()} elements out of tolerance")
 

@@ -49,42 +49,57 @@ def _flash_loop(axis: str, step, lo, hi):
 
 
 @kernel_factory
-def attention_kernel(softcap: bool, block_q: int = 16) -> kl.KernelDef:
+def attention_kernel(softcap: bool, block_q: int = 16, round_p: bool = False) -> kl.KernelDef:
     """Packed attention; ``softcap`` adds tanh capping of the scores;
-    ``block_q`` query rows per program."""
+    ``block_q`` query rows per program; ``round_p`` rounds the softmax
+    weights to the inputs' 16-bit type before p.v (``attention(round_p=)``)."""
 
     def attention_packed(q: kl.In("T", "HK", "G", "D"), k: kl.In("TK", "HK", "D"),
                          v: kl.In("TK", "HK", "D"), key_lo: kl.In("T"), key_hi: kl.In("T"),
                          out: kl.Out("T", "HK", "G", "D"), scale: kl.f32, cap: kl.f32):
-        t = kl.parallel("T", block=block_q)
+        # last blocks first: with causal masks later rows see more keys, and
+        # the longest programs should not be the last to start
+        t = kl.parallel("T", block=block_q, descending=True)
         hk, g = kl.parallel("HK"), kl.parallel("G")
         d = kl.tile("D")
         qt = kl.load(q[t, hk, g, d])
+        # the softmax of qk * scale in base 2, the scale folded into the
+        # exponent: exp2(qk * c - m * c), one fused multiply-add per score
+        # (lib.online_softmax_step); capping needs the scaled score first
+        c = lib.LOG2E if softcap else scale * lib.LOG2E
 
         def step(n, m_i, l_i, acc):
             # q.k in the input dtype, accumulated in fp32: the products of bf16 or
             # fp16 values are exact in fp32, so this equals casting first (and
-            # runs on tensor cores). p.v is an fp32 product: rounding p once would
-            # cost accuracy (Triton multiplies p as hi + lo halves, triton_dots.py).
-            s = _cap(kl.dot(qt, kl.load(k[n, hk, d]), "D") * scale, cap, softcap)
-            m_new, l_new, p, alpha = lib.online_softmax_step(m_i, l_i, s, "TK")
-            return m_new, l_new, acc * alpha + kl.dot(p, kl.load(v[n, hk, d]).to(kl.f32), "TK")
+            # runs on tensor cores)
+            qk = kl.dot(qt, kl.load(k[n, hk, d]), "D")
+            s = _cap(qk * scale, cap, True) if softcap else qk
+            m_new, l_new, p, alpha = lib.online_softmax_step(m_i, l_i, s, "TK", log2_scale=c)
+            vt = kl.load(v[n, hk, d])
+            # p.v: p rounded once to v's type (FlashAttention's choice: one 16-bit
+            # tensor-core product), or kept in fp32 (Triton multiplies p as hi + lo
+            # halves, triton_dots.py)
+            pv = kl.dot(p.to(v.dtype), vt, "TK") if round_p else kl.dot(p, vt.to(kl.f32), "TK")
+            return m_new, l_new, acc * alpha + pv
 
         o = _flash_loop("TK", step, kl.load(key_lo[t]), kl.load(key_hi[t]))
         kl.store(out[t, hk, g, d], o.to(out.dtype))
 
     fn = attention_packed
     fn.__name__ = fn.__qualname__ = ("attention_packed" + ("_softcap" if softcap else "")
-                                     + ("" if block_q == 16 else f"_q{block_q}"))
+                                     + ("" if block_q == 16 else f"_q{block_q}")
+                                     + ("_p16" if round_p else ""))
     return kl.kernel(fn, static=("HK", "G", "D"),
                      examples=({"HK": 8, "G": 4, "D": 128}, {"HK": 8, "G": 1, "D": 64}),
                      example_dtypes={"key_lo": kl.i32, "key_hi": kl.i32})
 
 
-def paged_step(q, key_cache, value_cache, block_tables, seq_idx, t, hk, scale, cap, softcap):
+def paged_step(q, key_cache, value_cache, block_tables, seq_idx, t, hk, scale, cap, softcap,
+               round_p=False):
     """The online-softmax step over key positions ``n`` of token ``t``'s
     sequence, read through its block table, for the group of query heads of
-    kv head ``hk`` (shared by the paged kernel and its split-key form)."""
+    kv head ``hk`` (shared by the paged kernel and its split-key form);
+    ``round_p`` rounds p to the cache's 16-bit type before p.v."""
     g, d = kl.tile("G"), kl.tile("D")
     b = kl.load(seq_idx[t])
     qv = kl.load(q[t, hk, g, d]).to(kl.f32)
@@ -97,14 +112,17 @@ def paged_step(q, key_cache, value_cache, block_tables, seq_idx, t, hk, scale, c
         s = _cap(kl.sum(qv * kn, "D") * scale, cap, softcap)           # [G, N]
         m_new, l_new, p, alpha = lib.online_softmax_step(m_i, l_i, s, "N")
         vn = kl.load(value_cache[block, row, hk, d]).to(kl.f32)
+        if round_p:
+            p = p.to(value_cache.dtype).to(kl.f32)
         return m_new, l_new, acc * alpha + kl.sum(p * vn, "N")           # [G, D]
 
     return step
 
 
 @kernel_factory
-def paged_attention_kernel(softcap: bool) -> kl.KernelDef:
-    """Attention over a paged cache; ``softcap`` adds tanh capping."""
+def paged_attention_kernel(softcap: bool, round_p: bool = False) -> kl.KernelDef:
+    """Attention over a paged cache; ``softcap`` adds tanh capping; ``round_p``
+    rounds p to the cache's 16-bit type before p.v."""
 
     def attention_paged(q: kl.In("T", "HK", "G", "D"),
                         key_cache: kl.In("NB", "BS", "HK", "D"),
@@ -115,13 +133,14 @@ def paged_attention_kernel(softcap: bool) -> kl.KernelDef:
                         out: kl.Out("T", "HK", "G", "D"), scale: kl.f32, cap: kl.f32):
         t, hk = kl.parallel("T"), kl.parallel("HK")
         step = paged_step(q, key_cache, value_cache, block_tables, seq_idx, t, hk, scale, cap,
-                          softcap)
+                          softcap, round_p)
         o = _flash_loop("N", step, kl.load(key_lo[t]), kl.load(key_hi[t]))
         g, d = kl.tile("G"), kl.tile("D")
         kl.store(out[t, hk, g, d], o.to(out.dtype))
 
     fn = attention_paged
-    fn.__name__ = fn.__qualname__ = "attention_paged" + ("_softcap" if softcap else "")
+    fn.__name__ = fn.__qualname__ = ("attention_paged" + ("_softcap" if softcap else "")
+                                     + ("_p16" if round_p else ""))
     return kl.kernel(fn, static=("HK", "G", "D", "BS"),
                      examples=({"HK": 8, "G": 4, "D": 128, "BS": 16},
                                {"HK": 8, "G": 1, "D": 64, "BS": 32}),
@@ -144,8 +163,27 @@ def _query_block(q: torch.Tensor, backend=None) -> int:
 
 
 def all_kernels() -> tuple:
-    return tuple(f(c) for f in (attention_kernel, paged_attention_kernel) for c in (False, True)
-                 ) + tuple(attention_kernel(c, 128) for c in (False, True))
+    both = (False, True)
+    return (tuple(f(c) for f in (attention_kernel, paged_attention_kernel) for c in both)
+            + tuple(attention_kernel(c, 128, r) for c in both for r in both)
+            + tuple(paged_attention_kernel(c, True) for c in both))
+
+
+def rounds_p(round_p: Optional[bool], dtype: torch.dtype, backend) -> bool:
+    """Whether p is rounded to ``dtype`` before p.v: never for fp32 inputs
+    (p is already fp32); else ``round_p``, and None leaves it to the backend
+    (``Backend.half_products_faster``: Triton, whose 16-bit tensor-core
+    product is a third of the work of keeping p in fp32)."""
+    if dtype == torch.float32:
+        return False
+    if round_p is not None:
+        return round_p
+    return bool(backend is not None and backend.half_products_faster)
+
+
+def _check_round_p(op, round_p):
+    if round_p is not None and not isinstance(round_p, bool):
+        checks.fail(op, "round_p", "None or a bool", repr(round_p))
 
 
 # -- the public ops ------------------------------------------------------------------
@@ -230,7 +268,7 @@ def _rows(q_start, q_lens, k_lens, causal, window, device, T):
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
               cu_seqlens_k: torch.Tensor, *, scale: Optional[float] = None, causal: bool = True,
               window: Optional[int] = None, softcap: Optional[float] = None,
-              backend: Optional[str] = None) -> torch.Tensor:
+              round_p: Optional[bool] = None, backend: Optional[str] = None) -> torch.Tensor:
     """Attention over packed variable-length sequences (FlashAttention's varlen form).
 
     Args:
@@ -244,6 +282,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: t
         window: sliding window: keys at most ``window`` positions left of the
             query's own position (FlashAttention's ``window_size[0]``).
         softcap: scores become ``softcap * tanh(scores / softcap)``.
+        round_p: for 16-bit inputs, round the softmax weights p to the
+            inputs' type before p.v, as FlashAttention does (sums stay fp32):
+            one 16-bit tensor-core product instead of two. Each output then
+            carries up to 2^-9 (bf16; fp16: 2^-12) of ``sum_j p_j |v_j|``
+            more error (docs/tolerance.md). False keeps p in fp32; None lets
+            the backend choose (Triton rounds; the torch and C++ lowerings,
+            which multiply in fp32 at no extra cost, do not).
     Returns:
         [Tq, Hq, D] in q's dtype; rows that see no key are 0.
 
@@ -253,10 +298,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: t
     if torch.compiler.is_compiling():       # opaque in the caller's graph, inline or not:
         # its launch plan needs cu_seqlens on the host; checked when it runs
         return torch.ops.kernelforge.attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale,
-                                               causal, window, softcap, backend)
+                                               causal, window, softcap, round_p, backend)
     op = "attention"
     D, hkv = _common(op, q, k, v, "k", "v", window, softcap, scale, causal, 3,
                      "[tokens, kv_heads, head_size]")
+    _check_round_p(op, round_p)
     cq, cq_host = _lengths(op, "cu_seqlens_q", cu_seqlens_q, q, q.shape[0], "q")
     ck, ck_host = _lengths(op, "cu_seqlens_k", cu_seqlens_k, q, k.shape[0], "k")
     if cq.shape != ck.shape:
@@ -270,7 +316,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: t
     lo, hi = (ck[seq] + lo).to(torch.int32), (ck[seq] + hi).to(torch.int32)
     G = q.shape[1] // hkv
     qg = q.view(T, hkv, G, D) if q.stride(-1) == 1 else q.reshape(T, hkv, G, D)
-    kdef = attention_kernel(softcap is not None, _query_block(q, decision.backend))
+    kdef = attention_kernel(softcap is not None, _query_block(q, decision.backend),
+                            rounds_p(round_p, q.dtype, decision.backend))
     scalars = (float(D ** -0.5 if scale is None else scale), float(softcap or 1.0))
     if not decision.backend.collapses_loops:
         (out,) = launch(kdef, qg, k, v, lo, hi, NewTensor(qg.shape, q.dtype, q.device), *scalars,
@@ -325,7 +372,7 @@ def paged_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch
                     query_start_loc: torch.Tensor, *, scale: Optional[float] = None,
                     causal: bool = True, window: Optional[int] = None,
                     softcap: Optional[float] = None, check_tables: bool = True,
-                    splits: Optional[int] = None, plan=None,
+                    splits: Optional[int] = None, plan=None, round_p: Optional[bool] = None,
                     backend: Optional[str] = None) -> torch.Tensor:
     """Attention of new query tokens over a paged KV cache, for a batch that
     mixes decode rows (one query token) and chunked-prefill rows.
@@ -356,6 +403,7 @@ def paged_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch
             query_start_loc, ...)``: what every layer of a step shares (each
             row's key range, the checked tables), derived once instead of per
             call (``kernels/attention_plan.py``). None derives it here.
+        round_p: as in ``attention``.
     Returns:
         [T, Hq, D] in q's dtype.
 
@@ -365,10 +413,12 @@ def paged_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch
     if checks.opaque():        # (a plan only saves work outside graphs: not passed on)
         return torch.ops.kernelforge.paged_attention(q, key_cache, value_cache, block_tables,
                                                      seq_lens, query_start_loc, scale, causal,
-                                                     window, softcap, check_tables, backend)
+                                                     window, softcap, check_tables, round_p,
+                                                     backend)
     op = "paged_attention"
     D, hkv = _common(op, q, key_cache, value_cache, "key_cache", "value_cache", window,
                      softcap, scale, causal, 4, "[num_blocks, block_size, kv_heads, head_size]")
+    _check_round_p(op, round_p)
     if not isinstance(check_tables, bool):
         checks.fail(op, "check_tables", "a bool", repr(check_tables))
     checks.no_host_check_inline(op, "check_tables", check_tables)
@@ -391,8 +441,10 @@ def paged_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch
     if plan.qsl_host is not None and plan.qsl_host[-1] != T:
         checks.fail(op, "query_start_loc", f"to end at {T} (the tokens in `q`)",
                     f"{plan.qsl_host[-1]}")
+    chosen = None
     if not torch.compiler.is_compiling():        # (inline: no backend runs it)
-        registry.select(q.device, backend)
+        chosen = registry.select(q.device, backend).backend
+    rp = rounds_p(round_p, q.dtype, chosen)
     nb, bs = key_cache.shape[:2]
     mb = block_tables.shape[1]
     if check_tables and plan.q_lens.shape[0] and (nb, bs) not in plan.checked:
@@ -410,11 +462,11 @@ def paged_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch
     if splits is None:
         splits = attention_split.choose_splits(T * hkv, mb * bs, q.device)
     if splits == 1:
-        (out,) = launch(paged_attention_kernel(softcap is not None), *args,
+        (out,) = launch(paged_attention_kernel(softcap is not None, rp), *args,
                         NewTensor(qg.shape, q.dtype, q.device), *scalars, backend=backend)
     else:
         f32, dev = torch.float32, q.device
-        part = launch(attention_split.paged_split_kernel(softcap is not None), *args,
+        part = launch(attention_split.paged_split_kernel(softcap is not None, rp), *args,
                       NewTensor((T, hkv, splits, G), f32, dev),
                       NewTensor((T, hkv, splits, G), f32, dev),
                       NewTensor((T, hkv, splits, G, D), f32, dev), *scalars,
@@ -451,14 +503,14 @@ def _check_tables(op, block_tables, lens, q_lens, nb, bs, mb):
 @torch.library.custom_op("kernelforge::attention", mutates_args=())
 def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                   cu_seqlens_k: torch.Tensor, scale: Optional[float], causal: bool,
-                  window: Optional[int], softcap: Optional[float],
+                  window: Optional[int], softcap: Optional[float], round_p: Optional[bool],
                   backend: Optional[str]) -> torch.Tensor:
     return attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale=scale, causal=causal,
-                     window=window, softcap=softcap, backend=backend)
+                     window=window, softcap=softcap, round_p=round_p, backend=backend)
 
 
 @_attention_op.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, window, softcap, backend):
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, window, softcap, round_p, backend):
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
 
@@ -466,14 +518,14 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, window, softcap, backe
 def _paged_op(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
               block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
               scale: Optional[float], causal: bool, window: Optional[int],
-              softcap: Optional[float], check_tables: bool,
+              softcap: Optional[float], check_tables: bool, round_p: Optional[bool],
               backend: Optional[str]) -> torch.Tensor:
     return paged_attention(q, key_cache, value_cache, block_tables, seq_lens, query_start_loc,
                            scale=scale, causal=causal, window=window, softcap=softcap,
-                           check_tables=check_tables, backend=backend)
+                           check_tables=check_tables, round_p=round_p, backend=backend)
 
 
 @_paged_op.register_fake
 def _(q, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale, causal, window,
-      softcap, check_tables, backend):
+      softcap, check_tables, round_p, backend):
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)

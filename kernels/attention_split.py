@@ -26,9 +26,10 @@ ROWS = ("T", "HK", "S", "G")
 
 
 @kernel_factory
-def paged_split_kernel(softcap: bool) -> kl.KernelDef:
+def paged_split_kernel(softcap: bool, round_p: bool = False) -> kl.KernelDef:
     """Partial attention over split ``s`` of each row's keys: keys
-    ``[lo + s * split_len, min(hi, lo + (s + 1) * split_len))``."""
+    ``[lo + s * split_len, min(hi, lo + (s + 1) * split_len))``; ``round_p``
+    as in ``paged_attention_kernel``."""
 
     def attention_paged_split(q: kl.In("T", "HK", "G", "D"),
                               key_cache: kl.In("NB", "BS", "HK", "D"),
@@ -42,7 +43,7 @@ def paged_split_kernel(softcap: bool) -> kl.KernelDef:
                               scale: kl.f32, cap: kl.f32, split_len: kl.i32):
         t, hk, s = kl.parallel("T"), kl.parallel("HK"), kl.parallel("S")
         step = paged_step(q, key_cache, value_cache, block_tables, seq_idx, t, hk, scale, cap,
-                          softcap)
+                          softcap, round_p)
         g, d = kl.tile("G"), kl.tile("D")
         hi = kl.load(key_hi[t])
         start = kl.minimum(kl.load(key_lo[t]) + s * split_len, hi)
@@ -55,7 +56,8 @@ def paged_split_kernel(softcap: bool) -> kl.KernelDef:
         kl.store(acc_out[t, hk, s, g, d], acc)
 
     fn = attention_paged_split
-    fn.__name__ = fn.__qualname__ = "attention_paged_split" + ("_softcap" if softcap else "")
+    fn.__name__ = fn.__qualname__ = ("attention_paged_split" + ("_softcap" if softcap else "")
+                                     + ("_p16" if round_p else ""))
     # S static: it sizes only outputs, which Inductor allocates itself
     return kl.kernel(fn, static=("HK", "G", "D", "BS", "S"),
                      examples=({"HK": 8, "G": 4, "D": 128, "BS": 16, "S": 16},
@@ -113,4 +115,5 @@ def _multiprocessors(index) -> int:
 
 
 def all_kernels() -> tuple:
-    return (paged_split_kernel(False), paged_split_kernel(True), paged_combine_kernel)
+    return (paged_split_kernel(False), paged_split_kernel(True), paged_split_kernel(False, True),
+            paged_combine_kernel)

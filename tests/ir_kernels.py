@@ -23,6 +23,28 @@ def softmax_online(x: kl.In("M", "N"), out: kl.Out("M", "N")):
     kl.seq_for("N", write)
 
 
+@kl.kernel(static=("N",))
+def softmax_online_base2(x: kl.In("M", "N"), out: kl.Out("M", "N"), scale: kl.f32):
+    """softmax(x * scale) with the scale folded into exp2 (``log2_scale``),
+    on blocks of rows launched last block first (``descending``)."""
+    m = kl.parallel("M", block=4, descending=True)
+    c = scale * lib.LOG2E
+
+    def stats(n, m_i, l_i):
+        m_new, l_new, _, _ = lib.online_softmax_step(m_i, l_i, kl.load(x[m, n]).to(kl.f32), "N",
+                                                     log2_scale=c)
+        return m_new, l_new
+
+    m_i, l_i = kl.seq_for("N", stats, init=(kl.full(float("-inf"), kl.f32, "M"),
+                                           kl.zeros(kl.f32, "M")))
+
+    def write(n):
+        s = kl.load(x[m, n]).to(kl.f32)
+        kl.store(out[m, n], (kl.exp2(s * c - m_i * c) / l_i).to(out.dtype))
+
+    kl.seq_for("N", write)
+
+
 @kl.kernel(static=("D",))
 def flash_attention(q: kl.In("M", "D"), k: kl.In("N", "D"), v: kl.In("N", "D"),
                     o: kl.Out("M", "D"), scale: kl.f32):

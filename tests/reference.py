@@ -39,13 +39,16 @@ def rotary(positions, x, cos_sin_cache, head_size: int, is_neox: bool) -> torch.
     return out.reshape(x.shape)
 
 
-def attention(q, k, v, cu_q, cu_k, scale, causal=True, window=None, softcap=None):
+def attention(q, k, v, cu_q, cu_k, scale, causal=True, window=None, softcap=None,
+              abs_v=False):
     """softmax(Q K^T * scale + mask) V per sequence, in float64. Query i of a
     sequence sits at key position k_len - q_len + i (bottom-right aligned);
     causal hides keys after it, a window hides keys more than `window` to its
-    left; a row with no visible key is 0."""
+    left; a row with no visible key is 0. ``abs_v``: return softmax(...) |V|
+    as well (the scale of the error a rounding of the weights makes)."""
     cu_q, cu_k = [int(x) for x in cu_q], [int(x) for x in cu_k]
     out = torch.zeros(q.shape, dtype=torch.float64)
+    mag = torch.zeros(q.shape, dtype=torch.float64)
     group = q.shape[1] // k.shape[1]
     for b in range(len(cu_q) - 1):
         qs, qe, ks, ke = cu_q[b], cu_q[b + 1], cu_k[b], cu_k[b + 1]
@@ -68,4 +71,5 @@ def attention(q, k, v, cu_q, cu_k, scale, causal=True, window=None, softcap=None
         s = s.masked_fill(~visible, float("-inf"))
         p = torch.softmax(s, -1).nan_to_num(0.0)        # all hidden: 0
         out[qs:qe] = torch.einsum("hqk,khd->qhd", p, V)
-    return out
+        mag[qs:qe] = torch.einsum("hqk,khd->qhd", p, V.abs())
+    return (out, mag) if abs_v else out

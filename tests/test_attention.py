@@ -6,7 +6,9 @@ import torch
 from hypothesis import given, strategies as st
 
 import kernelforge
-from kernelforge.tolerance import assert_close
+from kernelforge.backends import registry
+from kernelforge.kernels import attention as attention_kernels
+from kernelforge.tolerance import assert_close, tolerance
 from conftest import BACKENDS, DEVICE
 import reference
 
@@ -46,27 +48,39 @@ def problems(draw, backend):
     causal = draw(st.booleans())
     window = draw(st.one_of(st.none(), st.integers(0, 20)))
     seed = draw(st.integers(0, 2 ** 31 - 1))
-    return hkv, group, D, dtype, softcap, q_lens, k_lens, causal, window, seed
+    round_p = draw(st.sampled_from([None, False, True]))
+    return hkv, group, D, dtype, softcap, q_lens, k_lens, causal, window, seed, round_p
 
 
-def check(out, ref, dtype, what):
+def rounded(round_p, dtype, backend) -> bool:
+    """Whether the call rounded p to the inputs' type (its documented rule)."""
+    return attention_kernels.rounds_p(round_p, dtype, registry.backends()[backend])
+
+
+def check(out, ref, dtype, what, mag=None, p_rounded=False, copies=1):
+    """``out`` against the float64 reference under the policy; when p was
+    rounded (``round_p``), plus one ulp of ``dtype`` times ``softmax |V|``
+    (``mag``) for each of ``copies`` results that rounded it."""
     assert out.dtype == dtype
-    assert_close(out, ref, dtype, what)
+    extra = copies * tolerance(dtype).rtol * mag if p_rounded else None
+    assert_close(out, ref, dtype, what, extra=extra)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @given(data=st.data())
 def test_attention_matches_float64(backend, data):
-    hkv, group, D, dtype, softcap, q_lens, k_lens, causal, window, seed = \
+    hkv, group, D, dtype, softcap, q_lens, k_lens, causal, window, seed, round_p = \
         data.draw(problems(backend))
     g = torch.Generator().manual_seed(seed)
     q = randn((sum(q_lens), hkv * group, D), dtype, g)
     k, v = (randn((sum(k_lens), hkv, D), dtype, g) for _ in range(2))
     out = kernelforge.ops.attention(q, k, v, cu(q_lens), cu(k_lens), causal=causal,
-                                    window=window, softcap=softcap, backend=backend)
-    ref = reference.attention(q, k, v, cu(q_lens), cu(k_lens), D ** -0.5, causal, window,
-                              softcap)
-    check(out, ref, dtype, f"attention[{backend}] q_lens={q_lens} k_lens={k_lens}")
+                                    window=window, softcap=softcap, round_p=round_p,
+                                    backend=backend)
+    ref, mag = reference.attention(q, k, v, cu(q_lens), cu(k_lens), D ** -0.5, causal, window,
+                                   softcap, abs_v=True)
+    check(out, ref, dtype, f"attention[{backend}] q_lens={q_lens} k_lens={k_lens} "
+          f"round_p={round_p}", mag, rounded(round_p, dtype, backend))
 
 
 @pytest.mark.parametrize("backend", ["eager", "inductor"])
@@ -123,7 +137,7 @@ def scatter_to_pages(k, v, k_lens, block_size, g, extra_blocks=3):
 def test_paged_equals_packed(backend, data, block_size):
     """The same sequences scattered into permuted cache blocks give the
     rows attention() gives on the packed tensors (and the float64 reference)."""
-    hkv, group, D, dtype, softcap, q_lens, k_lens, causal, window, seed = \
+    hkv, group, D, dtype, softcap, q_lens, k_lens, causal, window, seed, round_p = \
         data.draw(problems(backend))
     if backend == "inductor":
         block_size = 16        # one specialisation
@@ -132,14 +146,18 @@ def test_paged_equals_packed(backend, data, block_size):
     k, v = (randn((sum(k_lens), hkv, D), dtype, g) for _ in range(2))
     kc, vc, tables, lens = scatter_to_pages(k, v, k_lens, block_size, g)
     paged = kernelforge.ops.paged_attention(q, kc, vc, tables, lens, cu(q_lens), causal=causal,
-                                            window=window, softcap=softcap, backend=backend)
-    ref = reference.attention(q, k, v, cu(q_lens), cu(k_lens), D ** -0.5, causal, window,
-                              softcap)
-    check(paged, ref, dtype, f"paged[{backend}] q_lens={q_lens} k_lens={k_lens}")
+                                            window=window, softcap=softcap, round_p=round_p,
+                                            backend=backend)
+    ref, mag = reference.attention(q, k, v, cu(q_lens), cu(k_lens), D ** -0.5, causal, window,
+                                   softcap, abs_v=True)
+    rp = rounded(round_p, dtype, backend)
+    check(paged, ref, dtype, f"paged[{backend}] q_lens={q_lens} k_lens={k_lens}", mag, rp)
     packed = kernelforge.ops.attention(q, k, v, cu(q_lens), cu(k_lens), causal=causal,
-                                       window=window, softcap=softcap, backend=backend)
-    # both are within the policy of the reference; with fp32 math they agree closely
-    assert_close(paged, packed.double(), dtype, f"paged vs packed[{backend}]")
+                                       window=window, softcap=softcap, round_p=round_p,
+                                       backend=backend)
+    # both are within the policy of the reference; with fp32 math they agree
+    # closely (each rounds p in its own chunks when it rounds p: two allowances)
+    check(paged, packed.double(), dtype, f"paged vs packed[{backend}]", mag, rp, copies=2)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -184,9 +202,10 @@ def test_split_keys_match_float64(backend, splits):
         out = kernelforge.ops.paged_attention(q, kc, vc, tables, lens, cu(q_lens),
                                               softcap=softcap, window=window, splits=splits,
                                               backend=backend)
-        ref = reference.attention(q, k, v, cu(q_lens), cu(k_lens), D ** -0.5, softcap=softcap,
-                                  window=window)
-        check(out, ref, dtype, f"splits={splits} window={window} [{backend}]")
+        ref, mag = reference.attention(q, k, v, cu(q_lens), cu(k_lens), D ** -0.5,
+                                       softcap=softcap, window=window, abs_v=True)
+        check(out, ref, dtype, f"splits={splits} window={window} [{backend}]", mag,
+              rounded(None, dtype, backend))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -203,6 +222,34 @@ def test_mixed_decode_and_chunked_prefill_batch(backend):
     out = kernelforge.ops.paged_attention(q, kc, vc, tables, lens, cu(q_lens), backend=backend)
     ref = reference.attention(q, k, v, cu(q_lens), cu(k_lens), D ** -0.5)
     check(out, ref, dtype, f"mixed batch[{backend}]")
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "inductor"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_round_p_is_honoured(backend, dtype):
+    """With p kept in fp32 (round_p=False) outputs meet the plain policy;
+    rounding p (round_p=True) moves the outputs that cancel to near zero (of
+    8192, random values) by more than the plain policy allows there, and
+    less than its allowance: the flag reaches the kernel, in both ops, and
+    the allowance is needed. Inductor prints the same torch code as eager and
+    honours explicit casts (test_ir_capabilities)."""
+    g = torch.Generator().manual_seed(31)
+    n, hkv, group, D = 64, 1, 2, 64
+    q = randn((n, hkv * group, D), dtype, g)
+    k, v = (randn((n, hkv, D), dtype, g) for _ in range(2))
+    ref, mag = reference.attention(q, k, v, cu([n]), cu([n]), D ** -0.5, abs_v=True)
+    kc, vc, tables, lens = scatter_to_pages(k, v, [n], 16, g)
+    outs = {}
+    for rp in (False, True):
+        outs["packed", rp] = kernelforge.ops.attention(q, k, v, cu([n]), cu([n]), round_p=rp,
+                                                       backend=backend)
+        outs["paged", rp] = kernelforge.ops.paged_attention(q, kc, vc, tables, lens, cu([n]),
+                                                            round_p=rp, backend=backend)
+    for kind in ("packed", "paged"):
+        check(outs[kind, False], ref, dtype, f"{kind} round_p=False [{backend}]")
+        check(outs[kind, True], ref, dtype, f"{kind} round_p=True [{backend}]", mag, True)
+        with pytest.raises(AssertionError, match="exceeds"):
+            check(outs[kind, True], ref, dtype, f"{kind} round_p=True, plain policy")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -245,6 +245,18 @@ def test_attention_causal_not_a_bool():
         attn(q, k, v, cq, ck, causal="no")
 
 
+@pytest.mark.parametrize("value", [1, "yes", 0.0])
+def test_round_p_must_be_none_or_a_bool(value):
+    q, k, v, cq, ck = packed()
+    with pytest.raises(OpArgError, match=rf"^attention: `round_p` expected None or a bool, "
+                                         rf"got {repr(value)}"):
+        attn(q, k, v, cq, ck, round_p=value)
+    q, kc, vc, bt, sl, qsl = paged()
+    with pytest.raises(OpArgError, match=rf"^paged_attention: `round_p` expected None or a "
+                                         rf"bool, got {repr(value)}"):
+        pattn(q, kc, vc, bt, sl, qsl, round_p=value)
+
+
 def test_attention_unknown_backend():
     q, k, v, cq, ck = packed()
     with pytest.raises(ValueError, match=r"backend: expected one of .* got .nope."):

@@ -49,25 +49,32 @@ def test_integer_division_truncates_and_padded_lanes_do_not_trap():
 
 
 @kl.kernel(static=("N",))
-def exp_rows(x: kl.In("M", "N"), out: kl.Out("M", "N")):
+def exp_rows(x: kl.In("M", "N"), out: kl.Out("M", "N"), out2: kl.Out("M", "N")):
     m, n = kl.parallel("M"), kl.tile("N")
     kl.store(out[m, n], kl.exp(kl.load(x[m, n])))
+    kl.store(out2[m, n], kl.exp2(kl.load(x[m, n])))
 
 
-def test_exp_over_the_whole_float_range():
-    """kf_exp (a vectorisable polynomial) against float64 exp: relative error
-    within the fp32 policy down to the subnormals, exact 0, inf and NaN."""
-    x = torch.cat([torch.linspace(-110.0, 89.0, 4001),
-                   torch.tensor([float("-inf"), float("inf"), float("nan"), 0.0, -87.2, -100.0])])
-    out = torch.empty_like(x[None])
-    kernelforge.launch(exp_rows, x[None], out, backend="cpp")
-    ref = torch.exp(x.double()).float().double()     # float's range: exp(89) is inf
-    out = out[0].double()
+@pytest.mark.parametrize("fn", ["exp", "exp2"])
+def test_exp_over_the_whole_float_range(fn):
+    """kf_exp and kf_exp2 (vectorisable polynomials) against float64 exp and
+    exp2: relative error within the fp32 policy down to the subnormals,
+    exact 0, inf and NaN."""
+    lo, hi = (-110.0, 89.0) if fn == "exp" else (-152.0, 129.0)
+    special = [-87.2, -100.0] if fn == "exp" else [-149.0, -126.5, 127.99, 128.0]
+    x = torch.cat([torch.linspace(lo, hi, 4001),
+                   torch.tensor([float("-inf"), float("inf"), float("nan"), 0.0] + special)])
+    outs = torch.empty_like(x[None]), torch.empty_like(x[None])
+    kernelforge.launch(exp_rows, x[None], *outs, backend="cpp")
+    out = outs[fn == "exp2"][0].double()
+    ref = getattr(torch, fn)(x.double()).float().double()     # float's range: exp(89) is inf
     normal = ref.abs() >= torch.finfo(torch.float32).tiny
-    assert_close(out[normal], ref[normal], torch.float32, "exp, normal results")
+    assert_close(out[normal], ref[normal], torch.float32, f"{fn}, normal results")
     small = ~normal & (ref > 0) & torch.isfinite(ref)
     assert (out[small] - ref[small]).abs().max() <= 2 * 2 ** -149      # subnormals: ~1 ulp
-    assert out[-6] == 0.0 and out[-5] == float("inf") and out[-4].isnan() and out[-3] == 1.0
+    n = len(special)
+    assert out[-4 - n] == 0.0 and out[-3 - n] == float("inf") and out[-2 - n].isnan()
+    assert out[-1 - n] == 1.0
 
 
 @kl.kernel(static=("N",))

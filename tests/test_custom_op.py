@@ -126,12 +126,12 @@ def test_attention_ops_pass_opcheck():
     q, k, v = (torch.randn(5, 2, 64, generator=g) for _ in range(3))
     cu = torch.tensor([0, 2, 5], dtype=torch.int32)
     torch.library.opcheck(torch.ops.kernelforge.attention.default,
-                          (q, k, v, cu, cu, None, True, None, None, "eager"))
+                          (q, k, v, cu, cu, None, True, None, None, None, "eager"))
     kc, vc = torch.randn(2, 16, 2, 64), torch.randn(2, 16, 2, 64)
     tables = torch.tensor([[0], [1]], dtype=torch.int32)
     torch.library.opcheck(torch.ops.kernelforge.paged_attention.default,
                           (q, kc, vc, tables, torch.tensor([2, 3], dtype=torch.int32), cu,
-                           None, True, 4, 30.0, True, "eager"))
+                           None, True, 4, 30.0, True, None, "eager"))
     torch.library.opcheck(torch.ops.kernelforge.reshape_and_cache.default,
                           (k, v, kc.clone(), vc.clone(), torch.tensor([0, 17, -1, 3, 30]), True,
                            "eager"))

@@ -28,6 +28,23 @@ def test_online_softmax_with_loop_carried_state(backend, n):
     assert_close(out, torch.softmax(x.double(), -1), torch.float32, f"softmax {backend}")
 
 
+@pytest.mark.parametrize("backend", ["eager", "triton", "cpp"])
+@pytest.mark.parametrize("m,n", [(1, 7), (10, 1000), (13, 2500)])
+def test_base2_online_softmax_on_descending_blocks(backend, m, n):
+    """``online_softmax_step(log2_scale=)`` (the max of unscaled scores, the
+    scale folded into exp2) and a grid launched last block first, with a
+    partial last block (m not a multiple of 4): every row written once."""
+    x = torch.randn(m, n, device=DEVICE) * 4
+    out = torch.full_like(x, float("nan"))
+    run(K.softmax_online_base2, x, out, 0.3, backend=backend)
+    assert_close(out, torch.softmax(x.double() * 0.3, -1), torch.float32, f"softmax {backend}")
+    assert "parallel M block=4 descending" in str(K.softmax_online_base2)
+    if backend == "triton":
+        src = kernelforge.backends.registry.backends()["triton"].source(
+            K.softmax_online_base2.specialize({"x": kl.f32, "out": kl.f32}, {"N": n}))
+        assert "(tl.num_programs(0) - 1 - tl.program_id(0))" in src
+
+
 @pytest.mark.parametrize("backend", ["eager", "inductor", "triton", "cpp"])
 @pytest.mark.parametrize("m,n", [(1, 1), (17, 100), (40, 130)])
 def test_flash_attention_dot_and_online_softmax(backend, m, n):

@@ -11,13 +11,12 @@ import os
 # accuracy). Set KF_GPU_VARIANTS=0 to skip.
 VARIANTS = os.environ.get("KF_GPU_VARIANTS", "1") != "0"
 # (the defaults: bq=128, w=8, kb=64 for prefill; kb=64, w=4 and the op's split
-# choice for paged decode; p.v as two 16-bit products, hi + lo, since
-# 2026-11-28: kernelforge/lower/triton_dots.py). "pv=once" rounds p to 16 bits
-# once (FlashAttention's choice; checked against its own bound, P |V|, like
-# the SDPA peer): what the tolerance policy's second product costs.
+# choice for paged decode; p rounded to 16 bits before p.v, Triton's default
+# for 16-bit inputs since 2026-11-28, ``round_p``: the gpu_bench rows "exact p"
+# time p kept in fp32 as two 16-bit products, hi + lo)
 PREFILL_VARIANTS = (
     dict(kb=128), dict(kb=128, stages=2), dict(stages=4), dict(stages=2), dict(w=4),
-    dict(bq=64, w=4), dict(pv="once"), dict(kb=128, pv="once"),
+    dict(bq=64, w=4), dict(kb=32), dict(bq=64, w=4, kb=128),
 )
 # decode: splits = flash-decoding split count (kernels/attention_split.py; None = the
 # op's choice), 1 = the single-pass kernel
@@ -28,9 +27,10 @@ DECODE_VARIANTS = (dict(splits=1), dict(splits=1, kb=32), dict(splits=1, kb=128)
 
 
 def variant_cases(kernelforge, run_case, rows, prefix, fn, refs, dtype, nbytes, variants,
-                  peer, unit, flops, loose_check=None):
+                  peer, unit, flops, check=None):
     """Time ``fn`` (an attention op on Triton) under each variant by patching
-    the generated source; returns summary lines (speed against ``peer``)."""
+    the generated source, its results held to ``check`` (run_case's);
+    returns summary lines (speed against ``peer``)."""
     import re
     from kernelforge.backends import triton as tb
     import kernelforge.kernels.attention as A
@@ -59,9 +59,6 @@ def variant_cases(kernelforge, run_case, rows, prefix, fn, refs, dtype, nbytes, 
                               for line in s.splitlines())
         if "prec" in v:
             s = s.replace("input_precision=_F32_DOT", f'input_precision="{v["prec"]}"')
-        if v.get("pv") == "once":   # drop the lo product: tl.dot(hi, v, acc=tl.dot(lo, v))
-            s = re.sub(r"tl\.dot\((.+?), acc=tl\.dot\(.*_lo\).*\)\)$",
-                       r"tl.dot(\1, out_dtype=tl.float32)", s, flags=re.M)
         if "stages" in v:
             s = s.replace("num_warps=NUM_WARPS,", f"num_warps=NUM_WARPS, num_stages={v['stages']},")
         return s
@@ -81,8 +78,7 @@ def variant_cases(kernelforge, run_case, rows, prefix, fn, refs, dtype, nbytes, 
             if "bq" in v:
                 A._query_block = lambda q, backend=None, bq=v["bq"]: bq
             name = f"{prefix} " + " ".join(f"{k}={x}" for k, x in v.items())
-            run_case(name, fn, refs, dtype, nbytes,
-                     check=loose_check if v.get("pv") == "once" else None)
+            run_case(name, fn, refs, dtype, nbytes, check=check)
             row = next((r for r in rows if r["case"] == name), None)
             if not row or row["ms"] != row["ms"]:
                 lines.append(f"{name}: failed")

@@ -59,6 +59,8 @@ def stats(kdef, dtypes, sizes, target):
         "wgmma": len(re.findall(r"\bHGMMA\b", sass)),
         "mma": len(re.findall(r"\bHMMA\b", sass)),
         "ffma": len(re.findall(r"\bFFMA\b", sass)),
+        "fmul": len(re.findall(r"\bFMUL\b", sass)),
+        "mufu.ex2": len(re.findall(r"\bMUFU\.EX2\b", sass)),
         "shfl": len(re.findall(r"\bSHFL\b", sass)),
         "sass lines": sass.count("\n"),
     }
@@ -79,11 +81,15 @@ def main() -> int:
 
     cases = [
         ("prefill (128 query rows)", A.attention_kernel(False, 128), {"HK": 32, "G": 1, "D": 128}),
+        ("prefill, round_p", A.attention_kernel(False, 128, True), {"HK": 32, "G": 1, "D": 128}),
         ("paged decode", A.paged_attention_kernel(False), {"HK": 8, "G": 4, "D": 128, "BS": 16}),
+        ("paged decode, round_p", A.paged_attention_kernel(False, True),
+         {"HK": 8, "G": 4, "D": 128, "BS": 16}),
         ("paged decode, split", AS.paged_split_kernel(False),
          {"HK": 8, "G": 4, "D": 128, "BS": 16, "S": 16}),
     ]
-    cols = ("warps", "regs", "spill st/ld", "shared", "wgmma", "mma", "ffma", "shfl", "sass lines")
+    cols = ("warps", "regs", "spill st/ld", "shared", "wgmma", "mma", "ffma", "fmul", "mufu.ex2",
+            "shfl", "sass lines")
     print(f"{'kernel (bf16, ' + args.target + ')':<28}" + "".join(f"{c:>12}" for c in cols))
     for name, kdef, sizes in cases:
         try:

@@ -21,6 +21,10 @@ class Backend:
     #: query rows per program for kernels whose block of rows is free to choose
     #: (attention): None lets the op pick for the device
     block_rows: int | None = None
+    #: True when a product of 16-bit operands runs much faster than an fp32
+    #: one (tensor cores): ops that may round an fp32 operand to 16 bits for
+    #: a product then do so by default (attention's ``round_p``)
+    half_products_faster: bool = False
 
     def default_priority(self, device: torch.device) -> tuple[int | None, str]:
         """How much this backend wants to be the default for ``device``

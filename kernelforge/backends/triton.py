@@ -53,6 +53,7 @@ def _interpret(on: bool):
 class TritonBackend(Backend):
     name = "triton"
     description = "generated Triton kernels (GPUs; Triton interpreter on CPU tensors)"
+    half_products_faster = True     # bf16/fp16 tensor-core products
 
     def schedule(self) -> triton_printer.TritonSchedule:
         return triton_printer.TritonSchedule(max_block=config.triton_max_block())

@@ -40,7 +40,8 @@ def format_kernel(k) -> str:
                  + (f"  # {k.loc.short()}" if k.loc else ""))
     for g in k.grid:
         names[id(g)] = f"%{g.arg[0].lower()}"
-        emit(f"{names[id(g)]} = parallel {g.arg[0]} block={g.arg[2]}", g.loc)
+        emit(f"{names[id(g)]} = parallel {g.arg[0]} block={g.arg[2]}"
+             + (" descending" if g.arg[3] else ""), g.loc)
     counter = [0]
     for ev, n in linearize(k, an):
         if ev == "node":

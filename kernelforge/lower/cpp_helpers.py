@@ -57,12 +57,30 @@ template <class T> static inline T kf_imod(T a, T b) { return a % kf_safe_diviso
 // (relative error about 2e-7, like a float libm exp). 2^n is two factors
 // 2^(n/2) 2^(n - n/2), each a normal float, so results down to the
 // subnormals come out right; 0 below them, inf above the float range.
+static inline float kf_exp_scaled(float n, float r);
 static inline float kf_exp(float x) {
   float xc = std::min(std::max(x, -103.97208f), 88.72284f);
   // round to nearest through the 1.5 * 2^23 trick (vectorises without libm)
   float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   float r = std::fma(n, -0.693145751953125f, xc);
   r = std::fma(n, -1.428606765330187e-06f, r);
+  float y = kf_exp_scaled(n, r);
+  y = x < -103.97208f ? 0.0f : y;
+  y = x > 88.72284f ? INFINITY : y;
+  return x != x ? x : y;
+}
+// 2^x the same way, with no conversion to base e first: n = round(x),
+// x - n exact, r = (x - n) ln2 (one rounding)
+static inline float kf_exp2(float x) {
+  float xc = std::min(std::max(x, -150.0f), 128.0f);
+  float n = (xc + 12582912.0f) - 12582912.0f;
+  float y = kf_exp_scaled(n, (xc - n) * 0.693147180559945309f);
+  y = x < -150.0f ? 0.0f : y;
+  y = x >= 128.0f ? INFINITY : y;
+  return x != x ? x : y;
+}
+// 2^n e^r for an integer n in [-150, 128] and |r| <= ln2/2
+static inline float kf_exp_scaled(float n, float r) {
   float p = 1.3888889e-3f;
   p = std::fma(p, r, 8.3333338e-3f);
   p = std::fma(p, r, 4.1666668e-2f);
@@ -71,14 +89,10 @@ static inline float kf_exp(float x) {
   p = std::fma(p, r, 1.0f);
   p = std::fma(p, r, 1.0f);
   int32_t n1 = (int32_t)n >> 1, n2 = (int32_t)n - n1;
-  float y = p * kf_bitcast<float>((uint32_t)(n1 + 127) << 23)
-              * kf_bitcast<float>((uint32_t)(n2 + 127) << 23);
-  y = x < -103.97208f ? 0.0f : y;
-  y = x > 88.72284f ? INFINITY : y;
-  return x != x ? x : y;
+  return p * kf_bitcast<float>((uint32_t)(n1 + 127) << 23)
+           * kf_bitcast<float>((uint32_t)(n2 + 127) << 23);
 }
 static inline double kf_exp(double x) { return std::exp(x); }
-static inline float kf_exp2(float x) { return kf_exp(x * 0.693147180559945309f); }
 static inline double kf_exp2(double x) { return std::exp2(x); }
 
 // C[M][N] = A[M][K] * B[K][N] (row-major blocks, fp32): panels of up to 64

@@ -239,14 +239,17 @@ class _Printer(LoopPrinting, DotPrinting):
         for i, g in enumerate(self.k.grid):
             axis, b = g.arg[0], g.arg[2]
             o.src(g.loc)
+            pid = f"tl.program_id({i})"
+            if g.arg[3]:      # descending: program i owns block n - 1 - i
+                pid = f"(tl.num_programs({i}) - 1 - {pid})"
             if b == 1:
                 nm = f"pid_{axis.lower()}"
-                o.line(f"{nm} = tl.program_id({i}).to(tl.int64)  # 64-bit: row * stride may "
+                o.line(f"{nm} = {pid}.to(tl.int64)  # 64-bit: row * stride may "
                        "exceed 2**31")
                 self.tile_names[id(g)] = (nm, None)
             else:
                 offs, mask = f"offs_{axis.lower()}", f"mask_{axis.lower()}"
-                o.line(f"{offs} = tl.program_id({i}).to(tl.int64) * {b} + tl.arange(0, {b})")
+                o.line(f"{offs} = {pid}.to(tl.int64) * {b} + tl.arange(0, {b})")
                 if self.padded(g):
                     o.line(f"{mask} = {offs} < {self.size(axis)}")
                 self.tile_names[id(g)] = (offs, mask)
