@@ -284,9 +284,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: t
         softcap: scores become ``softcap * tanh(scores / softcap)``.
         round_p: for 16-bit inputs, round the softmax weights p to the
             inputs' type before p.v, as FlashAttention does (sums stay fp32):
-            one 16-bit tensor-core product instead of two. Each output then
-            carries up to 2^-9 (bf16; fp16: 2^-12) of ``sum_j p_j |v_j|``
-            more error (docs/tolerance.md). False keeps p in fp32; None lets
+            one 16-bit tensor-core product instead of two. Each output may
+            then move by up to 2^-8 (bf16; fp16: 2^-11) of
+            ``sum_j p_j |v_j| / sum_j p_j`` (docs/tolerance.md). False keeps p in fp32; None lets
             the backend choose (Triton rounds; the torch and C++ lowerings,
             which multiply in fp32 at no extra cost, do not).
     Returns:

@@ -110,7 +110,8 @@ def test_in_place_call_reads_before_it_writes():
 
 
 def test_generated_source_points_back_to_the_kernel():
-    src = kernelforge.dispatch.source(exp_rows, (torch.ones(2, 8), torch.empty(2, 8)), "cpp")
+    src = kernelforge.dispatch.source(exp_rows, (torch.ones(2, 8), torch.empty(2, 8),
+                                                 torch.empty(2, 8)), "cpp")
     assert "test_cpp_backend.py" in src and "kl.exp(kl.load(x[m, n]))" in src
     assert 'extern "C" void exp_rows(' in src
 
