@@ -30,7 +30,7 @@ def gpu_bench(monkeypatch):
     monkeypatch.setattr(gb, "ATTN_DECODE_HKV", 2)
     # one variant of each kind the patches handle: key chunk + stages, warps, splits
     monkeypatch.setattr(gb, "PREFILL_VARIANTS", (dict(kb=128, stages=2), dict(bq=64, w=4)))
-    monkeypatch.setattr(gb, "DECODE_VARIANTS", (dict(splits=1, kb=32), dict(splits=2)))
+    monkeypatch.setattr(gb, "DECODE_VARIANTS", (dict(splits=1, kb=32), dict(splits=2), dict(w=8)))
     yield gb
     sys.modules.pop("gpu_bench", None)
 
