@@ -155,7 +155,7 @@ def main() -> int:
             from triton.testing import do_bench_cudagraph
             return float(do_bench_cudagraph(fn, rep=50, return_mode="median"))
         except Exception as e:  # noqa: BLE001
-            log(f"CUDA graph timing failed: {type(e).__name__}: {str(e)[:120]}")
+            log(f"CUDA graph timing failed: {type(e).__name__}: {str(e)[:400]}")
             torch.cuda.synchronize()
             return float("nan")
 
