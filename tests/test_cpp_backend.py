@@ -182,3 +182,25 @@ def test_gathered_rows_are_prefetched_at_the_top_of_each_chunk(N, dtype):
     rows_a, rows_b = a.double()[idx.long()], b.double()[idx.long()]   # [R, N, D]
     score = (rows_a * w.double()).sum(-1, keepdim=True)
     assert_close(out, (score * rows_b).sum(1), torch.float32, "gathered row sums")
+
+
+def test_chunks_with_too_many_row_bytes_are_not_prefetched():
+    """Rows of 4 KB (D=1024, fp32): a chunk's rows of both tables pass
+    cpp_prefetch.PREFETCH_BYTES (prefetching 128 KB chunks cost 5% in paged
+    decode: the later lines evict the first before they are read): none is
+    issued, and the sums are unchanged."""
+    from kernelforge.lower import cpp_prefetch
+    g = torch.Generator().manual_seed(3)
+    S, D, R, N = 40, 1024, 2, 300
+    assert 2 * 16 * D * 4 > cpp_prefetch.PREFETCH_BYTES     # even a 16-row chunk is over
+    idx = torch.randint(0, S, (R, N), generator=g, dtype=torch.int32)
+    a, b = (torch.rand(S, D, generator=g) for _ in range(2))
+    w = torch.rand(D, generator=g)
+    out = torch.full((R, D), float("nan"))
+    args = (idx, a, b, w, out)
+    assert "__builtin_prefetch" not in kernelforge.dispatch.source(K.gathered_row_sums, args,
+                                                                   "cpp")
+    kernelforge.launch(K.gathered_row_sums, *args, backend="cpp")
+    rows_a, rows_b = a.double()[idx.long()], b.double()[idx.long()]
+    score = (rows_a * w.double()).sum(-1, keepdim=True)
+    assert_close(out, (score * rows_b).sum(1), torch.float32, "gathered row sums")
