@@ -187,8 +187,11 @@ def parallel(axis: str, block: int = 1, *, descending: bool = False) -> Value:
             kernels whose later blocks do more work (causal attention: later
             rows see more keys), so the longest programs start first and the
             end of the grid is not one long program alone. Only the order
-            changes (the Triton lowering maps program i to block n - 1 - i);
-            lowerings without a launch order ignore it.
+            changes (the Triton lowering maps program i to block n - 1 - i).
+            The C++ lowering ignores it: OpenMP's guided schedule hands out
+            its largest chunks first, and with the longest programs in them
+            causal prefill ran 1.4x slower (7.1 against 5.0 ms, S=1024);
+            the torch lowerings have no launch order.
     Returns:
         the tile of indices this program owns.
 

@@ -172,8 +172,8 @@ def all_kernels() -> tuple:
 def rounds_p(round_p: Optional[bool], dtype: torch.dtype, backend) -> bool:
     """Whether p is rounded to ``dtype`` before p.v: never for fp32 inputs
     (p is already fp32); else ``round_p``, and None leaves it to the backend
-    (``Backend.half_products_faster``: Triton, whose 16-bit tensor-core
-    product is a third of the work of keeping p in fp32)."""
+    (``Backend.half_products_faster``: Triton, where p rounded is one 16-bit
+    tensor-core product and p kept in fp32 two, ``hi + lo``)."""
     if dtype == torch.float32:
         return False
     if round_p is not None:
