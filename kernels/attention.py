@@ -268,7 +268,8 @@ def _rows(q_start, q_lens, k_lens, causal, window, device, T):
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
               cu_seqlens_k: torch.Tensor, *, scale: Optional[float] = None, causal: bool = True,
               window: Optional[int] = None, softcap: Optional[float] = None,
-              round_p: Optional[bool] = None, backend: Optional[str] = None) -> torch.Tensor:
+              round_p: Optional[bool] = None, check_seqlens: bool = True,
+              backend: Optional[str] = None) -> torch.Tensor:
     """Attention over packed variable-length sequences (FlashAttention's varlen form).
 
     Args:
@@ -286,9 +287,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: t
             inputs' type before p.v, as FlashAttention does (sums stay fp32):
             one 16-bit tensor-core product instead of two. Each output may
             then move by up to 2^-8 (bf16; fp16: 2^-11) of
-            ``sum_j p_j |v_j| / sum_j p_j`` (docs/tolerance.md). False keeps p in fp32; None lets
-            the backend choose (Triton rounds; the torch and C++ lowerings,
-            which multiply in fp32 at no extra cost, do not).
+            ``sum_j p_j |v_j| / sum_j p_j`` (docs/tolerance.md). False keeps
+            p in fp32; None lets the backend choose (Triton rounds; the torch
+            and C++ lowerings, which multiply in fp32 at no extra cost, do
+            not).
+        check_seqlens: verify both ``cu_seqlens`` on the host first (start
+            at 0, never decrease, end at the token count): two
+            device-to-host copies. With False the Triton and C++ lowerings
+            make no host sync (the call can be captured in a CUDA graph);
+            with bad offsets nothing is read or written outside the tensors,
+            but the result is undefined. The torch lowerings plan their
+            launches on the host and check anyway.
     Returns:
         [Tq, Hq, D] in q's dtype; rows that see no key are 0.
 
@@ -298,17 +307,22 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: t
     if torch.compiler.is_compiling():       # opaque in the caller's graph, inline or not:
         # its launch plan needs cu_seqlens on the host; checked when it runs
         return torch.ops.kernelforge.attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale,
-                                               causal, window, softcap, round_p, backend)
+                                               causal, window, softcap, round_p, check_seqlens,
+                                               backend)
     op = "attention"
     D, hkv = _common(op, q, k, v, "k", "v", window, softcap, scale, causal, 3,
                      "[tokens, kv_heads, head_size]")
     _check_round_p(op, round_p)
-    cq, cq_host = _lengths(op, "cu_seqlens_q", cu_seqlens_q, q, q.shape[0], "q")
-    ck, ck_host = _lengths(op, "cu_seqlens_k", cu_seqlens_k, q, k.shape[0], "k")
+    if not isinstance(check_seqlens, bool):
+        checks.fail(op, "check_seqlens", "a bool", repr(check_seqlens))
+    decision = registry.select(q.device, backend)
+    # a lowering that collapses the key loop plans its launches from the host copy
+    host = check_seqlens or decision.backend.collapses_loops
+    cq, cq_host = _lengths(op, "cu_seqlens_q", cu_seqlens_q, q, q.shape[0], "q", host)
+    ck, ck_host = _lengths(op, "cu_seqlens_k", cu_seqlens_k, q, k.shape[0], "k", host)
     if cq.shape != ck.shape:
         checks.fail(op, "cu_seqlens_k", f"{cq.shape[0]} entries (as `cu_seqlens_q`)",
                     f"{ck.shape[0]}")
-    decision = registry.select(q.device, backend)
     T = q.shape[0]
     if not T:
         return torch.empty_like(q)
@@ -504,13 +518,15 @@ def _check_tables(op, block_tables, lens, q_lens, nb, bs, mb):
 def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                   cu_seqlens_k: torch.Tensor, scale: Optional[float], causal: bool,
                   window: Optional[int], softcap: Optional[float], round_p: Optional[bool],
-                  backend: Optional[str]) -> torch.Tensor:
+                  check_seqlens: bool, backend: Optional[str]) -> torch.Tensor:
     return attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale=scale, causal=causal,
-                     window=window, softcap=softcap, round_p=round_p, backend=backend)
+                     window=window, softcap=softcap, round_p=round_p,
+                     check_seqlens=check_seqlens, backend=backend)
 
 
 @_attention_op.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, window, softcap, round_p, backend):
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, window, softcap, round_p,
+      check_seqlens, backend):
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
 

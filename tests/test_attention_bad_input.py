@@ -289,6 +289,43 @@ def test_attention_zero_length_sequence_in_the_middle(causal, empty_k):
     assert out.abs().sum(dim=(1, 2)).gt(0).all()   # every real row saw keys
 
 
+@pytest.mark.parametrize("backend", ["cpp", "triton", "eager"])
+def test_unchecked_seqlens_make_no_host_copy_and_read_nothing_outside(backend, monkeypatch):
+    """check_seqlens=False: good offsets give the checked call's result
+    exactly; bad ones (decreasing, past the tokens, negative) raise nothing
+    and write only the output's rows (the result is undefined, like
+    paged_attention's check_tables=False). The lowerings that keep the key
+    loop (Triton, C++) copy nothing to the host; the torch lowerings plan
+    their launches on the host, so they check anyway."""
+    q, k, v, cq, ck = packed(q_lens=(2, 3), k_lens=(4, 6), seed=2)
+    want = attn(q, k, v, cq, ck, backend=backend)
+    if backend != "eager":
+        def no_sync(*a, **kw):
+            raise AssertionError("host copy with check_seqlens=False")
+        monkeypatch.setattr(torch.Tensor, "tolist", no_sync)
+        monkeypatch.setattr(torch.Tensor, "item", no_sync)
+    got = attn(q, k, v, cq, ck, check_seqlens=False, backend=backend)
+    assert torch.equal(got, want)
+    if backend == "eager":
+        with pytest.raises(OpArgError, match="`cu_seqlens_q` expected non-decreasing"):
+            attn(q, k, v, i32(0, 4, 2), ck, check_seqlens=False, backend=backend)
+        return
+    for bad_q, bad_k in ((i32(0, 4, 2), ck), (cq, i32(0, 9, 100)), (i32(-3, 1, 5), i32(0, -7, 10)),
+                         (i32(0, 2, 5), i32(5, 2, 0))):
+        out = attn(q, k, v, bad_q, bad_k, check_seqlens=False, backend=backend)
+        assert out.shape == q.shape and out.dtype == q.dtype and not out.isnan().any()
+    # the first sequence's keys "start" at -6: all its key positions are below
+    # 0, so its rows see no key (0), and nothing before k is read
+    out = attn(q, k, v, cq, i32(-6, -3, 10), check_seqlens=False, backend=backend)
+    assert torch.equal(out[:2], torch.zeros_like(out[:2]))
+
+
+def test_check_seqlens_must_be_a_bool():
+    q, k, v, cq, ck = packed()
+    with pytest.raises(OpArgError, match=r"`check_seqlens` expected a bool, got 'no'"):
+        attn(q, k, v, cq, ck, check_seqlens="no")
+
+
 # -- paged_attention ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("bad", [-1, NB, 10 ** 6])

@@ -126,7 +126,7 @@ def test_attention_ops_pass_opcheck():
     q, k, v = (torch.randn(5, 2, 64, generator=g) for _ in range(3))
     cu = torch.tensor([0, 2, 5], dtype=torch.int32)
     torch.library.opcheck(torch.ops.kernelforge.attention.default,
-                          (q, k, v, cu, cu, None, True, None, None, None, "eager"))
+                          (q, k, v, cu, cu, None, True, None, None, None, True, "eager"))
     kc, vc = torch.randn(2, 16, 2, 64), torch.randn(2, 16, 2, 64)
     tables = torch.tensor([[0], [1]], dtype=torch.int32)
     torch.library.opcheck(torch.ops.kernelforge.paged_attention.default,

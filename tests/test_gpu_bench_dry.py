@@ -59,6 +59,7 @@ def test_attention_cases_run_and_check(gpu_bench):
     assert not failures, failures
     names = {r["case"] for r in rows}
     for want in ("attention prefill S=40 bf16 | kf triton",
+                 "attention prefill S=40 bf16 | kf triton no check",
                  "attention prefill S=40 bf16 | kf triton exact p",
                  "paged decode B=2 ctx=40 bf16 | kf triton no check exact p",
                  "attention prefill S=40 bf16 | kf variant kb=128 stages=2",

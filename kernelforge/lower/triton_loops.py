@@ -44,6 +44,8 @@ class LoopPrinting:
         # smallest start to the largest stop; lanes outside a row's range are masked
         lo, hi = f"lo_{a}", f"hi_{a}"
         self.loop_bound(lo, loop.start, "min", "0")
+        if loop.start is not None:      # a start below 0 reads nothing before the axis
+            o.line(f"{lo} = tl.maximum({lo}, 0)")
         self.loop_bound(hi, loop.stop, "max", self.size(axis))
         return lo, hi
 
