@@ -22,9 +22,7 @@ KERNELS = {
     "rotary_embedding": _rotary.all_kernels(),
     "silu_and_mul": (_activation.silu_and_mul_fwd,),
     "reshape_and_cache": (_kv_cache.reshape_and_cache_kernel,),
-    # 16 query rows per program on CPUs, 128 on GPUs (_query_block)
-    "attention": tuple(_attention.attention_kernel(c, b) for b in (16, 128) for c in (False, True)),
-    "paged_attention": (_attention.paged_attention_kernel(False),
-                        _attention.paged_attention_kernel(True)) + _attention_split.all_kernels(),
+    "attention": _attention.packed_kernels(),
+    "paged_attention": _attention.paged_kernels() + _attention_split.all_kernels(),
     "sample": (_sampling.sample_kernel(),),
 }

@@ -154,19 +154,32 @@ def _query_block(q: torch.Tensor, backend=None) -> int:
     H200, docs/benchmarks.md); 16 elsewhere: fp32 or head size 256 tiles of
     128 rows overflow shared memory (327 KB asked of 232 KB for fp32, D=80),
     and the torch lowerings and the interpreter gain nothing from more. A
-    backend may choose (``Backend.block_rows``: the C++ lowering's 128)."""
+    backend may choose (``Backend.block_rows``: the C++ lowering's 128), cut
+    to the power of two that holds all the rows (at least 16): the C++ tiles
+    have a fixed row count, and a 4-token call on 128-row tiles took 208 us
+    against 92 us on 16-row ones (20 tokens: 207 / 108 us on 32 rows, 50:
+    206 / 139 us on 64; from 100 tokens 128 rows are as fast or faster)."""
     if backend is not None and backend.block_rows:
-        return backend.block_rows
+        rows = max(16, 1 << max(q.shape[0] - 1, 0).bit_length())
+        return min(backend.block_rows, rows)
     if q.device.type == "cuda" and q.element_size() == 2 and q.shape[-1] <= 128:
         return 128
     return 16
 
 
-def all_kernels() -> tuple:
+def packed_kernels() -> tuple:
+    """What ``attention`` launches on GPUs (16 or 128 query rows, p kept or
+    rounded, with and without softcap): ``kernelforge ops``, ``show`` and
+    ``aot-check`` list these. The C++ lowering also builds 32- and 64-row
+    forms on the host (``_query_block``)."""
     both = (False, True)
-    return (tuple(f(c) for f in (attention_kernel, paged_attention_kernel) for c in both)
-            + tuple(attention_kernel(c, 128, r) for c in both for r in both)
-            + tuple(paged_attention_kernel(c, True) for c in both))
+    return tuple(attention_kernel(c, b, r) for b in (16, 128) for c in both for r in both)
+
+
+def paged_kernels() -> tuple:
+    """What ``paged_attention`` launches without splits."""
+    both = (False, True)
+    return tuple(paged_attention_kernel(c, r) for c in both for r in both)
 
 
 def rounds_p(round_p: Optional[bool], dtype: torch.dtype, backend) -> bool:

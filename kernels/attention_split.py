@@ -115,5 +115,5 @@ def _multiprocessors(index) -> int:
 
 
 def all_kernels() -> tuple:
-    return (paged_split_kernel(False), paged_split_kernel(True), paged_split_kernel(False, True),
-            paged_combine_kernel)
+    return tuple(paged_split_kernel(c, r) for c in (False, True) for r in (False, True)) + (
+        paged_combine_kernel,)
