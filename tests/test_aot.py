@@ -33,3 +33,39 @@ def test_aot_check_command_prints_a_table(capsys):
 def test_aot_check_rejects_unknown_target(capsys):
     assert cli.main(["aot-check", "--targets", "sm_75x"]) == 2
     assert "unknown target" in capsys.readouterr().err
+
+
+def test_every_attention_kernel_the_ops_launch_on_triton_is_checked(monkeypatch):
+    """The kernels attention and paged_attention launch on the Triton
+    backend (each round_p, softcap and split form; run here through the
+    interpreter) are all in ops.KERNELS, so aot-check compiles what a GPU
+    runs. (KERNELS once missed the round_p forms Triton launches by default.)"""
+    pytest.importorskip("triton")
+    import torch
+    import kernelforge
+    from kernelforge.kernels import attention as A
+    from kernelforge.ops import KERNELS
+    launched = set()
+    real = A.launch
+
+    def spy(kdef, *args, **kw):
+        launched.add(kdef.name)
+        return real(kdef, *args, **kw)
+
+    monkeypatch.setattr(A, "launch", spy)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(5, 2, 64, generator=g).to(torch.bfloat16) for _ in range(3))
+    cu = torch.tensor([0, 5], dtype=torch.int32)
+    kc, vc = (torch.randn(2, 16, 2, 64, generator=g).to(torch.bfloat16) for _ in range(2))
+    tables, lens = torch.tensor([[1]], dtype=torch.int32), torch.tensor([5], dtype=torch.int32)
+    for round_p in (None, False):
+        for softcap in (None, 20.0):
+            kernelforge.ops.attention(q, k, v, cu, cu, softcap=softcap, round_p=round_p,
+                                      backend="triton")
+            for splits in (1, 2):
+                kernelforge.ops.paged_attention(q, kc, vc, tables, lens, cu, softcap=softcap,
+                                                round_p=round_p, splits=splits,
+                                                backend="triton")
+    checked = {k.name for kdefs in KERNELS.values() for k in kdefs}
+    assert len(launched) == 13, launched   # (softcap x round_p) x (packed, paged, split) + combine
+    assert launched <= checked, sorted(launched - checked)
