@@ -1,8 +1,9 @@
-"""tools/gpu_bench.py's attention cases, dry-run on this CPU at tiny sizes
-through the Triton interpreter: the GPU script is only run on a lent GPU
-with minutes of device time, so its Python (the cases, their correctness
-checks, the launch-variant patches of tools/gpu_variants.py) is exercised
-here first. Timing is not: every case gets a dummy time."""
+"""tools/gpu_bench.py's attention cases (tools/gpu_attention.py), dry-run
+on this CPU at tiny sizes through the Triton interpreter: the GPU script is
+only run on a lent GPU with minutes of device time, so its Python (the
+cases, their correctness checks, the launch-variant patches of
+tools/gpu_variants.py) is exercised here first. Timing is not: every case
+gets a dummy time."""
 import sys
 from pathlib import Path
 
@@ -17,10 +18,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
-def gpu_bench(monkeypatch):
+def gpu_attention(monkeypatch):
     for p in ("tools", "bench"):
         monkeypatch.syspath_prepend(str(ROOT / p))
-    import gpu_bench as gb
+    import gpu_attention as gb
     monkeypatch.setattr(gb, "ATTN_PREFILL_S", 40)
     monkeypatch.setattr(gb, "ATTN_PREFILL_H", 2)
     monkeypatch.setattr(gb, "ATTN_HEAD", 64)
@@ -32,11 +33,11 @@ def gpu_bench(monkeypatch):
     monkeypatch.setattr(gb, "PREFILL_VARIANTS", (dict(kb=128, stages=2), dict(bq=64, w=4)))
     monkeypatch.setattr(gb, "DECODE_VARIANTS", (dict(splits=1, kb=32), dict(splits=2), dict(w=8)))
     yield gb
-    sys.modules.pop("gpu_bench", None)
+    sys.modules.pop("gpu_attention", None)
 
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="the real script runs on the GPU")
-def test_attention_cases_run_and_check(gpu_bench):
+def test_attention_cases_run_and_check(gpu_attention):
     rows, failures = [], []
 
     def run_case(name, fn, refs, dtype, nbytes, goal=None, check=None, graph=False):
@@ -54,8 +55,8 @@ def test_attention_cases_run_and_check(gpu_bench):
             return
         rows.append({"case": name, "ms": 1.0, "gbps": 1.0, "note": ""})
 
-    groups, goals = gpu_bench.attention_cases(kernelforge, run_case, rows, DEVICE,
-                                              torch.Generator().manual_seed(0))
+    groups, goals = gpu_attention.attention_cases(kernelforge, run_case, rows, DEVICE,
+                                                  torch.Generator().manual_seed(0))
     assert not failures, failures
     names = {r["case"] for r in rows}
     for want in ("attention prefill S=40 bf16 | kf triton",

@@ -23,20 +23,14 @@ def static_stats():
         import triton_static_stats
     finally:
         sys.path.remove(str(ROOT / "tools"))
-    return triton_static_stats.stats
-
-
-def _dtypes(kdef):
-    from kernelforge.ir import dtypes as dt
-    i32 = {"block_tables": dt.i32, "seq_idx": dt.i32, "key_lo": dt.i32, "key_hi": dt.i32,
-           "context": dt.i32}
-    return {n: i32.get(n, dt.bf16) for n, a in kdef.signature if hasattr(a, "axes")}
+    return lambda kdef, sizes: triton_static_stats.stats(
+        kdef, triton_static_stats.bf16_dtypes(kdef), sizes, "sm_90")
 
 
 def test_default_prefill_uses_wgmma_without_spills(static_stats):
     from kernelforge.kernels import attention as A
     kdef = A.attention_kernel(False, 128, True)      # round_p: Triton's default for bf16
-    s = static_stats(kdef, _dtypes(kdef), {"HK": 32, "G": 1, "D": 128}, "sm_90")
+    s = static_stats(kdef, {"HK": 32, "G": 1, "D": 128})
     assert s["spill st/ld"] == "0/0", s
     assert s["wgmma"] > 0, s
     assert s["mufu.ex2"] > 0, s                       # the base-2 softmax
@@ -45,6 +39,6 @@ def test_default_prefill_uses_wgmma_without_spills(static_stats):
 def test_default_paged_decode_uses_mma_without_spills(static_stats):
     from kernelforge.kernels import attention as A
     kdef = A.paged_attention_kernel(False, True)
-    s = static_stats(kdef, _dtypes(kdef), {"HK": 8, "G": 4, "D": 128, "BS": 16}, "sm_90")
+    s = static_stats(kdef, {"HK": 8, "G": 4, "D": 128, "BS": 16})
     assert s["spill st/ld"] == "0/0", s
     assert s["mma"] > 0, s

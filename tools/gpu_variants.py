@@ -21,7 +21,7 @@ PREFILL_VARIANTS = (
 # decode: splits = flash-decoding split count (kernels/attention_split.py; None = the
 # op's choice), 1 = the single-pass kernel
 # (warps per decode program with round_p, sm_90: 2 -> 255 registers and 16 B
-# of spills, 4 (default) -> 158, 8 -> 109; 1 spills 2.5 KB)
+# of spills, 4 (default) -> 157, 8 -> 109; 1 spills 2.5 KB)
 DECODE_VARIANTS = (dict(splits=1), dict(splits=1, kb=32), dict(splits=1, kb=128),
                    dict(splits=1, stages=4), dict(splits=1, w=8), dict(splits=1, w=2),
                    dict(w=2), dict(w=8), dict(splits=4), dict(splits=8),

@@ -20,6 +20,15 @@ import tempfile
 from pathlib import Path
 
 
+def bf16_dtypes(kdef) -> dict:
+    """The kernel's tensors in bf16, its indices and split partials as the ops
+    pass them (int32, fp32)."""
+    from kernelforge.ir import dtypes as dt
+    fixed = {"block_tables": dt.i32, "seq_idx": dt.i32, "key_lo": dt.i32, "key_hi": dt.i32,
+             "context": dt.i32, "m_out": dt.f32, "l_out": dt.f32, "acc_out": dt.f32}
+    return {n: fixed.get(n, dt.bf16) for n, a in kdef.signature if hasattr(a, "axes")}
+
+
 def stats(kdef, dtypes, sizes, target):
     import triton
     from triton.backends.compiler import GPUTarget
@@ -71,13 +80,7 @@ def main() -> int:
     ap.add_argument("--target", default="sm_90", choices=("sm_80", "sm_90"))
     args = ap.parse_args()
     os.environ.pop("KERNELFORGE_TRITON_MAX_BLOCK", None)
-    from kernelforge.ir import dtypes as dt
     from kernelforge.kernels import attention as A, attention_split as AS
-    i32 = {"block_tables": dt.i32, "seq_idx": dt.i32, "key_lo": dt.i32, "key_hi": dt.i32,
-           "context": dt.i32, "m_out": dt.f32, "l_out": dt.f32, "acc_out": dt.f32}
-
-    def dtypes(kdef):
-        return {n: i32.get(n, dt.bf16) for n, a in kdef.signature if hasattr(a, "axes")}
 
     cases = [
         ("prefill (128 query rows)", A.attention_kernel(False, 128), {"HK": 32, "G": 1, "D": 128}),
@@ -93,7 +96,7 @@ def main() -> int:
     print(f"{'kernel (bf16, ' + args.target + ')':<28}" + "".join(f"{c:>12}" for c in cols))
     for name, kdef, sizes in cases:
         try:
-            s = stats(kdef, dtypes(kdef), sizes, args.target)
+            s = stats(kdef, bf16_dtypes(kdef), sizes, args.target)
             print(f"{name:<28}" + "".join(f"{str(s[c]):>12}" for c in cols))
         except Exception as e:  # noqa: BLE001
             print(f"{name:<28} failed: {type(e).__name__}: {str(e)[:200]}")

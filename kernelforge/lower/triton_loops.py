@@ -103,6 +103,8 @@ class LoopPrinting:
         a = f"{axis.lower()}{loop.id}"
         s0, s1, start = f"s0_{a}", f"s1_{a}", f"start_{a}"
         self.loop_bound(f"lo_in_{a}", loop.start, "max", "0")
+        if loop.start is not None:      # clamped as lo is: a scalar start stays one value
+            o.line(f"lo_in_{a} = tl.maximum(lo_in_{a}, 0)")
         self.loop_bound(f"hi_in_{a}", loop.stop, "min", self.size(axis))
         o.line(f"# chunks in [{s0}, {s1}) lie inside every row's range: no masks there")
         o.line(f"{s0} = {lo} + (tl.maximum(lo_in_{a} - {lo}, 0) + {b} - 1) // {b} * {b}")
