@@ -144,10 +144,16 @@ class _Printer:
         # returned outputs written in pieces: param -> (pieces, piece expressions so far)
         # (in place, the whole output is assembled and copied into the input once)
         self.assembling = {}
+        # returned outputs written by one store through literal indices
+        # (``out[t, 0]`` into a K of 1): param -> the dims those indices drop
+        self.dropped_dims: dict[str, list[int]] = {}
         for out, inp in [(r, None) for r in returns] + list(self.aliases.items()):
             plan = assembly(k, out, alias_of=inp)
             if plan is not None and len(plan) > 1:
                 self.assembling[out] = (plan, {})
+            elif plan is not None and inp is None:
+                self.dropped_dims[out] = [d for d, r in enumerate(plan[0][0])
+                                          if r is not None and r[2]]
         self.out = Lines()
         self.names: dict[int, str] = {}
         self.py: set[int] = set()       # nodes printed as Python scalars
@@ -323,6 +329,8 @@ class _Printer:
         if param.arg.name in self.returns:
             if value.op == Op.LOAD:     # a returned output must not be an input's storage
                 v = f"{v}.clone()"
+            for d in self.dropped_dims.get(param.arg.name, ()):   # back to the output's rank
+                v = f"({v}).unsqueeze({d})"
             self.out.line(f"{param.arg.name}_result = {v}")
         elif target == "" and not gather:
             self.out.line(f"{self.tensor_name(param.arg)}.copy_({v})")
