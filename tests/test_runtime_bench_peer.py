@@ -1,19 +1,25 @@
-"""The paired runtime benchmark's plumbing (kernelforge/runtime/bench.py:
+"""The paired runtime benchmark's plumbing (bench/runtime_peers.py:
 ``VllmServer``, ``paired_rounds``) against a stand-in for vLLM's process: a
-script that speaks ``vllm_peer.py serve``'s protocol and records what it was
-asked, so the protocol, the alternation and the error paths are checked
+script that speaks ``bench/vllm_peer.py serve``'s protocol and records what it
+was asked, so the protocol, the alternation and the error paths are checked
 without vLLM (the real one runs in bench/test_runtime_bench.py where
 installed)."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import stat
 import sys
+from pathlib import Path
 
 import pytest
 
-from kernelforge.runtime import bench
+# bench/ is a directory of scripts, not a package: load the module from its file
+_SPEC = importlib.util.spec_from_file_location(
+    "runtime_peers", Path(__file__).resolve().parent.parent / "bench" / "runtime_peers.py")
+bench = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(bench)
 
 STAND_IN = r'''#!{python}
 # argv: vllm_peer.py HF_DIR PROMPTS.json NEW serve, as VllmServer runs it

