@@ -13,7 +13,7 @@ import torch
 from . import loader
 from .block_pool import BlockPool
 from .decode_graphs import DecodeGraphs
-from .model import QUANTIZATIONS, AttnMetadata, LlamaModel
+from .model import QUANTIZATIONS, AttnMetadata, LlamaModel, kv_bytes_per_block
 from .sampler import sample
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
@@ -122,8 +122,7 @@ class LLM:
         self.config = config
         self.progress = progress
         if num_blocks is None:
-            per_block = 2 * config.num_layers * block_size * config.num_kv_heads \
-                * config.head_dim * torch_dtype.itemsize
+            per_block = kv_bytes_per_block(config, torch_dtype, block_size)
             num_blocks = max(1, int(kv_cache_gb * 2 ** 30) // per_block)
         cap = num_blocks * block_size
         self.max_model_len = min(max_model_len or min(config.max_position, 8192), cap)

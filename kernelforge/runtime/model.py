@@ -131,6 +131,14 @@ class _Layer:
                         self.gate_up, self.down)
 
 
+def kv_bytes_per_block(config: ModelConfig, dtype: torch.dtype, block_size: int = 16) -> int:
+    """Bytes of one KV-cache block over all layers: a key and a value tensor of
+    [block_size, num_kv_heads, head_dim] per layer, as ``allocate_kv_cache`` makes them
+    (a function of the config, so the pool can be sized before the model is built)."""
+    return 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim \
+        * dtype.itemsize
+
+
 class LlamaModel:
     """Weights plus the forward pass. ``weights`` uses Hugging Face names and layout.
 
@@ -248,8 +256,7 @@ class LlamaModel:
         return list(zip(caches[0::2], caches[1::2]))
 
     def kv_bytes_per_block(self, block_size: int = 16) -> int:
-        c = self.config
-        return 2 * c.num_layers * block_size * c.num_kv_heads * c.head_dim * self.dtype.itemsize
+        return kv_bytes_per_block(self.config, self.dtype, block_size)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata,
