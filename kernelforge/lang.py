@@ -435,15 +435,42 @@ def sort(x: Value, axis: str, descending: bool = False) -> Value:
     return Value(node(Op.SORT, x.dtype, x.axes, (x.node,), (axis, bool(descending))))
 
 
-def topk(x: Value, axis: str, k: int, new_axis: str) -> Value:
-    """The ``k`` largest values of ``x`` along ``axis``, in descending order,
-    along a new axis ``new_axis`` of static extent ``k``."""
+def topk(x: Value, axis: str, k: int, new_axis: str) -> tuple[Value, Value]:
+    """The ``k`` largest values of ``x`` along ``axis`` and their positions.
+
+    Args:
+        x: the values; ``axis`` must be a whole static axis of it (``kl.tile``).
+        axis: the axis to select along.
+        k: how many to keep, 1 <= k <= the axis's extent.
+        new_axis: the axis the results vary along instead of ``axis``; it gets
+            the static extent ``k`` (declare it static with that extent when a
+            tensor names it).
+    Returns:
+        ``(values, indices)``: the values in descending order and their
+        positions along ``axis`` (i32). Ties go to the lower index first, and
+        NaN ranks above every number (first NaN first), as a stable
+        descending ``torch.sort`` orders them, on every lowering.
+
+    Example:
+        >>> vals, ids = kl.topk(logits, "V", 8, "K")
+    """
     t = tracer()
+    a = _axis(axis)
+    if a.size is not None and not 1 <= int(k) <= a.size:
+        raise KernelError(f"topk: k={k} must be between 1 and the extent of `{axis}` "
+                          f"({a.size})", caller_loc())
     have = t.k.axes.get(new_axis)
     if have is None:
         t.k.axes[new_axis] = Axis(new_axis, int(k))
     elif have.size != int(k):
         raise KernelError(f"topk into axis `{new_axis}` of extent {have.size}, but k={k}; "
                           "declare the axis static with extent k", caller_loc())
+    x = x if isinstance(x, Value) else Value(as_node(x))
     axes = tuple(new_axis if a == axis else a for a in x.axes)
-    return Value(node(Op.TOPK, x.dtype, axes, (x.node,), (axis, int(k), new_axis)))
+    # the results vary along the whole new axis: its tile is a source of both
+    kt = t.k.full_tiles.get(new_axis)
+    if kt is None:
+        kt = t.k.full_tiles[new_axis] = tile(new_axis).node
+    vals = node(Op.TOPK, x.dtype, axes, (x.node, kt), (axis, int(k), new_axis, "values"))
+    ids = node(Op.TOPK, i32, axes, (x.node, kt), (axis, int(k), new_axis, "indices"))
+    return Value(vals), Value(ids)

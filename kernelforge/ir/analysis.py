@@ -61,7 +61,7 @@ class Analysis:
 
     # -- tiles ------------------------------------------------------------------
     def tiles(self, n: Node) -> dict[str, Node]:
-        """axis -> the RANGE (or TOPK) node that tiles it in ``n``."""
+        """axis -> the RANGE node that tiles it in ``n``."""
         key = id(n)
         hit = self._tiles.get(key)
         if hit is not None:
@@ -74,8 +74,6 @@ class Analysis:
             t = self.tiles(n.src[0].src[n.arg])
         else:
             t = self._merge(n, [self.tiles(s) for s in n.src])
-            if n.op == Op.TOPK:
-                t[n.arg[2]] = n
             t = {a: r for a, r in t.items() if a in n.axes}
         self._tiles[key] = t
         return t
@@ -100,8 +98,6 @@ def _same_tile(a: Node, b: Node) -> bool:
 def _whole_axis(t: Node):
     if t.op == Op.RANGE and t.arg[1] == "full":
         return t.arg[0]
-    if t.op == Op.TOPK:
-        return t.arg[2]
     return None
 
 

@@ -52,7 +52,9 @@ class Op(Enum):
     DOT = auto()        # src = (a, b); arg = contracted axis; accumulates in `dtype`
     SCAN = auto()       # arg = (axis, "sum" | "max"); inclusive prefix
     SORT = auto()       # arg = (axis, descending); values sorted along the axis
-    TOPK = auto()       # arg = (axis, k, new_axis); k largest values along a new axis
+    # k largest values along a new axis, or their positions along `axis` (i32);
+    # src = (x, whole tile of new_axis); arg = (axis, k, new_axis, "values" | "indices")
+    TOPK = auto()
 
 
 UNARY = frozenset({Op.NEG, Op.ABS, Op.EXP, Op.EXP2, Op.LOG, Op.LOG2, Op.SQRT, Op.RSQRT, Op.SIN,

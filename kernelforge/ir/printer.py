@@ -98,7 +98,7 @@ def _rhs(n: Node, name) -> str:
     if op == Op.SORT:
         return f"sort {args} over {a[0]}" + (" descending" if a[1] else "")
     if op == Op.TOPK:
-        return f"topk {args} over {a[0]} k={a[1]} into {a[2]}"
+        return f"topk_{a[3]} {name(n.src[0])} over {a[0]} k={a[1]} into {a[2]}"
     if op == Op.DOT:
         return f"dot {args} over {a}"
     return f"{op.name.lower()} {args}"

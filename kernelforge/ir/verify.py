@@ -113,6 +113,8 @@ def _check_node(k, an, n: Node) -> None:
             _fail(f"sum in {src[0].dtype} loses precision; cast to f32 first", n)
         if op == Op.REDUCE and src[0].dtype == dt.bool_ and n.arg[1] not in ("max", "min"):
             _fail(f"{n.arg[1]} of bool values: use max (any) or min (all), or cast first", n)
+        if op == Op.TOPK and src[0].dtype == dt.bool_:
+            _fail("topk of bool values: cast them to an integer type first", n)
         if op in (Op.SCAN, Op.SORT, Op.TOPK):
             t = an.tiles(src[0]).get(axis)
             if t is not None and t.op == Op.RANGE and t.arg[1] == "seq":

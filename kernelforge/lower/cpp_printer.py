@@ -283,6 +283,8 @@ class _Printer(LoopRules, PrefetchRules, ValueRules):
                 self.reduce(nm, n)
         elif n.op == Op.DOT:
             self.dot(nm, n)
+        elif n.op == Op.TOPK:
+            nm = self.topk(nm, n)
         else:
             value = self.expr(n)
             self.declare(nm, n)
@@ -462,7 +464,7 @@ def unsupported(k) -> list[str]:
                 walk(st.arg.stmts)
     walk(k.stmts)
     for n in topo(roots):
-        if n.op in (Op.SCAN, Op.SORT, Op.TOPK):
+        if n.op in (Op.SCAN, Op.SORT):
             missing.add(n.op.name.lower())
     return sorted(missing)
 

@@ -250,6 +250,43 @@ class ValueRules:
         self.unnest(depth)
         self.close()
 
+    def topk(self, nm: str, n: Node) -> str:
+        """Both results of a topk, by ``k`` passes of selection per row: each
+        takes the largest value left (NaN first) at the lowest index holding
+        it. Returns ``n``'s array; the sibling's is left for the other TOPK node."""
+        x = n.src[0]
+        axis, k, new_axis, part = n.arg
+        done = self.names.pop(("topk", id(x), axis, k, part), None)
+        if done is not None:
+            return done
+        ct, b = _CT[x.dtype], self.block(self.tile(x, axis))
+        rows = tuple(a for a in self.tdims(x) if a != axis)
+        vals, ids = f"{nm}_v", f"{nm}_i"
+        self.declare(vals, n)
+        self.declare(ids, n, "int32_t")
+        self.line("// topk: k passes, each the largest value left (NaN first), lowest index first")
+        self.open("")
+        depth = self.nest(rows, [self.block(self.tile(x, a)) for a in rows], simd=False)
+        self.line(f"bool kf_taken[{b}] = {{}};")
+        self.open(f"for (int i_{new_axis} = 0; i_{new_axis} < {k}; ++i_{new_axis})")
+        self.line(f"{ct} kf_best = 0; int32_t kf_at = -1;")
+        self.open(f"for (int i_{axis} = 0; i_{axis} < {b}; ++i_{axis})")
+        self.line(f"const {ct} kf_x = {self.ex(x)};")
+        valid = " & ".join(self.mask(x, self.tdims(x), axes=(axis,)) + [f"!kf_taken[i_{axis}]"])
+        self.open(f"if ({valid} & (kf_at < 0 || kf_x > kf_best || "
+                  "(kf_x != kf_x && kf_best == kf_best)))")
+        self.line(f"kf_best = kf_x; kf_at = i_{axis};")
+        self.close()
+        self.close()
+        self.line("if (kf_at >= 0) kf_taken[kf_at] = true;")
+        self.line(f"{vals}[{self.lin(n)}] = kf_best; {ids}[{self.lin(n)}] = kf_at;")
+        self.close()
+        self.unnest(depth)
+        self.close()
+        other = "indices" if part == "values" else "values"
+        self.names[("topk", id(x), axis, k, other)] = vals if other == "values" else ids
+        return vals if part == "values" else ids
+
     @staticmethod
     def rounded_value(d, e: str) -> str:
         r = _ROUND.get(d)

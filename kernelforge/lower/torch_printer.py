@@ -480,9 +480,26 @@ class _Printer:
             d = x.axes.index(n.arg[0])
             return f"torch.sort({self.name(x)}, dim={d}, descending={n.arg[1]}).values", False
         if op == Op.TOPK:
-            (x,) = n.src
-            d = x.axes.index(n.arg[0])
-            return f"torch.topk({self.name(x)}, {n.arg[1]}, dim={d}).values", False
+            # a stable descending sort: NaN first, ties in index order (torch.topk
+            # documents no order for ties)
+            x = n.src[0]
+            axis, kk, new_axis, part = n.arg
+            d = x.axes.index(axis)
+            key = f"torch.sort({self.name(x)}, dim={d}, descending=True, stable=True)"
+            hit = self.cse.get(key)
+            if hit is None:
+                nm = f"v{self.count}"
+                self.count += 1
+                self.out.src(n.loc)
+                self.out.line(f"{nm} = {key}")
+                hit = self.cse[key] = (nm, False, id(x) in self.reads_memory)
+            e = f"{hit[0]}.{part}[{', '.join([':'] * d + [f':{kk}'])}]"
+            if part == "indices":
+                e = f"{e}.to(torch.int32)"
+            natural = tuple(new_axis if a == axis else a for a in x.axes)
+            if natural != n.axes:
+                e = f"{e}.permute({', '.join(str(natural.index(a)) for a in n.axes)})"
+            return e, False
         if op == Op.DOT:
             a, b = n.src
             letters = {ax: chr(ord("a") + i) for i, ax in enumerate(self.k.axes)}

@@ -144,8 +144,6 @@ class _Printer(LoopPrinting, DotPrinting):
 
     # -- tiles ------------------------------------------------------------------
     def block(self, t: Node) -> int:
-        if t.op == Op.TOPK:
-            return next_pow2(t.arg[1])
         axis, kind = t.arg[0], t.arg[1]
         size = self.k.axes[axis].size
         if kind == "parallel":
@@ -163,8 +161,6 @@ class _Printer(LoopPrinting, DotPrinting):
     def padded(self, t: Node) -> bool:
         if id(t) in self.unmasked:
             return False
-        if t.op == Op.TOPK:
-            return t.arg[1] != self.block(t)
         if self.bounded(t):
             return True
         size, b = self.k.axes[t.arg[0]].size, self.block(t)
@@ -368,6 +364,52 @@ class _Printer(LoopPrinting, DotPrinting):
             e = f"tl.where({self.tile_mask(t, axis, want)}, {e}, {fill})"
         return e
 
+    def topk(self, n: Node) -> str:
+        """Both results of a topk, by ``k`` passes of selection: each takes the
+        largest value left (NaN first), at the lowest index holding it. The
+        sibling result (values or indices) is left for the other TOPK node."""
+        x = n.src[0]
+        axis, k, new_axis, part = n.arg
+        done = self.names.pop(("topk", id(x), axis, k, part), None)
+        if done is not None:
+            return done
+        nm, xd, od = self.pending, self.tdims(x), self.tdims(n)
+        rows = tuple(a for a in xd if a != axis)
+        d = xd.index(axis)
+        t = self.an.tiles(x)[axis]
+        xe = self.name(x)
+        shape = ", ".join(str(self.block(self.an.tiles(n)[a])) for a in od)
+        xshape = ", ".join(str(self.block(self.an.tiles(x)[a])) for a in xd)
+        pos = expand(f"{self.name(t)}.to(tl.int32)", (axis,), xd)
+        left = self.tile_mask(t, axis, xd) if self.padded(t) else None
+        p = expand(f"{nm}_p", rows, xd)
+        slot = f"{expand(self.name(self.an.tiles(n)[new_axis]), (new_axis,), od)} == {nm}_j"
+        self.helpers.update((_COMBINE["max"], _COMBINE["min"], _INTERPRET_FLAG,
+                             _MINMAX_REDUCE["max"], _MINMAX_REDUCE["min"]))
+        o = self.out
+        o.line(f"# topk: {k} passes, each the largest value left (NaN first), lowest index first")
+        o.line(f"{nm}_pos = tl.full([{xshape}], 0, tl.int32) + {pos}")
+        o.line(f"{nm}_left = tl.full([{xshape}], True, tl.int1)" +
+               (f" & {left}" if left else ""))
+        o.line(f"{nm}_v = tl.full([{shape}], 0, {x.dtype.triton})")
+        o.line(f"{nm}_i = tl.full([{shape}], 0, tl.int32)")
+        o.line(f"for {nm}_j in tl.static_range({k}):")
+        o.indent()
+        o.line(f"{nm}_m = _max_reduce(tl.where({nm}_left, {xe}, {identity('max', x.dtype)}), {d})")
+        # (the max as a block: a 0-d bool broadcast fails in the interpreter)
+        o.line(f"{nm}_mb = tl.full([{xshape}], 0, {x.dtype.triton}) + "
+               f"{expand(f'{nm}_m', rows, xd)}")
+        o.line(f"{nm}_hit = {nm}_left & (({xe} == {nm}_mb) | (({xe} != {xe}) & "
+               f"({nm}_mb != {nm}_mb)))")
+        o.line(f"{nm}_p = _min_reduce(tl.where({nm}_hit, {nm}_pos, {2 ** 31 - 1}), {d})")
+        o.line(f"{nm}_v = tl.where({slot}, {expand(f'{nm}_m', rows, od)}, {nm}_v)")
+        o.line(f"{nm}_i = tl.where({slot}, {expand(f'{nm}_p', rows, od)}, {nm}_i)")
+        o.line(f"{nm}_left = {nm}_left & ({nm}_pos != {p})")
+        o.dedent()
+        other = "indices" if part == "values" else "values"
+        self.names[("topk", id(x), axis, k, other)] = f"{nm}_{other[0]}"
+        return f"{nm}_{part[0]}"
+
     def expr(self, n: Node) -> str:
         op = n.op
         want = self.tdims(n)
@@ -418,18 +460,14 @@ class _Printer(LoopPrinting, DotPrinting):
             e = self.masked(x, axis, identity(kind, x.dtype))
             self.helpers.add(_COMBINE[kind])
             return f"tl.associative_scan({e}, {d}, _{kind}_combine)"
-        if op in (Op.SORT, Op.TOPK):
+        if op == Op.SORT:
             (x,) = n.src
-            axis = n.arg[0]
+            axis, desc = n.arg
             d = self.tdims(x).index(axis)
-            desc = op == Op.TOPK or n.arg[1]
             e = self.masked(x, axis, identity("max" if desc else "min", x.dtype))
-            if op == Op.SORT:
-                return f"tl.sort({e}, dim={d}, descending={bool(desc)})"
-            if n.arg[1] & (n.arg[1] - 1):
-                raise KernelError(f"the Triton lowering needs a power-of-two k for topk, "
-                                  f"got {n.arg[1]}", n.loc)
-            return f"tl.topk({e}, {n.arg[1]}, dim={d})"
+            return f"tl.sort({e}, dim={d}, descending={bool(desc)})"
+        if op == Op.TOPK:
+            return self.topk(n)
         if op == Op.DOT:
             return self.dot(n, *n.src, n.arg)
         if op == Op.NOT:
