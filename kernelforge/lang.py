@@ -378,10 +378,15 @@ reciprocal = _unary(Op.RECIP, "1/x")
 
 
 def maximum(a, b) -> Value:
+    """The larger of ``a`` and ``b`` per lane; NaN where either is NaN (as
+    ``torch.maximum``), on every lowering. Python's ``max(v, 0.0)`` on a value
+    is refused: write ``kl.maximum(v, 0.0)``."""
     return elementwise(Op.MAX, a, b)
 
 
 def minimum(a, b) -> Value:
+    """The smaller of ``a`` and ``b`` per lane; NaN where either is NaN (as
+    ``torch.minimum``), on every lowering."""
     return elementwise(Op.MIN, a, b)
 
 
@@ -399,9 +404,28 @@ def _reduce(kind: str):
         return Value(node(Op.REDUCE, out, tuple(a for a in x.axes if a != axis), (x.node,),
                           (axis, kind)))
     f.__name__ = kind
-    f.__doc__ = (f"{kind} of ``x`` along ``axis`` (removing it). Padded lanes hold the "
-                 f"identity of {kind}, so they never change the result.")
+    f.__doc__ = _REDUCE_DOCS[kind] + (" Padded and masked lanes hold the identity, so they "
+                                      "never change the result; every lowering agrees.")
     return f
+
+
+_REDUCE_DOCS = {
+    "sum": "Sum of ``x`` along ``axis`` (removing it).",
+    "max": "Largest value of ``x`` along ``axis`` (removing it); NaN if any lane is NaN "
+           "(as ``torch.amax``). On bool values: any.",
+    "min": "Smallest value of ``x`` along ``axis`` (removing it); NaN if any lane is NaN "
+           "(as ``torch.amin``). On bool values: all.",
+    "argmax": "Position (i32) along ``axis`` of the largest value of ``x``, removing the "
+              "axis. Ties go to the lowest index; a NaN counts as the largest value, so a "
+              "row holding NaNs gives the first NaN's index (as ``torch.argmax``). Over a "
+              "seq_for tile it is the position along the whole axis among the chunk's "
+              "lanes; a fold over chunks keeps the rule if it takes a chunk's result when "
+              "that is NaN and the carried one is not, when it is larger, or when it is "
+              "equal (or both NaN) at a lower index.",
+    "argmin": "Position (i32) along ``axis`` of the smallest value of ``x``, removing the "
+              "axis. Ties go to the lowest index; a NaN counts as the smallest value, so a "
+              "row holding NaNs gives the first NaN's index (as ``torch.argmin``).",
+}
 
 
 sum = _reduce("sum")  # noqa: A001

@@ -66,10 +66,13 @@ _TABLE = {
     Op.MULHI: "_mulhi_u32({0}, {1})", Op.WHERE: "torch.where({0}, {1}, {2})",
 }
 # The same ops on Python scalars (values that vary along no axis and come
-# only from literals, sizes and scalar parameters).
+# only from literals, sizes and scalar parameters). max/min propagate NaN as
+# torch.maximum does (Python's max(0.5, nan) is 0.5).
 _PY_TABLE = {
     Op.EXP: "math.exp({0})", Op.LOG: "math.log({0})", Op.SQRT: "math.sqrt({0})",
-    Op.RSQRT: "(1.0 / math.sqrt({0}))", Op.MAX: "max({0}, {1})", Op.MIN: "min({0}, {1})",
+    Op.RSQRT: "(1.0 / math.sqrt({0}))",
+    Op.MAX: "({0} if {0} != {0} or {0} > {1} else {1})",
+    Op.MIN: "({0} if {0} != {0} or {0} < {1} else {1})",
     Op.ABS: "abs({0})", Op.WHERE: "({1} if {0} else {2})", Op.NOT: "(~{0})",
     Op.IDIV: "_idiv({0}, {1})", Op.MOD: "({0} - {1} * _idiv({0}, {1}))",
 }

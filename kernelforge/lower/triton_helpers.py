@@ -18,14 +18,18 @@ def _max_combine(a, b):
     "min": '''@triton.jit
 def _min_combine(a, b):
     return tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)''',
+    # as torch.argmax/argmin: NaN wins (the first NaN), ties go to the lower index
     "argmax": '''@triton.jit
 def _argmax_combine(v1, i1, v2, i2):
-    # ties go to the lower index, as torch.argmax does
-    take1 = (v1 > v2) | ((v1 == v2) & (i1 < i2))
+    nan1 = v1 != v1
+    tie = (v1 == v2) | (nan1 & (v2 != v2))
+    take1 = (v1 > v2) | (nan1 & (v2 == v2)) | (tie & (i1 < i2))
     return tl.where(take1, v1, v2), tl.where(take1, i1, i2)''',
     "argmin": '''@triton.jit
 def _argmin_combine(v1, i1, v2, i2):
-    take1 = (v1 < v2) | ((v1 == v2) & (i1 < i2))
+    nan1 = v1 != v1
+    tie = (v1 == v2) | (nan1 & (v2 != v2))
+    take1 = (v1 < v2) | (nan1 & (v2 == v2)) | (tie & (i1 < i2))
     return tl.where(take1, v1, v2), tl.where(take1, i1, i2)''',
 }
 

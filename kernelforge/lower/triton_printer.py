@@ -447,7 +447,8 @@ class _Printer(LoopPrinting, DotPrinting):
                 t = self.an.tiles(x)[axis]
                 idx = expand(self.name(t) if t.op == Op.RANGE else f"tl.arange(0, {self.block(t)})",
                              (axis,), self.tdims(x))
-                idx = f"tl.broadcast_to({idx}.to(tl.int32), {e}.shape)"
+                shape = ", ".join(str(self.block(self.an.tiles(x)[a])) for a in self.tdims(x))
+                idx = f"tl.full([{shape}], 0, tl.int32) + {idx}.to(tl.int32)"
                 return f"tl.reduce(({e}, {idx}), {d}, _{kind}_combine)[1]"
             if kind in _MINMAX_REDUCE and d is not None:
                 self.helpers.update((_INTERPRET_FLAG, _MINMAX_REDUCE[kind]))
