@@ -95,10 +95,11 @@ def attention_kernel(softcap: bool, block_q: int = 16, round_p: bool = False) ->
 
 
 def paged_step(q, key_cache, value_cache, block_tables, seq_idx, t, hk, scale, cap, softcap,
-               round_p=False):
-    """The online-softmax step over key positions ``n`` of token ``t``'s
-    sequence, read through its block table, for the group of query heads of
-    kv head ``hk`` (shared by the paged kernel and its split-key form);
+               round_p=False, axis="N", offset=None):
+    """The online-softmax step over the keys of token ``t``'s sequence, read
+    through its block table, for the group of query heads of kv head ``hk``
+    (shared by the paged kernel and its split-key form). The loop walks
+    ``axis``; its index plus ``offset`` (None: 0) is the key position.
     ``round_p`` rounds p to the cache's 16-bit type before p.v."""
     g, d = kl.tile("G"), kl.tile("D")
     b = kl.load(seq_idx[t])
@@ -106,15 +107,16 @@ def paged_step(q, key_cache, value_cache, block_tables, seq_idx, t, hk, scale, c
     block_size = kl.size("BS")
 
     def step(n, m_i, l_i, acc):
-        block = kl.load(block_tables[b, n // block_size])
-        row = n % block_size
+        pos = n if offset is None else n + offset
+        block = kl.load(block_tables[b, pos // block_size])
+        row = pos % block_size
         kn = kl.load(key_cache[block, row, hk, d]).to(kl.f32)
         s = _cap(kl.sum(qv * kn, "D") * scale, cap, softcap)           # [G, N]
-        m_new, l_new, p, alpha = lib.online_softmax_step(m_i, l_i, s, "N")
+        m_new, l_new, p, alpha = lib.online_softmax_step(m_i, l_i, s, axis)
         vn = kl.load(value_cache[block, row, hk, d]).to(kl.f32)
         if round_p:
             p = p.to(value_cache.dtype).to(kl.f32)
-        return m_new, l_new, acc * alpha + kl.sum(p * vn, "N")           # [G, D]
+        return m_new, l_new, acc * alpha + kl.sum(p * vn, axis)          # [G, D]
 
     return step
 
@@ -493,11 +495,11 @@ def paged_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch
                         NewTensor(qg.shape, q.dtype, q.device), *scalars, backend=backend)
     else:
         f32, dev = torch.float32, q.device
-        part = launch(attention_split.paged_split_kernel(softcap is not None, rp), *args,
+        split = plan.split_length(-(-mb * bs // splits), dev)
+        part = launch(attention_split.paged_split_kernel(softcap is not None, rp),
+                      *args[:-1], split, NewTensor((T, hkv, splits, G), f32, dev),
                       NewTensor((T, hkv, splits, G), f32, dev),
-                      NewTensor((T, hkv, splits, G), f32, dev),
-                      NewTensor((T, hkv, splits, G, D), f32, dev), *scalars,
-                      -(-mb * bs // splits), backend=backend)
+                      NewTensor((T, hkv, splits, G, D), f32, dev), *scalars, backend=backend)
         (out,) = launch(attention_split.paged_combine_kernel, *part,
                         NewTensor(qg.shape, q.dtype, dev), backend=backend)
     return out.view(T, hkv * G, D)

@@ -50,10 +50,15 @@ class PagedAttentionPlan:
         """An int32 tensor of ``n`` entries, kept: the kernel reads only its
         length (an expanded stride-0 view would be copied by a lowering that
         wants a contiguous last dim, on every call)."""
-        if self._context is None or self._context.shape[0] != n \
-                or self._context.device != device:
-            self._context = torch.empty(n, dtype=torch.int32, device=device)
-        return self._context
+        key = (n, device)
+        if key not in self._context:
+            if len(self._context) > 8:        # (a few lengths per step: context, split)
+                self._context.clear()
+            self._context[key] = torch.empty(n, dtype=torch.int32, device=device)
+        return self._context[key]
+
+    #: the split kernel's ``split`` argument: only its length (keys per split) is read
+    split_length = context
 
     def key_ranges(self, num_tokens: int, device):
         """(sequence, first key, end key) per query row, int32, computed once."""
@@ -122,5 +127,5 @@ def build(block_tables, seq_lens, query_start_loc, causal, window, check_tables,
     p.qsl, p.qsl_host, p.lens, p.q_lens = qsl, host, seq_lens.to(torch.int64), qsl.diff()
     p.tables = block_tables if block_tables.dtype == torch.int32 else \
         block_tables.to(torch.int32)
-    p.rows, p.checked, p._context = None, set(), None
+    p.rows, p.checked, p._context = None, set(), {}
     return p

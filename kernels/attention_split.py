@@ -28,29 +28,33 @@ ROWS = ("T", "HK", "S", "G")
 @kernel_factory
 def paged_split_kernel(softcap: bool, round_p: bool = False) -> kl.KernelDef:
     """Partial attention over split ``s`` of each row's keys: keys
-    ``[lo + s * split_len, min(hi, lo + (s + 1) * split_len))``; ``round_p``
-    as in ``paged_attention_kernel``."""
+    ``[lo + s * L, min(hi, lo + (s + 1) * L))`` with ``L`` the length of
+    ``split`` (the split length); ``round_p`` as in ``paged_attention_kernel``."""
 
     def attention_paged_split(q: kl.In("T", "HK", "G", "D"),
                               key_cache: kl.In("NB", "BS", "HK", "D"),
                               value_cache: kl.In("NB", "BS", "HK", "D"),
                               block_tables: kl.In("B", "MB"), seq_idx: kl.In("T"),
                               key_lo: kl.In("T"), key_hi: kl.In("T"),
-                              context: kl.In("N"),   # only its length is read: MB * BS positions
+                              split: kl.In("L"),     # only its length is read: keys per split
                               m_out: kl.Out("T", "HK", "S", "G"),
                               l_out: kl.Out("T", "HK", "S", "G"),
                               acc_out: kl.Out("T", "HK", "S", "G", "D"),
-                              scale: kl.f32, cap: kl.f32, split_len: kl.i32):
+                              scale: kl.f32, cap: kl.f32):
         t, hk, s = kl.parallel("T"), kl.parallel("HK"), kl.parallel("S")
-        step = paged_step(q, key_cache, value_cache, block_tables, seq_idx, t, hk, scale, cap,
-                          softcap, round_p)
-        g, d = kl.tile("G"), kl.tile("D")
         hi = kl.load(key_hi[t])
-        start = kl.minimum(kl.load(key_lo[t]) + s * split_len, hi)
-        stop = kl.minimum(start + split_len, hi)
+        start = kl.minimum(kl.load(key_lo[t]) + s * kl.size("L"), hi)
+        count = kl.minimum(hi - start, kl.size("L"))
+        # the loop walks the split's own keys (start + j, j < count): every
+        # value in it varies along S, so each split's lanes are masked by its
+        # own range (a walk over all positions with a per-split range let the
+        # torch lowerings take the max of scores outside it)
+        step = paged_step(q, key_cache, value_cache, block_tables, seq_idx, t, hk, scale, cap,
+                          softcap, round_p, axis="L", offset=start)
+        g, d = kl.tile("G"), kl.tile("D")
         init = (kl.full(float("-inf"), kl.f32, *ROWS), kl.zeros(kl.f32, *ROWS),
                 kl.zeros(kl.f32, *ROWS, "D"))
-        m_i, l_i, acc = kl.seq_for("N", step, init=init, start=start, stop=stop)
+        m_i, l_i, acc = kl.seq_for("L", step, init=init, stop=count)
         kl.store(m_out[t, hk, s, g], m_i)
         kl.store(l_out[t, hk, s, g], l_i)
         kl.store(acc_out[t, hk, s, g, d], acc)
@@ -63,7 +67,7 @@ def paged_split_kernel(softcap: bool, round_p: bool = False) -> kl.KernelDef:
                      examples=({"HK": 8, "G": 4, "D": 128, "BS": 16, "S": 16},
                                {"HK": 8, "G": 1, "D": 64, "BS": 32, "S": 4}),
                      example_dtypes={"block_tables": kl.i32, "seq_idx": kl.i32,
-                                     "key_lo": kl.i32, "key_hi": kl.i32, "context": kl.i32,
+                                     "key_lo": kl.i32, "key_hi": kl.i32, "split": kl.i32,
                                      "m_out": kl.f32, "l_out": kl.f32, "acc_out": kl.f32})
 
 

@@ -208,6 +208,31 @@ def test_split_keys_match_float64(backend, splits):
               rounded(None, dtype, backend))
 
 
+@pytest.mark.parametrize("backend,splits", [(b, n) for b in BACKENDS for n in (1, 2, 3, 16)])
+def test_splits_see_only_their_keys(backend, splits):
+    """Each split of a row attends over its own keys only. Keys no row of
+    their sequence sees (left of every window) get scores ~100 above the
+    visible ones: a split that took its running max over them would
+    underflow every visible weight (the torch lowerings did: 1130 of 1280
+    outputs off by up to 3.1). Contexts shorter than the splits, an empty
+    sequence, 4-token blocks (the failing report's shape), causal, window 3."""
+    g = torch.Generator().manual_seed(5)
+    hkv, group, D, dtype, bs = (2, 2, 64, torch.float32, 16) if backend == "inductor" else \
+        (1, 2, 64, torch.bfloat16, 4)
+    k_lens, q_lens, window = [16, 13, 1, 0, 40], [2, 2, 1, 0, 5], 3
+    q = randn((sum(q_lens), hkv * group, D), dtype, g)
+    k, v = (randn((sum(k_lens), hkv, D), dtype, g) for _ in range(2))
+    start = 0
+    for ql, kn in zip(q_lens, k_lens):
+        k[start:start + max(0, kn - ql - window)] *= 100
+        start += kn
+    kc, vc, tables, lens = scatter_to_pages(k, v, k_lens, bs, g)
+    ref = reference.attention(q, k, v, cu(q_lens), cu(k_lens), D ** -0.5, window=window)
+    out = kernelforge.ops.paged_attention(q, kc, vc, tables, lens, cu(q_lens), window=window,
+                                          splits=splits, round_p=False, backend=backend)
+    check(out, ref, dtype, f"splits={splits} hidden keys scored high [{backend}]")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_mixed_decode_and_chunked_prefill_batch(backend):
     """One call serves decode rows and chunked-prefill rows that attend to
