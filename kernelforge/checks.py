@@ -2,6 +2,8 @@
 argument, what was expected and what was given."""
 from __future__ import annotations
 
+import struct
+
 import torch
 
 from . import config
@@ -92,3 +94,95 @@ def no_host_check_inline(op: str, arg: str, value: bool) -> None:
         fail(op, arg, "False when the op is traced into a compiled graph "
              "(kernelforge.config.inline()): the check reads values on the host; "
              "check them before the graph", repr(value))
+
+
+_F32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def fp32_number(op: str, arg: str, v, positive: bool = False, low=None, high=None) -> None:
+    """A Python number that a kernel reads as fp32: finite there (10**400 or
+    1e300 are not), > 0 after rounding when ``positive`` (1e-50 is 0 in fp32),
+    and within ``[low, high]`` when given."""
+    want = ("a finite number > 0 within float32's range" if positive else
+            "a finite number within float32's range") + " (|v| <= 3.4e38)"
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        fail(op, arg, want, repr(v))
+    if isinstance(v, int) and abs(v) > _F32_MAX:
+        fail(op, arg, want, repr(v))
+    f = float(v)
+    if f != f or abs(f) > _F32_MAX:
+        fail(op, arg, want, repr(v))
+    if positive and not struct.unpack("f", struct.pack("f", f))[0] > 0:
+        fail(op, arg, "a number > 0 (and > 0 once rounded to float32)", repr(v))
+    if (low is not None and f < low) or (high is not None and f > high):
+        fail(op, arg, f"a number in [{low}, {high}]", repr(v))
+
+
+def integer(op: str, arg: str, v, low=None, high=None, why: str = "") -> None:
+    """A Python int (not a bool) in ``[low, high]``."""
+    if not isinstance(v, int) or isinstance(v, bool):
+        fail(op, arg, "an int" + why, repr(v))
+    if (low is not None and v < low) or (high is not None and v > high):
+        lo = "" if low is None else f">= {low}"
+        hi = "" if high is None else f"<= {high}"
+        fail(op, arg, f"an int {' and '.join(x for x in (lo, hi) if x)}{why}", repr(v))
+
+
+def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors share a memory location. Exact for tensors of the
+    same strides (q and k sliced from one fused qkv tensor are disjoint),
+    conservative otherwise (intersecting byte ranges count as overlap)."""
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device or a.device.type == "meta":
+        return False
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    if a is b:
+        return True
+    lo_a, hi_a = _extent(a)
+    lo_b, hi_b = _extent(b)
+    if hi_a <= lo_b or hi_b <= lo_a:
+        return False
+    if a.stride() != b.stride() or a.element_size() != b.element_size() or \
+            (b.storage_offset() - a.storage_offset()) * a.element_size() != \
+            b.data_ptr() - a.data_ptr():
+        return True
+    dims = sorted(((s, na, nb) for s, na, nb in zip(a.stride(), a.shape, b.shape)
+                   if s and (na > 1 or nb > 1)), reverse=True)
+    return _reachable(b.storage_offset() - a.storage_offset(), dims)
+
+
+def _extent(t: torch.Tensor) -> tuple[int, int]:
+    span = sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+    start = t.data_ptr()
+    return start, start + (span + 1) * t.element_size()
+
+
+def _reachable(delta: int, dims: list) -> bool:
+    """Whether ``delta = sum_k s_k d_k`` for some ``d_k`` in ``[-(nb_k-1), na_k-1]``
+    (an element of one tensor at the offset of one of the other). Exact when
+    each stride exceeds the span of the smaller ones, conservative otherwise."""
+    if not dims:
+        return delta == 0
+    (s, na, nb), rest = dims[0], dims[1:]
+    hi = sum(r * (n - 1) for r, n, _ in rest)
+    lo = -sum(r * (m - 1) for r, _, m in rest)
+    if hi - lo >= s:
+        return True                      # strides that interleave: not decided exactly
+    first = max(-(nb - 1), -((-(delta - hi)) // s))
+    last = min(na - 1, (delta - lo) // s)
+    return any(_reachable(delta - d * s, rest) for d in range(first, last + 1))
+
+
+def no_overlap(op: str, arg: str, t: torch.Tensor, others) -> None:
+    """``t`` (written by the op) shares no memory with any of ``others``
+    (``(name, tensor or None)`` pairs)."""
+    for name, o in others:
+        if isinstance(o, torch.Tensor) and overlaps(t, o):
+            fail(op, arg, f"memory of its own (the op writes it while reading `{name}`)",
+                 f"a tensor that overlaps `{name}`")
+
+
+def no_overlap_among(op: str, written, tensors) -> None:
+    """Each tensor the op writes in place overlaps no other tensor argument."""
+    for name, t in written:
+        no_overlap(op, name, t, [(n, o) for n, o in tensors if n != name])

@@ -1,98 +1,135 @@
-"""The gated activation of a SwiGLU MLP, written once in the kernel IR.
+"""The gated activations of transformer MLPs, written once in the kernel IR.
 
-    silu_and_mul(x) = silu(x[..., :d]) * x[..., d:]
+    silu_and_mul(x)      = silu(x[..., :d]) * x[..., d:]          (SwiGLU: Llama, Mistral, Qwen2)
+    gelu_tanh_and_mul(x) = gelu_tanh(x[..., :d]) * x[..., d:]     (GeGLU: Gemma)
 
-vLLM's ``silu_and_mul`` (Llama, Mistral, Qwen2 MLPs): the gate and up
-projections come out of one matmul as one [..., 2d] tensor, and this reads
-both halves and writes the product in one pass over memory, where eager torch
-makes three (silu, then the product). Rounding follows eager torch
-(``F.silu(gate) * up``): silu computed in fp32 and rounded to the input dtype,
-then the product computed in fp32 and rounded again, so a model that switches
-to this op keeps its numbers.
+vLLM's ops of those names: the gate and up projections come out of one
+matmul as one [..., 2d] tensor, and these read both halves and write the
+product in one pass over memory, where eager torch makes three. Rounding
+follows eager torch (``F.silu(gate) * up``, ``F.gelu(gate, approximate="tanh")
+* up``): the activation computed in fp32 with torch's formula, rounded to the
+input dtype, then the product computed in fp32 and rounded again. Results
+match torch's up to the fp32 ``exp``/``tanh`` of each lowering (a few ulp of
+fp32 before the final rounding; docs/tolerance.md).
 """
-from typing import Optional
+import math
 
 import torch
 
 import kernelforge.lang as kl
 from kernelforge import checks
-from kernelforge.backends import registry
-from kernelforge.dispatch import NewTensor, launch
+from kernelforge.dispatch import kernel_factory, launch
+from kernelforge.spec import Backend, Bad, Call, OpSpec, Out, Output, Tensor, resize_rows, rowwise
+
+_GELU_BETA = math.sqrt(2.0 / math.pi)
+_GELU_KAPPA = 0.044715
 
 
-@kl.kernel(static=("D",), examples=({"D": 1536}, {"D": 14336}))
-def silu_and_mul_fwd(gate: kl.In("M", "D"), up: kl.In("M", "D"), out: kl.Out("M", "D")):
-    m = kl.parallel("M")
-
-    def body(d):
-        g = kl.load(gate[m, d]).to(kl.f32)
-        act = (g * kl.sigmoid(g)).to(out.dtype).to(kl.f32)     # F.silu's rounding
-        kl.store(out[m, d], (act * kl.load(up[m, d]).to(kl.f32)).to(out.dtype))
-
-    kl.seq_for("D", body)
+def _silu(g):
+    return g / (1.0 + kl.exp(-g))                       # torch's formula
 
 
-def _impl(x: torch.Tensor, out: Optional[torch.Tensor], backend: Optional[str]) -> torch.Tensor:
-    d = x.shape[-1] // 2
-    x2, _ = checks.rows(x)              # a copy at worst: only read
-    if out is None:
-        if not x2.shape[0]:
-            return torch.empty((*x.shape[:-1], d), dtype=x.dtype, device=x.device)
-        (y,) = launch(silu_and_mul_fwd, x2[:, :d], x2[:, d:],
-                      NewTensor((x2.shape[0], d), x.dtype, x.device), backend=backend)
-        return y.view(*x.shape[:-1], d)
-    out2, copied = checks.rows(out)
-    if x2.shape[0]:
-        launch(silu_and_mul_fwd, x2[:, :d], x2[:, d:], out2, backend=backend)
-    if copied:
-        out.copy_(out2.view(out.shape))
-    return out
+def _gelu_tanh(g):
+    inner = _GELU_BETA * (g + _GELU_KAPPA * (g * g * g))
+    return 0.5 * g * (1.0 + kl.tanh(inner))             # torch's formula and order
 
 
-def silu_and_mul(x: torch.Tensor, *, out: Optional[torch.Tensor] = None,
-                 backend: Optional[str] = None) -> torch.Tensor:
-    """``silu(x[..., :d]) * x[..., d:]``, the SwiGLU gate, in one pass.
-
-    Args:
-        x: [..., 2d] float32, bfloat16 or float16 (gate then up, as a fused
-            gate/up matmul writes them); the last dim contiguous and even.
-        out: optional [..., d] output, x's dtype.
-        backend: "eager", "inductor", "triton", "cpp" or None (chosen per device).
-    Returns:
-        [..., d] in x's dtype (``out`` when given).
-
-    Example:
-        >>> h = kernelforge.ops.silu_and_mul(x @ w_gate_up.T)   # [T, 2 * 1536] -> [T, 1536]
-    """
-    op = "silu_and_mul"
-    checks.tensor(op, "x", x)
-    checks.at_least_1d(op, "x", x)
-    checks.float_dtype(op, "x", x)
-    checks.last_dim_contiguous(op, "x", x)
-    if x.shape[-1] % 2:
-        checks.fail(op, "x", "an even last dim (gate and up halves)", f"shape {list(x.shape)}")
-    if out is not None:
-        checks.tensor(op, "out", out)
-        checks.shape(op, "out", out, (*x.shape[:-1], x.shape[-1] // 2),
-                     " (`x`'s shape with half its last dim)")
-        checks.same_dtype(op, "out", out, "x", x)
-        checks.same_device(op, "out", out, "x", x)
-        checks.last_dim_contiguous(op, "out", out)
-    if checks.opaque():
-        y = torch.ops.kernelforge.silu_and_mul(x, backend)
-        return y if out is None else out.copy_(y)
-    if not torch.compiler.is_compiling():
-        registry.select(x.device, backend)      # an unknown backend fails even for 0 rows
-    return _impl(x, out, backend)
+ACTIVATIONS = {"silu": _silu, "gelu_tanh": _gelu_tanh}
 
 
-# -- torch.library custom op: an opaque, compile-safe entry point for engines ---------
+@kernel_factory
+def gated_kernel(act: str) -> kl.KernelDef:
+    """``act(gate) * up`` row by row; ``act`` one of ACTIVATIONS."""
+    fn_act = ACTIVATIONS[act]
 
-@torch.library.custom_op("kernelforge::silu_and_mul", mutates_args=())
-def _silu_and_mul_op(x: torch.Tensor, backend: Optional[str]) -> torch.Tensor:
-    return _impl(x, None, backend)
+    def gated(gate: kl.In("M", "D"), up: kl.In("M", "D"), out: kl.Out("M", "D")):
+        m = kl.parallel("M")
+
+        def body(d):
+            g = kl.load(gate[m, d]).to(kl.f32)
+            a = fn_act(g).to(out.dtype).to(kl.f32)          # rounded as torch rounds it
+            kl.store(out[m, d], (a * kl.load(up[m, d]).to(kl.f32)).to(out.dtype))
+
+        kl.seq_for("D", body)
+
+    gated.__name__ = gated.__qualname__ = f"{act}_and_mul_fwd"
+    return kl.kernel(gated, static=("D",), examples=({"D": 1536}, {"D": 14336}))
 
 
-@_silu_and_mul_op.register_fake
-def _(x, backend):
-    return torch.empty((*x.shape[:-1], x.shape[-1] // 2), dtype=x.dtype, device=x.device)
+silu_and_mul_fwd = gated_kernel("silu")
+
+
+def _even_last(op, a):
+    if a.x.shape[-1] % 2:
+        checks.fail(op, "x", "an even last dim (gate and up halves)", f"shape {list(a.x.shape)}")
+
+
+def _half(a):
+    return (*a.x.shape[:-1], a.x.shape[-1] // 2)
+
+
+def reference(x, act: str = "silu"):
+    """act(gate) * up in float64, gate and up the halves of the last dim."""
+    g, u = x.double().chunk(2, dim=-1)
+    if act == "silu":
+        return g / (1 + torch.exp(-g)) * u
+    return 0.5 * g * (1 + torch.tanh(math.sqrt(2 / math.pi) * (g + 0.044715 * g ** 3))) * u
+
+
+def _samples(st, budget):
+    @st.composite
+    def draw(draw):
+        d = draw(budget.sizes([1, 7, 1536], st.integers(1, 3000)))
+        dtype = draw(st.sampled_from(budget.dtypes))
+        lead = budget.lead_dims(draw)
+        seed = draw(st.integers(0, 2 ** 31 - 1))
+        scale = draw(st.sampled_from([1e-2, 1.0, 8.0]))
+        strided = draw(st.booleans())
+        x = budget.tensor((*lead, 2 * d), dtype, seed, scale, strided)
+        return Call(dict(x=x), f"{list(x.shape)} {dtype} strided={strided}")
+    return draw()
+
+
+def _bench():
+    def make(device, dtype, rows, d):
+        return Call(dict(x=torch.randn(rows, 2 * d, device=device).to(dtype)), f"{rows}x{d}")
+    return tuple((f"{r}x{d}", lambda device, dtype, r=r, d=d: make(device, dtype, r, d))
+                 for r, d in ((1, 1536), (32, 1536), (256, 14336)))
+
+
+def _cost(a):
+    n = a.x.numel()
+    return (n + n // 2) * a.x.element_size(), 3 * n
+
+
+def _spec(act: str, doc: str, vllm: str) -> OpSpec:
+    return OpSpec(
+        f"{act}_and_mul", doc,
+        args=(Tensor("x", dims=(1, None), check=_even_last,
+                     doc="[..., 2d] float32, bfloat16 or float16 (gate then up, as a fused "
+                         "gate/up matmul writes them); the last dim contiguous and even"),
+              Out(doc="optional [..., d] output, x's dtype"), Backend()),
+        outputs=(Output("y", _half, "x", "[..., d] in x's dtype (``out`` when given)"),),
+        run=rowwise(lambda a, x, out: launch(gated_kernel(act), x[:, :x.shape[1] // 2],
+                                             x[:, x.shape[1] // 2:], out, backend=a.backend)),
+        kernels=lambda: (gated_kernel(act),),
+        example=f">>> h = kernelforge.ops.{act}_and_mul(x @ w_gate_up.T)   # [T, 2d] -> [T, d]",
+        reference=lambda a: (reference(a.x, act),),
+        samples=_samples,
+        bad=(Bad("odd last dim", lambda c: c.with_(x=c.kwargs["x"][..., :-1]),
+                 ("`x`", "even last dim")),
+             Bad("out overlapping x", lambda c: c.with_(
+                 out=c.kwargs["x"][..., :c.kwargs["x"].shape[-1] // 2]),
+                 ("`out`", "overlaps `x`"))),
+        bench=_bench(), cost=_cost, resize=resize_rows("x"), vllm=vllm)
+
+
+SILU_AND_MUL = _spec("silu", "``silu(x[..., :d]) * x[..., d:]``, the SwiGLU gate, in one pass.",
+                     "silu_and_mul(out, input)")
+GELU_TANH_AND_MUL = _spec(
+    "gelu_tanh", "``gelu(x[..., :d], approximate='tanh') * x[..., d:]``, the GeGLU gate "
+    "(Gemma), in one pass.", "gelu_tanh_and_mul(out, input)")
+
+silu_and_mul = SILU_AND_MUL.op
+gelu_tanh_and_mul = GELU_TANH_AND_MUL.op
+SPECS = (SILU_AND_MUL, GELU_TANH_AND_MUL)

@@ -13,14 +13,12 @@ as vLLM's CUDA kernel does. Its second pass recomputes the sum from the
 inputs instead of re-reading the stored one, so writing the results over
 ``x`` and ``residual`` (in place) never reads a value it has overwritten.
 """
-from typing import Optional
-
 import torch
 
 import kernelforge.lang as kl
-from kernelforge import checks
-from kernelforge.backends import registry
-from kernelforge.dispatch import NewTensor, launch
+from kernelforge.dispatch import launch
+from kernelforge.spec import (Backend, Bad, Bool, Call, Float, OpSpec, Out, Output, Tensor,
+                              resize_rows, rowwise)
 
 
 @kl.kernel(static=("N",), examples=({"N": 4096}, {"N": 16384}))
@@ -70,163 +68,135 @@ def fused_add_rms_norm_fwd(x: kl.In("M", "N"), r: kl.In("M", "N"),
     kl.seq_for("N", scale)
 
 
-# -- the public ops -------------------------------------------------------------
+# -- the specs -------------------------------------------------------------------------
 
-def _check(op: str, x, weight, eps, offset, backend):
-    checks.tensor(op, "x", x)
-    checks.tensor(op, "weight", weight)
-    checks.at_least_1d(op, "x", x)
-    checks.float_dtype(op, "x", x)
-    checks.float_dtype(op, "weight", weight)
-    checks.same_device(op, "weight", weight, "x", x)
-    checks.shape(op, "weight", weight, (x.shape[-1],), " (the last dim of `x`)")
-    checks.last_dim_contiguous(op, "x", x)
-    checks.last_dim_contiguous(op, "weight", weight)
-    checks.positive(op, "eps", eps)
-    checks.number(op, "offset", offset)
-    if not torch.compiler.is_compiling():    # (while tracing, the custom op checks it)
-        registry.select(x.device, backend)     # an unknown backend fails even for 0 rows
+def reference(x, weight, eps, offset=0.0):
+    """float64, from the formula."""
+    x64 = x.to(torch.float64)
+    ms = (x64 * x64).mean(dim=-1, keepdim=True)
+    return x64 / torch.sqrt(ms + eps) * (weight.to(torch.float64) + offset)
 
 
-def _rms_norm_impl(x, weight, eps, offset, out, backend):
-    x2, _ = checks.rows(x)
-    if out is None:    # let the backend allocate it (Inductor writes fresh buffers faster)
-        if not x2.shape[0]:
-            return torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        (y,) = launch(rms_norm_fwd, x2, weight, NewTensor(x2.shape, x.dtype, x.device),
-                      float(eps), float(offset), backend=backend)
-        return y.view(x.shape)
-    out2, copied = checks.rows(out)
-    if x2.shape[0]:
-        launch(rms_norm_fwd, x2, weight, out2, float(eps), float(offset), backend=backend)
-    if copied:
-        out.copy_(out2.view(out.shape))
-    return out
+def fused_reference(x, residual, weight, eps, offset=0.0):
+    """(normed, sum): the sum rounded to the input dtype (what the op returns)
+    and normalised as rounded."""
+    s = (x.to(torch.float64) + residual.to(torch.float64)).to(x.dtype)
+    return reference(s, weight, eps, offset), s
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, offset: float = 0.0,
-             out: Optional[torch.Tensor] = None, backend: Optional[str] = None) -> torch.Tensor:
-    """RMSNorm over the last dim: ``x / sqrt(mean(x**2) + eps) * (weight + offset)``.
-
-    Args:
-        x: [..., N] float32, bfloat16 or float16; rows may be strided, the
-            last dim must be contiguous.
-        weight: [N], any float dtype (read as fp32).
-        eps: added to the mean square; must be > 0.
-        offset: added to the weight; 1.0 gives Gemma's ``(1 + weight)``.
-        out: optional output, same shape and dtype as ``x``.
-        backend: "eager", "inductor", "triton" or None (chosen per device).
-    Returns:
-        the normalised tensor, in ``x``'s dtype (``out`` when given).
-
-    Example:
-        >>> x = torch.randn(4, 576); w = torch.ones(576)
-        >>> y = kernelforge.ops.rms_norm(x, w, 1e-6)
-    """
-    op = "rms_norm"
-    _check(op, x, weight, eps, offset, backend)
-    if out is not None:
-        checks.tensor(op, "out", out)
-        checks.shape(op, "out", out, tuple(x.shape), " (the shape of `x`)")
-        checks.same_dtype(op, "out", out, "x", x)
-        checks.same_device(op, "out", out, "x", x)
-        checks.last_dim_contiguous(op, "out", out)
-    if checks.opaque():
-        y = torch.ops.kernelforge.rms_norm(x, weight, float(eps), float(offset), backend)
-        return y if out is None else out.copy_(y)
-    return _rms_norm_impl(x, weight, eps, offset, out, backend)
+def _samples(st, budget, fused: bool):
+    @st.composite
+    def draw(draw):
+        n = draw(budget.sizes([1, 576, 4097, 16384], st.integers(1, 5000)))
+        dtype = draw(st.sampled_from(budget.dtypes))
+        lead = budget.lead_dims(draw)
+        strided = draw(st.booleans())
+        scale = draw(st.sampled_from([1e-3, 1.0, 50.0]))
+        w_dtype = draw(st.sampled_from([dtype, torch.float32]))
+        seed = draw(st.integers(0, 2 ** 31 - 1))
+        kw = dict(x=budget.tensor((*lead, n), dtype, seed, scale, strided),
+                  weight=budget.tensor((n,), w_dtype, seed + 1),
+                  eps=draw(st.one_of(st.sampled_from([1e-6, 1e-5]), st.floats(1e-8, 1.0))),
+                  offset=draw(st.one_of(st.sampled_from([0.0, 1.0]), st.floats(-1.0, 1.0))))
+        if fused:
+            kw["residual"] = budget.tensor((*lead, n), dtype, seed + 2, scale, strided)
+            kw["inplace"] = draw(st.booleans())
+        return Call(kw, f"{list(kw['x'].shape)} {dtype} strided={strided}")
+    return draw()
 
 
-def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                       eps: float = 1e-6, *, offset: float = 0.0, inplace: bool = False,
-                       backend: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Residual add then RMSNorm, in one pass over memory.
-
-    ``s = (x + residual)`` rounded to x's dtype; returns ``(rms_norm(s), s)``.
-
-    Args:
-        x, residual: [..., N], same shape and float dtype.
-        weight, eps, offset, backend: as in ``rms_norm``.
-        inplace: write the normalised rows into ``x`` and the sum into
-            ``residual`` and return them (vLLM's calling convention).
-    Returns:
-        ``(normed, x + residual)``.
-
-    Example:
-        >>> h, res = kernelforge.ops.fused_add_rms_norm(h, res, w, 1e-6, inplace=True)
-    """
-    op = "fused_add_rms_norm"
-    _check(op, x, weight, eps, offset, backend)
-    checks.tensor(op, "residual", residual)
-    checks.shape(op, "residual", residual, tuple(x.shape), " (the shape of `x`)")
-    checks.same_dtype(op, "residual", residual, "x", x)
-    checks.same_device(op, "residual", residual, "x", x)
-    checks.last_dim_contiguous(op, "residual", residual)
-    if checks.opaque():
-        if inplace:
-            torch.ops.kernelforge.fused_add_rms_norm_(x, residual, weight, float(eps),
-                                                      float(offset), backend)
-            return x, residual
-        return torch.ops.kernelforge.fused_add_rms_norm(x, residual, weight, float(eps),
-                                                        float(offset), backend)
-    return _fused_impl(x, residual, weight, eps, offset, inplace, backend)
+def _bench(fused: bool):
+    def make(device, dtype, rows, n):
+        x = torch.randn(rows, n, device=device).to(dtype)
+        kw = dict(x=x, weight=torch.randn(n, device=device).to(dtype), eps=1e-6)
+        if fused:
+            kw["residual"] = torch.randn_like(x)
+        return Call(kw, f"{rows}x{n}")
+    return tuple((f"{r}x{n}", lambda device, dtype, r=r, n=n: make(device, dtype, r, n))
+                 for r, n in ((1, 4096), (32, 4096), (4096, 4096), (64, 16384)))
 
 
-def _fused_impl(x, residual, weight, eps, offset, inplace, backend):
-    (x2, x_copied), (r2, r_copied) = checks.rows(x), checks.rows(residual)
-    if not inplace:    # let the backend allocate the outputs
-        if not x2.shape[0]:
-            return (torch.empty(x.shape, dtype=x.dtype, device=x.device),
-                    torch.empty(x.shape, dtype=x.dtype, device=x.device))
-        new = NewTensor(x2.shape, x.dtype, x.device)
-        out, res_out = launch(fused_add_rms_norm_fwd, x2, r2, weight, new, new, float(eps),
-                              float(offset), backend=backend)
-        return out.view(x.shape), res_out.view(x.shape)
-    # In place: the outputs are the inputs. Pass the very same tensor objects
-    # for aliased arguments, so torch.compile sees the aliasing (distinct views
-    # of one buffer look independent and let Inductor reorder a write before a
-    # read). Rows that cannot be viewed were copied: compute there, copy back.
-    if x2.shape[0]:
-        launch(fused_add_rms_norm_fwd, x2, r2, weight, x2, r2, float(eps), float(offset),
-               backend=backend)
-    if x_copied:
-        x.copy_(x2.view(x.shape))
-    if r_copied:
-        residual.copy_(r2.view(residual.shape))
-    return x, residual
+def _cost(a):
+    rows = a.x.numel() // max(a.x.shape[-1], 1)
+    tensors = 3 if a.__dict__.get("residual") is None else 5     # reads and writes of rows
+    return tensors * a.x.numel() * a.x.element_size() + a.weight.numel() * \
+        a.weight.element_size(), 4 * a.x.numel() + 2 * rows
 
 
-# -- torch.library custom ops: opaque, compile-safe entry points for engines ---------
-
-@torch.library.custom_op("kernelforge::rms_norm", mutates_args=())
-def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float,
-                 backend: Optional[str]) -> torch.Tensor:
-    return _rms_norm_impl(x, weight, eps, offset, None, backend)
-
-
-@_rms_norm_op.register_fake
-def _(x, weight, eps, offset, backend):
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
-
-
-@torch.library.custom_op("kernelforge::fused_add_rms_norm", mutates_args=())
-def _fused_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-              offset: float, backend: Optional[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    return _fused_impl(x, residual, weight, eps, offset, False, backend)
+_X = Tensor("x", dims=(1, None), doc="[..., N] float32, bfloat16 or float16; rows may be "
+            "strided, the last dim must be contiguous")
+_WEIGHT = Tensor("weight", shape=lambda a: (a.x.shape[-1],), why=" (the last dim of `x`)",
+                 doc="[N], any float dtype (read as fp32)")
+_EPS = Float("eps", default=1e-6, positive=True, doc="added to the mean square; > 0")
+_OFFSET = Float("offset", default=0.0, kw_only=True,
+                doc="added to the weight; 1.0 gives Gemma's ``(1 + weight)``")
+_BAD = (
+    Bad("weight of the wrong size", lambda c: c.with_(weight=c.kwargs["weight"][:-1]),
+        ("`weight`", "(the last dim of `x`)")),
+    Bad("weight of the wrong rank", lambda c: c.with_(weight=c.kwargs["weight"][None]),
+        ("`weight`",)),
+)
 
 
-@_fused_op.register_fake
-def _(x, residual, weight, eps, offset, backend):
-    return (torch.empty(x.shape, dtype=x.dtype, device=x.device),
-            torch.empty(x.shape, dtype=x.dtype, device=x.device))
+def _norm_rows(a, x, out):
+    return launch(rms_norm_fwd, x, a.weight, out, float(a.eps), float(a.offset),
+                  backend=a.backend)
 
 
-@torch.library.custom_op("kernelforge::fused_add_rms_norm_", mutates_args=("x", "residual"))
-def _fused_inplace_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                      eps: float, offset: float, backend: Optional[str]) -> None:
-    _fused_impl(x, residual, weight, eps, offset, True, backend)
+RMS_NORM = OpSpec(
+    "rms_norm",
+    "RMSNorm over the last dim: ``x / sqrt(mean(x**2) + eps) * (weight + offset)``,\n"
+    "computed in fp32 and stored in ``x``'s dtype.",
+    args=(_X, _WEIGHT, _EPS, _OFFSET, Out(), Backend()),
+    outputs=(Output("y", lambda a: a.x.shape, "x", "the normalised rows, ``x``'s shape and "
+                    "dtype (``out`` when given)"),),
+    run=rowwise(_norm_rows),
+    kernels=lambda: (rms_norm_fwd,),
+    example=">>> y = kernelforge.ops.rms_norm(x, w, 1e-6)",
+    reference=lambda a: (reference(a.x, a.weight, a.eps, a.offset),),
+    samples=lambda st, budget: _samples(st, budget, fused=False),
+    bad=_BAD, bench=_bench(False), cost=_cost, resize=resize_rows("x"),
+    vllm="rms_norm(out, input, weight, epsilon)",
+)
 
 
-@_fused_inplace_op.register_fake
-def _(x, residual, weight, eps, offset, backend):
-    return None
+def _fused_rows(a, x, r, out, r_out):
+    return launch(fused_add_rms_norm_fwd, x, r, a.weight, out, r_out, float(a.eps),
+                  float(a.offset), backend=a.backend)
+
+
+FUSED_ADD_RMS_NORM = OpSpec(
+    "fused_add_rms_norm",
+    "Residual add then RMSNorm, in one pass over memory: ``s = x + residual``\n"
+    "rounded to x's dtype; returns ``(rms_norm(s), s)``.",
+    args=(_X,
+          Tensor("residual", shape=lambda a: a.x.shape, why=" (the shape of `x`)",
+                 dtype_of="x", doc="[..., N], `x`'s shape and dtype"),
+          _WEIGHT, _EPS, _OFFSET,
+          Bool("inplace", default=False, kw_only=True, graph=False,
+               doc="write the normalised rows into ``x`` and the sum into ``residual`` "
+                   "and return them (vLLM's calling convention)"),
+          Backend()),
+    outputs=(Output("normed", lambda a: a.x.shape, "x", "``rms_norm(x + residual)``"),
+             Output("sum", lambda a: a.x.shape, "x", "``x + residual`` rounded to x's dtype")),
+    run=rowwise(_fused_rows, inputs=("x", "residual"),
+                inplace_of={"normed": "x", "sum": "residual"}),
+    kernels=lambda: (fused_add_rms_norm_fwd,),
+    inplace="inplace", mutates=("x", "residual"),
+    example=">>> h, res = kernelforge.ops.fused_add_rms_norm(h, res, w, 1e-6, inplace=True)",
+    reference=lambda a: fused_reference(a.x, a.residual, a.weight, a.eps, a.offset),
+    samples=lambda st, budget: _samples(st, budget, fused=True),
+    bad=_BAD + (
+        Bad("residual of another shape", lambda c: c.with_(residual=c.kwargs["residual"][..., :-1]),
+            ("`residual`", "(the shape of `x`)")),
+        Bad("residual of another dtype", lambda c: c.with_(
+            residual=c.kwargs["residual"].to(torch.float64)), ("`residual`", "float64")),
+        Bad("residual is x, in place", lambda c: c.with_(residual=c.kwargs["x"], inplace=True),
+            ("`x`", "overlaps `residual`"))),
+    bench=_bench(True), cost=_cost, resize=resize_rows("x", "residual"),
+    vllm="fused_add_rms_norm(input, residual, weight, epsilon) (in place)",
+)
+
+rms_norm = RMS_NORM.op
+fused_add_rms_norm = FUSED_ADD_RMS_NORM.op
+SPECS = (RMS_NORM, FUSED_ADD_RMS_NORM)

@@ -30,7 +30,28 @@ settings.register_profile(
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-BACKENDS = ("eager", "inductor", "triton", "cpp")
+#: the backends the op tests run on: ``--kf-backend`` (pytest_configure sets it),
+#: else every registered backend that runs on DEVICE, plug-ins included
+BACKENDS: tuple = ()
+
+
+def pytest_addoption(parser):
+    parser.addoption("--kf-backend", action="append", default=None, metavar="NAME",
+                     help="run the op tests on this backend only (repeat the flag or "
+                          "comma-separate names); default: every registered backend that "
+                          "runs on this device")
+
+
+def pytest_configure(config):
+    global BACKENDS
+    from kernelforge.backends import registry
+    known = registry.backends()
+    chosen = [b for v in (config.getoption("--kf-backend") or []) for b in v.split(",") if b]
+    unknown = [b for b in chosen if b not in known]
+    if unknown:
+        raise pytest.UsageError(f"--kf-backend: unknown backend(s) {unknown}; registered: "
+                                f"{sorted(known)}")
+    BACKENDS = tuple(chosen) or tuple(n for n, b in known.items() if b.can_run(DEVICE)[0])
 
 
 @pytest.fixture
