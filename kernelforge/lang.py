@@ -231,7 +231,13 @@ def seq_for(axis: str, body: Callable, init=(), *, start=None, stop=None):
             of the axis are visited. They may vary along parallel axes (a
             range per row, e.g. causal attention's keys); lanes outside a
             row's range are masked like padding: loads read 0, reductions see
-            their identity, stores are skipped.
+            their identity, stores are skipped. A value the rows share
+            (loaded without the row axes: keys for a block of query rows)
+            reads 0 outside every row's range (on Triton and C++: outside
+            the program's walk, from its rows' smallest start to their
+            largest stop); at a lane some rows see and others do not it
+            holds the real value for all of them, so there a NaN or inf
+            times another row's weight of 0 (``p.v`` in a dot) is NaN.
     Returns:
         the carried values after the last iteration (a tuple), or None.
 

@@ -108,6 +108,11 @@ def print_module(k, scalars_as_tensors: bool = False, returns: tuple[str, ...] =
                           returns=", ".join(f"{r}_result" for r in returns))
 
 
+def _is_load(x: Node) -> bool:
+    """A load, or a cast of one."""
+    return (x.src[0] if x.op == Op.CAST else x).op == Op.LOAD
+
+
 def _natural_order(index) -> tuple[str, ...]:
     """The axes a subscript yields, in the tensor's dim order."""
     return tuple(a for i in index for a in i.axes)
@@ -170,6 +175,7 @@ class _Printer:
         # bounded loops: loop id -> (mask name, its axes); lanes outside a
         # row's [start, stop) are masked like Triton's padding
         self.loop_masks: dict[int, tuple[str, tuple[str, ...]]] = {}
+        self.shared_masks: set[str] = set()     # loop masks reduced over rows (mask_on)
 
     # -- naming -------------------------------------------------------------------
     def name(self, n: Node) -> str:
@@ -291,7 +297,7 @@ class _Printer:
             # store may be reused after it
             self.cse = {e: v for e, v in self.cse.items() if not v[2]}
         self.out.src(s.loc)
-        masks = [(m, axes) for m, axes in self.bounded_masks(s)]
+        masks = [self.mask_on(m, axes, s.axes) for m, axes in self.bounded_masks(s)]
         if s.arg is not None:
             masks.append((self.name(s.arg), s.arg.axes))
         parts, gather = self.index(param.arg, index, s.axes, clamp=bool(masks))
@@ -383,9 +389,25 @@ class _Printer:
 
     def apply_masks(self, e: str, n: Node, fill: str, axis: str | None = None) -> str:
         for m, axes in self.bounded_masks(n, axis):
-            if all(a in n.axes for a in axes):   # (a value without the row axes can't be)
-                e = f"torch.where({expand(m, axes, n.axes)}, {e}, {fill})"
+            m, axes = self.mask_on(m, axes, n.axes)
+            e = f"torch.where({expand(m, axes, n.axes)}, {e}, {fill})"
         return e
+
+    def mask_on(self, m: str, axes: tuple, want: tuple) -> tuple[str, tuple]:
+        """Loop mask ``m`` (over ``axes``) for a value varying along ``want``:
+        a value the rows share (a key tile, without the query rows) is masked
+        where it is outside every row's range."""
+        keep = tuple(a for a in axes if a in want)
+        if keep == axes:
+            return m, axes
+        nm = f"{m}_{'_'.join(a.lower() for a in keep)}"
+        if nm not in self.shared_masks:
+            e = m
+            for d in sorted((i for i, a in enumerate(axes) if a not in want), reverse=True):
+                e = f"{e}.any(dim={d})"
+            self.out.line(f"{nm} = {e}")
+            self.shared_masks.add(nm)
+        return nm, keep
 
     # -- indexing -------------------------------------------------------------------
     def index(self, param, index, want, clamp: bool = False) -> tuple[list[str], bool]:
@@ -509,8 +531,8 @@ class _Printer:
             spec = (f"{''.join(letters[x] for x in a.axes)},{''.join(letters[x] for x in b.axes)}"
                     f"->{''.join(letters[x] for x in n.axes)}")
             acc = storage(n.dtype)
-            ea = self.apply_masks(self.name(a), a, "0", n.arg)
-            eb = self.apply_masks(self.name(b), b, "0", n.arg)
+            ea, eb = (self.name(x) if _is_load(x) else self.apply_masks(self.name(x), x, "0", n.arg)
+                      for x in (a, b))     # (masked loads read 0 already)
             return f"torch.einsum('{spec}', {ea}.to({acc}), {eb}.to({acc}))", False
         if op in _TABLE:
             if src_py and (op in _PY_TABLE or _TABLE[op].count("torch") == 0):

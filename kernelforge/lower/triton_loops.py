@@ -5,7 +5,7 @@ bounded loop split into its unmasked interior and masked edges
 from __future__ import annotations
 
 from ..ir.nodes import Node, Op
-from .codegen import expand, literal
+from .codegen import expand, identity, literal
 from .triton_helpers import COMBINE as _COMBINE
 
 
@@ -54,7 +54,11 @@ class LoopPrinting:
             self.out.line(f"{nm} = {dflt}")
         elif self.tdims(b_node):
             self.helpers.add(_COMBINE[red])
-            self.out.line(f"{nm} = tl.reduce({self.name(b_node)}, None, _{red}_combine)")
+            b = self.name(b_node)
+            valid = self.mask(b_node, self.tdims(b_node))
+            if valid:       # padded rows (bounds read as 0) must not widen the walk
+                b = f"tl.where({valid}, {b}, {identity(red, b_node.dtype)})"
+            self.out.line(f"{nm} = tl.reduce({b}, None, _{red}_combine)")
         else:
             self.out.line(f"{nm} = {self.name(b_node)}")
 
