@@ -1,6 +1,7 @@
 """Caching: what is in the key, what is not, and the on-disk cache's safety."""
 import os
 import threading
+import warnings
 
 import pytest
 import torch
@@ -118,3 +119,19 @@ def test_compiled_callable_is_reused():
     f1, _ = compiled(rms_norm_fwd, (x, w, out, 1e-6, 0.0), "eager")
     f2, _ = compiled(rms_norm_fwd, (x[:1], w, out[:1], 1e-5, 1.0), "eager")
     assert f1 is f2
+
+
+def test_an_unusable_cache_directory_falls_back_with_a_warning(tmp_path, monkeypatch):
+    """A file where the cache directory should be: generated modules go to a
+    private temporary directory for this process, with one warning."""
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    monkeypatch.setenv("KERNELFORGE_CACHE_DIR", str(blocker))
+    monkeypatch.setattr(cache, "_fallback", {})
+    with pytest.warns(RuntimeWarning, match="cannot use the cache directory .*not-a-dir"):
+        mod = cache.load_module("torch", "fallback_probe", "def f():\n    return 7\n")
+    assert mod.f() == 7 and mod.__file__.startswith(cache._fallback[str(blocker)])
+    # the second module reuses the fallback without another warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cache.load_module("torch", "fallback_probe2", "def g():\n    return 8\n").g() == 8
