@@ -22,12 +22,11 @@ from .kernels.sampling import apply_penalties, sample  # noqa: F401
 
 #: op name -> its spec (kernelforge/spec.py): the tests, `kernelforge conformance`
 #: and the benchmarks are derived from these
-SPECS = {s.name: s for m in (_rmsnorm, _layernorm, _activation, _moe) for s in m.SPECS}
+SPECS = {s.name: s for m in (_rmsnorm, _layernorm, _activation, _moe, _rotary) for s in m.SPECS}
 
 #: op name -> the IR kernels it launches (for `kernelforge ops`, `show`, `aot-check`)
 KERNELS = {
     **{name: tuple(s.kernels()) for name, s in SPECS.items()},
-    "rotary_embedding": _rotary.all_kernels(),
     "reshape_and_cache": (_kv_cache.reshape_and_cache_kernel,),
     "attention": _attention.packed_kernels(),
     "paged_attention": _attention.paged_kernels() + _attention_split.all_kernels(),

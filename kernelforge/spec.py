@@ -63,7 +63,7 @@ class Tensor(Arg):
     """A tensor argument.
 
     Args:
-        dtypes: accepted dtypes (default the float dtypes).
+        dtypes: accepted dtypes (default the float dtypes); None: ``check`` decides.
         dims: an exact rank, or (min, max) with None for no bound.
         layout: the expected layout in words, for the rank error ("[tokens, heads, D]").
         shape: ``shape(a) -> tuple`` the exact shape, given the other arguments.
@@ -80,7 +80,8 @@ class Tensor(Arg):
                  why: str = "", dtype_of: str | None = None, device_of: str | None = None,
                  last_contiguous: bool = True, check=None, **kw):
         super().__init__(name, **kw)
-        self.dtypes, self.layout, self.shape, self.why = tuple(dtypes), layout, shape, why
+        self.dtypes = None if dtypes is None else tuple(dtypes)
+        self.layout, self.shape, self.why = layout, shape, why
         self.dims = (dims, dims) if isinstance(dims, int) else dims
         self.dtype_of, self.device_of = dtype_of, device_of
         self.last_contiguous, self.extra = last_contiguous, check
@@ -94,7 +95,7 @@ class Tensor(Arg):
         if t is None and self.optional:
             return
         checks.tensor(op, self.name, t)
-        if self.dtype_of is None and t.dtype not in self.dtypes:
+        if self.dtype_of is None and self.dtypes is not None and t.dtype not in self.dtypes:
             checks.fail(op, self.name, "dtype " + _words([str(d).replace("torch.", "")
                                                           for d in self.dtypes]), t.dtype)
         if self.dims is not None:
@@ -248,6 +249,8 @@ class OpSpec:
             lowering in the caller's graph (False: it stays opaque, e.g. when
             it plans on the host).
         returns: ``returns(a, result)``: the public result from the custom op's.
+        list_outputs: the custom op returns a list of the outputs that exist
+            (an output whose shape rule gives None is absent: rotary without a key).
         example: the docstring's example.
     """
     name: str
@@ -261,6 +264,7 @@ class OpSpec:
     mutates: tuple = ()
     inline: bool = True
     returns: Callable | None = None
+    list_outputs: bool = False
     example: str = ""
     # -- for the tests, the conformance kit and the benchmarks (kernelforge.testing) --
     #: ``reference(a) -> outputs`` in float64 (or exact ints), written from the formula
@@ -365,6 +369,8 @@ class OpSpec:
                 for i, x in enumerate(self._graph)]
         if inplace or (self.inplace is None and self.mutates):
             ret = "()"
+        elif self.list_outputs:
+            ret = "Tensor[]"
         elif len(self.outputs) == 1:
             ret = "Tensor"
         else:
@@ -390,7 +396,9 @@ class OpSpec:
                 a = self._from_graph(values, False)
                 outs = [torch.empty(tuple(o.shape(a)), dtype=o.dtype_of(a),
                                     device=getattr(a, a._first_tensor).device)
-                        for o in self.outputs]
+                        for o in self.outputs if o.shape(a) is not None]
+                if self.list_outputs:
+                    return outs
                 return outs[0] if len(outs) == 1 else tuple(outs)
 
             op = torch.library.custom_op(f"kernelforge::{name}", impl, mutates_args=mutated,
@@ -399,6 +407,8 @@ class OpSpec:
 
     def _graph_result(self, a, res):
         """The functional custom op returns every output, as declared."""
+        if self.list_outputs:
+            return [r for r in res if r is not None]
         return res
 
 

@@ -19,14 +19,12 @@ The kernels are built by ``rotary_kernel(style, with_key, tail)`` and cached:
 """
 # (no `from __future__ import annotations`: kernel annotations below are built
 # from closure variables and must be evaluated where they are written)
-from typing import Optional
-
 import torch
 
 import kernelforge.lang as kl
 from kernelforge import checks
-from kernelforge.backends import registry
 from kernelforge.dispatch import NewTensor, launch, kernel_factory
+from kernelforge.spec import INDEX, Backend, Bad, Bool, Call, Int, OpSpec, Output, Tensor
 
 STYLES = ("neox", "gptj")
 
@@ -149,18 +147,12 @@ def all_kernels() -> tuple:
                  for t in (False, True))
 
 
-# -- the public op ------------------------------------------------------------------
+# -- the spec ---------------------------------------------------------------------------
 
 def _heads(op: str, arg: str, x, T: int, head_size: int) -> torch.Tensor:
     """``x`` as [T, H, head_size] (a view: rows may keep their stride)."""
-    checks.tensor(op, arg, x)
-    checks.float_dtype(op, arg, x)
-    if x.dim() not in (2, 3):
-        checks.fail(op, arg, "[tokens, heads * head_size] or [tokens, heads, head_size]",
-                    f"{x.dim()} dims {list(x.shape)}")
     if x.shape[0] != T:
         checks.fail(op, arg, f"{T} rows (one per entry of `positions`)", f"{x.shape[0]} rows")
-    checks.last_dim_contiguous(op, arg, x)
     if x.dim() == 3:
         if x.shape[2] != head_size:
             checks.fail(op, arg, f"last dim head_size={head_size}", f"shape {list(x.shape)}")
@@ -171,160 +163,206 @@ def _heads(op: str, arg: str, x, T: int, head_size: int) -> torch.Tensor:
     return x.view(T, x.shape[1] // head_size, head_size)
 
 
-def _check(op, positions, query, key, head_size, cos_sin_cache, is_neox, check_positions,
-           backend):
-    checks.tensor(op, "positions", positions)
-    if positions.dtype not in (torch.int64, torch.int32) or positions.dim() != 1:
+def _positions(op, a):
+    p = a.positions
+    if p.dtype not in INDEX or p.dim() != 1:
         checks.fail(op, "positions", "a 1-D int64 or int32 tensor [tokens]",
-                    f"{positions.dim()}-D {positions.dtype}")
-    if not isinstance(head_size, int) or isinstance(head_size, bool) or head_size < 2:
-        checks.fail(op, "head_size", "an int >= 2", repr(head_size))
-    T = positions.shape[0]
-    qh = _heads(op, "query", query, T, head_size)
-    kh = None if key is None else _heads(op, "key", key, T, head_size)
-    checks.same_device(op, "query", query, "positions", positions)
-    if key is not None:
-        checks.same_dtype(op, "key", key, "query", query)
-        checks.same_device(op, "key", key, "query", query)
-    checks.tensor(op, "cos_sin_cache", cos_sin_cache)
-    checks.float_dtype(op, "cos_sin_cache", cos_sin_cache)
-    checks.same_device(op, "cos_sin_cache", cos_sin_cache, "query", query)
-    if cos_sin_cache.dim() != 2 or not cos_sin_cache.shape[0]:
-        checks.fail(op, "cos_sin_cache", "[max_position > 0, rotary_dim]",
-                    list(cos_sin_cache.shape))
-    R = cos_sin_cache.shape[1]
-    if R % 2 or not 2 <= R <= head_size:
+                    f"{p.dim()}-D {p.dtype}")
+
+
+def _check(op, a):
+    T = a.positions.shape[0]
+    _heads(op, "query", a.query, T, a.head_size)
+    if a.key is not None:
+        _heads(op, "key", a.key, T, a.head_size)
+    c = a.cos_sin_cache
+    if c.dim() != 2 or not c.shape[0]:
+        checks.fail(op, "cos_sin_cache", "[max_position > 0, rotary_dim]", list(c.shape))
+    R = c.shape[1]
+    if R % 2 or not 2 <= R <= a.head_size:
         checks.fail(op, "cos_sin_cache", f"an even rotary_dim (last dim) in [2, head_size="
-                    f"{head_size}]", f"rotary_dim {R}")
-    if not isinstance(is_neox, bool):
-        checks.fail(op, "is_neox", "a bool", repr(is_neox))
-    if not is_neox and head_size % 2:
+                    f"{a.head_size}]", f"rotary_dim {R}")
+    if not a.is_neox and a.head_size % 2:
         checks.fail(op, "head_size", "an even head size for interleaved (GPT-J) pairs",
-                    head_size)
-    checks.no_host_check_inline(op, "check_positions", check_positions)
-    if check_positions and T and not torch.compiler.is_compiling():
-        _check_range(op, positions, cos_sin_cache.shape[0])
-    if not torch.compiler.is_compiling():
-        registry.select(query.device, backend)     # an unknown backend fails even for 0 rows
-    return qh, kh
+                    a.head_size)
+    checks.no_host_check_inline(op, "check_positions", a.check_positions)
+    if a.check_positions and T and not torch.compiler.is_compiling():
+        lo, hi = (int(v) for v in torch.aminmax(a.positions))   # one host sync
+        if lo < 0 or hi >= c.shape[0]:
+            checks.fail(op, "positions", f"values in [0, {c.shape[0]}) (the rows of "
+                        "`cos_sin_cache`)", f"position {lo if lo < 0 else hi}")
 
 
-def _check_range(op: str, positions: torch.Tensor, max_position: int) -> None:
-    """One fused min/max on the device and a single host sync."""
-    lo, hi = torch.aminmax(positions)
-    lo, hi = int(lo), int(hi)
-    if lo < 0 or hi >= max_position:
-        bad = lo if lo < 0 else hi
-        checks.fail(op, "positions", f"values in [0, {max_position}) (the rows of "
-                    "`cos_sin_cache`)", f"position {bad}")
-
-
-def _launch(positions, cos_sin_cache, qh, kh, is_neox, inplace, backend):
-    """Rotate [T, H, D] views; returns the rotated views (new tensors unless in place)."""
-    style = "neox" if is_neox else "gptj"
-    tail = not inplace and cos_sin_cache.shape[1] < qh.shape[2]
+def _run(a):
+    """Rotate [T, H, D] views; the rotated tensors (the inputs when in place)."""
+    T = a.positions.shape[0]
+    qh = _heads("rotary_embedding", "query", a.query, T, a.head_size)
+    kh = None if a.key is None else _heads("rotary_embedding", "key", a.key, T, a.head_size)
+    if not T:
+        return (a.query, a.key) if a.inplace else \
+            (a.query.clone(), None if a.key is None else a.key.clone())
+    style = "neox" if a.is_neox else "gptj"
+    tail = not a.inplace and a.cos_sin_cache.shape[1] < qh.shape[2]
     kdef = rotary_kernel(style, kh is not None, tail)
     if style == "gptj":       # pairs as a trailing dim of 2
         qh = qh.unflatten(2, (-1, 2))
         kh = None if kh is None else kh.unflatten(2, (-1, 2))
     xs = (qh,) if kh is None else (qh, kh)
-    outs = xs if inplace else tuple(NewTensor(x.shape, x.dtype, x.device) for x in xs)
-    res = launch(kdef, positions, cos_sin_cache, *xs, *outs, backend=backend)
-    return xs if inplace else res
+    outs = xs if a.inplace else tuple(NewTensor(x.shape, x.dtype, x.device) for x in xs)
+    res = launch(kdef, a.positions, a.cos_sin_cache, *xs, *outs, backend=a.backend)
+    if a.inplace:
+        return a.query, a.key
+    return res[0].reshape(a.query.shape), (None if a.key is None else res[1].reshape(a.key.shape))
 
 
-def rotary_embedding(positions: torch.Tensor, query: torch.Tensor,
-                     key: Optional[torch.Tensor], head_size: int,
-                     cos_sin_cache: torch.Tensor, is_neox: bool = True, *,
-                     inplace: bool = False, check_positions: bool = True,
-                     backend: Optional[str] = None
-                     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Rotary position embedding of query and key heads (vLLM's calling convention).
-
-    Args:
-        positions: int64 (or int32) [T], the position of each token, in any order.
-        query: [T, Hq * head_size] or [T, Hq, head_size], fp32/bf16/fp16; rows may be
-            strided (a slice of a fused qkv tensor), the last dim must be contiguous.
-        key: the same layout with Hkv heads and query's dtype, or None.
-        head_size: entries per head.
-        cos_sin_cache: [max_position, rotary_dim], cos in the first half of each row
-            and sin in the second (``kernelforge.rope.cos_sin_cache`` builds it); any
-            float dtype, read as fp32. ``rotary_dim < head_size`` rotates only the
-            first rotary_dim entries of each head (partial rotary).
-        is_neox: True rotates halves (pairs ``(i, i + rotary_dim/2)``), False
-            rotates interleaved pairs ``(2i, 2i+1)`` (GPT-J).
-        inplace: write into query and key and return them.
-        check_positions: verify ``0 <= positions < max_position`` first (one
-            device-wide min/max and, on a GPU, one host sync). Callers that
-            guarantee the range may pass False: out-of-range positions are then
-            clamped into the cache, never read outside it, and give wrong values.
-        backend: "eager", "inductor", "triton" or None (chosen per device).
-    Returns:
-        ``(query, key)`` rotated, in the input shapes and dtype (key is None
-        when it was None).
-
-    Example:
-        >>> cache = kernelforge.rope.cos_sin_cache(64, 2048, base=10000.0)
-        >>> q, k = kernelforge.ops.rotary_embedding(pos, q, k, 64, cache)
-    """
-    op = "rotary_embedding"
-    qh, kh = _check(op, positions, query, key, head_size, cos_sin_cache, is_neox,
-                    check_positions, backend)
-    if checks.opaque():
-        if inplace:
-            torch.ops.kernelforge.rotary_embedding_(positions, query, key, head_size,
-                                                    cos_sin_cache, is_neox, check_positions,
-                                                    backend)
-            return query, key
-        outs = torch.ops.kernelforge.rotary_embedding(positions, query, key, head_size,
-                                                      cos_sin_cache, is_neox, check_positions,
-                                                      backend)
-        return outs[0], (outs[1] if key is not None else None)
-    return _impl(positions, query, key, qh, kh, cos_sin_cache, is_neox, inplace, backend)
+def reference(positions, x, cos_sin_cache, head_size: int, is_neox: bool) -> torch.Tensor:
+    """RoPE as a complex rotation in float64: each pair (a, b) is the complex
+    number a + ib multiplied by cos + i sin from the cache row of its token."""
+    T = positions.shape[0]
+    H = x.shape[1] if x.dim() == 3 else x.shape[1] // head_size
+    x64 = x.to(torch.float64).reshape(T, H, head_size)
+    c = cos_sin_cache.to(torch.float64)[positions.long()]
+    R = c.shape[1]
+    rot = torch.complex(c[:, : R // 2], c[:, R // 2:])[:, None, :]
+    part = x64[..., :R]
+    a, b = (part[..., : R // 2], part[..., R // 2:]) if is_neox else \
+        (part[..., 0::2], part[..., 1::2])
+    z = torch.complex(a, b) * rot
+    out = x64.clone()
+    if is_neox:
+        out[..., : R // 2], out[..., R // 2:R] = z.real, z.imag
+    else:
+        out[..., 0:R:2], out[..., 1:R:2] = z.real, z.imag
+    return out.reshape(x.shape)
 
 
-def _impl(positions, query, key, qh, kh, cos_sin_cache, is_neox, inplace, backend):
-    if not positions.shape[0]:
-        if inplace:
-            return query, key
-        return query.clone(), (None if key is None else key.clone())
-    outs = _launch(positions, cos_sin_cache, qh, kh, is_neox, inplace, backend)
-    if inplace:
-        return query, key
-    q_out = outs[0].reshape(query.shape)
-    return q_out, (None if key is None else outs[1].reshape(key.shape))
+def _reference(a):
+    q = reference(a.positions, a.query, a.cos_sin_cache, a.head_size, a.is_neox)
+    k = None if a.key is None else reference(a.positions, a.key, a.cos_sin_cache, a.head_size,
+                                             a.is_neox)
+    return q, k
 
 
-# -- torch.library custom ops: opaque, compile-safe entry points for engines ---------
-
-@torch.library.custom_op("kernelforge::rotary_embedding", mutates_args=())
-def _rotary_op(positions: torch.Tensor, query: torch.Tensor, key: Optional[torch.Tensor],
-               head_size: int, cos_sin_cache: torch.Tensor, is_neox: bool,
-               check_positions: bool, backend: Optional[str]) -> list[torch.Tensor]:
-    """Out of place; returns [query] or [query, key]."""
-    q, k = rotary_embedding(positions, query, key, head_size, cos_sin_cache, is_neox,
-                            check_positions=check_positions, backend=backend)
-    return [q] if k is None else [q, k]
-
-
-@_rotary_op.register_fake
-def _(positions, query, key, head_size, cos_sin_cache, is_neox, check_positions, backend):
-    outs = [torch.empty_like(query, memory_format=torch.contiguous_format)]
-    if key is not None:
-        outs.append(torch.empty_like(key, memory_format=torch.contiguous_format))
-    return outs
+#: a few specialisations that still cover both styles, partial rotary, GQA,
+#: key None, strided rows and each dtype, for backends that compile each one
+#:   (head_size, rotary_dim, is_neox, Hq, Hkv, with_key, layout, dtype)
+COMPILED_CASES = [
+    (128, 128, True, 4, 2, True, "2d", torch.bfloat16),
+    (80, 32, False, 3, 1, True, "3d", torch.float32),
+    (64, 64, True, 2, 2, True, "qkv", torch.float16),
+    (96, 48, True, 3, 3, False, "2d", torch.float32),
+]
 
 
-@torch.library.custom_op("kernelforge::rotary_embedding_", mutates_args=("query", "key"))
-def _rotary_inplace_op(positions: torch.Tensor, query: torch.Tensor,
-                       key: Optional[torch.Tensor], head_size: int,
-                       cos_sin_cache: torch.Tensor, is_neox: bool, check_positions: bool,
-                       backend: Optional[str]) -> None:
-    """In place on query and key."""
-    rotary_embedding(positions, query, key, head_size, cos_sin_cache, is_neox, inplace=True,
-                     check_positions=check_positions, backend=backend)
+def _samples(st, budget):
+    @st.composite
+    def draw(draw):
+        if not budget.free_sizes:
+            D, R, neox, hq, hk, with_key, layout, dtype = draw(st.sampled_from(COMPILED_CASES))
+            cache_dtype = torch.float32
+        else:
+            D = draw(st.sampled_from([64, 80, 96, 128, 256]))
+            R = draw(st.one_of(st.just(D), st.integers(1, D // 2).map(lambda h: 2 * h)))
+            neox, with_key = draw(st.booleans()), draw(st.booleans())
+            hk = draw(st.sampled_from([1, 2, 4]))
+            hq = hk * draw(st.sampled_from([1, 2, 3]))
+            layout = draw(st.sampled_from(["2d", "3d", "qkv"]))
+            dtype = draw(st.sampled_from(budget.dtypes))
+            cache_dtype = draw(st.sampled_from([torch.float32, dtype]))
+        T = budget.force_rows if budget.force_rows is not None else \
+            draw(st.integers(0, 4 * budget.rows))
+        P = draw(st.sampled_from([1, 7, 512, 4096]))
+        g = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 31 - 1)))
+        if layout == "qkv":      # strided views into one fused projection
+            qkv = torch.randn(T, (hq + 2 * hk) * D, generator=g).to(dtype).to(budget.device)
+            q, k = qkv[:, :hq * D], qkv[:, hq * D:(hq + hk) * D]
+        else:
+            q = torch.randn(T, hq * D, generator=g).to(dtype).to(budget.device)
+            k = torch.randn(T, hk * D, generator=g).to(dtype).to(budget.device)
+            if layout == "3d":
+                q, k = q.view(T, hq, D), k.view(T, hk, D)
+        angles = torch.rand(P, R // 2, generator=g, dtype=torch.float64) * 6.3
+        scale = 0.5 + torch.rand(P, 1, generator=g, dtype=torch.float64)   # yarn's mscale
+        cache = torch.cat([angles.cos() * scale, angles.sin() * scale], 1).to(cache_dtype)
+        return Call(dict(positions=torch.randint(0, P, (T,), generator=g).to(budget.device),
+                         query=q, key=k if with_key else None, head_size=D,
+                         cos_sin_cache=cache.to(budget.device), is_neox=neox,
+                         inplace=draw(st.booleans())),
+                    f"T={T} D={D} R={R} {'neox' if neox else 'gptj'} {layout} {dtype}")
+    return draw()
 
 
-@_rotary_inplace_op.register_fake
-def _(positions, query, key, head_size, cos_sin_cache, is_neox, check_positions, backend):
-    return None
+def _resize(call, rows):
+    kw = call.kwargs
+    idx = torch.arange(rows) % max(kw["positions"].shape[0], 1)
+    new = {"positions": kw["positions"][idx] if kw["positions"].numel() else
+           torch.zeros(rows, dtype=kw["positions"].dtype)}
+    for n in ("query", "key"):
+        if kw[n] is not None:
+            new[n] = kw[n][idx].contiguous() if kw[n].shape[0] else \
+                torch.randn(rows, *kw[n].shape[1:]).to(kw[n].dtype)
+    return call.with_(**new)
+
+
+def _bench():
+    def make(device, dtype, T, hq, hk, D):
+        qkv = torch.randn(T, (hq + 2 * hk) * D, device=device).to(dtype)
+        from kernelforge import rope
+        return Call(dict(positions=torch.arange(T, device=device) % 4096,
+                         query=qkv[:, :hq * D], key=qkv[:, hq * D:(hq + hk) * D], head_size=D,
+                         cos_sin_cache=rope.cos_sin_cache(D, 4096).to(device), inplace=True),
+                    f"T={T} {hq}/{hk}x{D}")
+    return tuple((f"T{T}", lambda device, dtype, T=T: make(device, dtype, T, 32, 8, 128))
+                 for T in (1, 32, 4096))
+
+
+def _heads_tensor(name: str, **kw) -> Tensor:
+    return Tensor(name, dims=(2, 3), layout="[tokens, heads * head_size] or [tokens, heads, "
+                  "head_size]", **kw)
+
+
+ROTARY_EMBEDDING = OpSpec(
+    "rotary_embedding",
+    "Rotary position embedding of query and key heads (vLLM's calling convention).\n\n"
+    "Out-of-range positions with ``check_positions=False`` are clamped into the cache\n"
+    "(never read outside it) and give wrong values.",
+    args=(Tensor("positions", dtypes=None, check=_positions,
+                 doc="int64 (or int32) [T], the position of each token, in any order"),
+          _heads_tensor("query", doc="[T, Hq * head_size] or [T, Hq, head_size], fp32/bf16/"
+                        "fp16; rows may be strided (a slice of a fused qkv tensor), the last "
+                        "dim contiguous"),
+          _heads_tensor("key", dtype_of="query", device_of="query", optional=True,
+                        doc="the same layout with Hkv heads and query's dtype, or None"),
+          Int("head_size", low=2, doc="entries per head"),
+          Tensor("cos_sin_cache", doc="[max_position, rotary_dim]: cos in the first half of "
+                 "each row, sin in the second (``kernelforge.rope.cos_sin_cache`` builds it); "
+                 "any float dtype, read as fp32; rotary_dim < head_size rotates only the "
+                 "first rotary_dim entries of each head"),
+          Bool("is_neox", default=True, doc="True rotates halves (pairs ``(i, i + R/2)``), "
+               "False interleaved pairs ``(2i, 2i+1)`` (GPT-J)"),
+          Bool("inplace", default=False, kw_only=True, graph=False,
+               doc="write into query and key and return them"),
+          Bool("check_positions", default=True, kw_only=True,
+               doc="verify ``0 <= positions < max_position`` first (one min/max and, on a "
+                   "GPU, one host sync); False for callers that guarantee the range"),
+          Backend()),
+    outputs=(Output("query", lambda a: a.query.shape, "query", "rotated, in query's shape"),
+             Output("key", lambda a: None if a.key is None else a.key.shape, "query",
+                    "rotated, in key's shape (None when key is None)")),
+    run=_run, check=_check, kernels=all_kernels, inplace="inplace", mutates=("query", "key"),
+    list_outputs=True,
+    returns=lambda a, res: (res[0], res[1] if a.key is not None else None),
+    example=">>> cache = kernelforge.rope.cos_sin_cache(64, 2048, base=10000.0)\n"
+            ">>> q, k = kernelforge.ops.rotary_embedding(pos, q, k, 64, cache)",
+    reference=_reference, samples=_samples, resize=_resize, bench=_bench(),
+    bad=(Bad("a position past the cache", lambda c: c.with_(
+        positions=c.kwargs["positions"] + c.kwargs["cos_sin_cache"].shape[0]),
+        ("`positions`", "values in [0,")),
+         Bad("key is query, in place", lambda c: c.with_(
+             key=c.kwargs["query"], inplace=True), ("overlaps",))),
+    vllm="rotary_embedding(positions, query, key, head_size, cos_sin_cache, is_neox) "
+         "(in place)",
+)
+
+rotary_embedding = ROTARY_EMBEDDING.op
+SPECS = (ROTARY_EMBEDDING,)
