@@ -121,3 +121,24 @@ def test_nan_outside_every_range_never_reaches_a_shared_load(backend, block):
     ref = torch.stack([(w[i, lo[i]:hi[i]].double() * x[lo[i]:hi[i]].double()).sum()
                        for i in range(rows)])
     assert_close(out, ref, torch.float32, f"ranged sums {backend}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("block", [1, 4])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_bounds_past_the_axis_are_clamped(backend, block, dtype):
+    """Bounds from bad host data (a stop of 2**31 - 1, a start past the end,
+    a negative start) visit only [0, N) of the axis, on every lowering:
+    Triton clamps the walk as C++ does (it had looped to 2**31 or crashed)."""
+    rows, n = 6, 200
+    big = 2 ** 31 - 1
+    lo = torch.tensor([0, -5, 150, big, -big - 1, 190], dtype=dtype)
+    hi = torch.tensor([big, 30, big, big, 10, 195], dtype=dtype)
+    g = torch.Generator().manual_seed(7)
+    w, x = torch.randn(rows, n, generator=g), torch.randn(n, generator=g)
+    out = torch.full((rows,), -3.0, device=DEVICE)
+    kernelforge.launch(ranged_weighted_sums(block), *(t.to(DEVICE) for t in (w, x, lo, hi)),
+                       out, backend=backend)
+    ref = torch.stack([(w[i, max(a, 0):min(b, n)].double() * x[max(a, 0):min(b, n)].double()).sum()
+                       for i, (a, b) in enumerate(zip(lo.tolist(), hi.tolist()))])
+    assert_close(out, ref, torch.float32, f"clamped ranges {backend}")

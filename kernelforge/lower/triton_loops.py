@@ -43,15 +43,18 @@ class LoopPrinting:
         # the program's rows may each have their own range: walk from the
         # smallest start to the largest stop; lanes outside a row's range are masked
         lo, hi = f"lo_{a}", f"hi_{a}"
-        self.loop_bound(lo, loop.start, "min", "0")
-        if loop.start is not None:      # a start below 0 reads nothing before the axis
-            o.line(f"{lo} = tl.maximum({lo}, 0)")
-        self.loop_bound(hi, loop.stop, "max", self.size(axis))
+        self.loop_bound(lo, loop.start, "min", "0", axis)
+        self.loop_bound(hi, loop.stop, "max", self.size(axis), axis)
         return lo, hi
 
-    def loop_bound(self, nm: str, b_node, red: str, dflt: str) -> None:
+    def loop_bound(self, nm: str, b_node, red: str, dflt: str, axis: str) -> None:
+        """``nm`` = the ``red`` (min/max) of bound ``b_node`` over the program's
+        valid rows, clamped into [0, extent]: bad host data (a stop of 2**31 - 1,
+        a negative start) walks only the axis, as the C++ lowering does. The
+        four bounds of a loop are clamped alike, so a scalar bound stays one value."""
         if b_node is None:
             self.out.line(f"{nm} = {dflt}")
+            return
         elif self.tdims(b_node):
             self.helpers.add(_COMBINE[red])
             b = self.name(b_node)
@@ -61,6 +64,7 @@ class LoopPrinting:
             self.out.line(f"{nm} = tl.reduce({b}, None, _{red}_combine)")
         else:
             self.out.line(f"{nm} = {self.name(b_node)}")
+        self.out.line(f"{nm} = tl.minimum(tl.maximum({nm}, 0), {self.size(axis)})")
 
     def loop_masks(self, s: Node, lo, hi) -> None:
         """The chunk's mask (padding, the walk's bounds) and, when rows have
@@ -106,14 +110,11 @@ class LoopPrinting:
         offs = self.tile_names[id(t)][0]
         a = f"{axis.lower()}{loop.id}"
         s0, s1, start = f"s0_{a}", f"s1_{a}", f"start_{a}"
-        self.loop_bound(f"lo_in_{a}", loop.start, "max", "0")
-        if loop.start is not None:      # clamped as lo is: a scalar start stays one value
-            o.line(f"lo_in_{a} = tl.maximum(lo_in_{a}, 0)")
-        self.loop_bound(f"hi_in_{a}", loop.stop, "min", self.size(axis))
+        self.loop_bound(f"lo_in_{a}", loop.start, "max", "0", axis)
+        self.loop_bound(f"hi_in_{a}", loop.stop, "min", self.size(axis), axis)
         o.line(f"# chunks in [{s0}, {s1}) lie inside every row's range: no masks there")
         o.line(f"{s0} = {lo} + (tl.maximum(lo_in_{a} - {lo}, 0) + {b} - 1) // {b} * {b}")
-        o.line(f"{s1} = {s0} + tl.maximum(tl.minimum(hi_in_{a}, {self.size(axis)}) - {s0}, 0) "
-               f"// {b} * {b}")
+        o.line(f"{s1} = {s0} + tl.maximum(hi_in_{a} - {s0}, 0) // {b} * {b}")
         o.line(f"for {start} in tl.range({s0}, {s1}, {b}):")
         o.indent()
         o.line(f"{offs} = {start} + tl.arange(0, {b})")
