@@ -4,19 +4,30 @@ C++ compiler into a shared library and called through ctypes.
 The CPU lowering that keeps a kernel's loops: where Inductor runs a seq_for
 as one masked pass over the whole axis (``collapses_loops``), this one walks
 it chunk by chunk with the carried values in registers and L1, as the Triton
-lowering does on a GPU. Built libraries are cached on disk by the SHA-256 of
-their source and compiler command, so a specialisation compiles once per
-machine (about 1-3 s with g++ -O3).
+lowering does on a GPU. Built libraries are cached on disk, keyed by the
+SHA-256 of their source, compiler command, compiler identity and this CPU's
+instruction set, so a specialisation compiles once per machine (about 1-3 s
+with g++ -O3); each load checks the entry's own SHA-256 before loading a
+private copy of it (see build_library).
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import errno
 import functools
+import hashlib
+import itertools
 import os
+import re
 import shutil
+import socket
+import stat
 import subprocess
 import sysconfig
 import tempfile
+import time
+import warnings
 
 import torch
 
@@ -45,37 +56,310 @@ def flags() -> list[str]:
             "-shared", "-fPIC", "-w"]
 
 
+# The library cache (in cache.dirs("cpp")). An entry ``{name}_{key}.so`` is
+# the library's bytes followed by _SO_TAG and the hex SHA-256 of the key and
+# those bytes: truncated, changed, swapped-in or planted files fail the check
+# and are rebuilt, never loaded. The key covers the source, the command, the
+# compiler's identity and the instruction set that -march=native means here.
+_SO_TAG = b"\0kernelforge-sha256 "
+_TAG_LEN = len(_SO_TAG) + 64
+_MAX_ENTRY = 1 << 30                 # larger is not a library this lowering built
+_WORK_PREFIX = ".build."             # a compile's private directory: .build.{host}.{pid}.*
+_STALE_S = 3600                      # a work directory this old is abandoned, whoever made it
+_loaded: dict[str, ctypes.CDLL] = {}  # full key -> library, so a process loads each once
+_copies = itertools.count()          # unique names for private copies (dlopen matches by name)
+
+
+@functools.lru_cache(maxsize=None)
+def compiler_id() -> str:
+    """The compiler's path (and what it resolves to) and its --version output:
+    a changed or different compiler gets new cache entries. Once per process."""
+    cxx, _ = compiler()
+    real = os.path.realpath(cxx)
+    why = ""
+    for _ in range(2):                   # once more after a transient failure (EAGAIN)
+        try:
+            res = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60)
+            if res.returncode == 0 and res.stdout.strip():
+                return f"{cxx} -> {real}\n{res.stdout.strip()}"
+            why = f"exit status {res.returncode}"
+        except (OSError, subprocess.SubprocessError) as e:
+            why = str(e)
+    try:
+        st = os.stat(real)
+        ident = f"size {st.st_size}, mtime {st.st_mtime_ns}"
+    except OSError as e:
+        ident = f"unknown ({e})"
+    warnings.warn(f"kernelforge cpp backend: `{cxx} --version` failed ({why}); the library "
+                  f"cache is keyed by the compiler file's {ident} instead", RuntimeWarning)
+    return f"{cxx} -> {real}\n{ident}"
+
+
+_CPU_FIELDS = ("vendor_id", "cpu family", "model", "model name", "flags",      # x86
+               "CPU implementer", "CPU architecture", "CPU variant", "CPU part",
+               "Features")                                                   # arm
+
+
+@functools.lru_cache(maxsize=None)
+def isa_id() -> str:
+    """What -march=native resolves to on this machine: the CPU's identity and
+    feature flags from /proc/cpuinfo's first processor (what the compiler
+    reads through cpuid/hwcaps), or where there is none, the compiler's own
+    answer (one more compiler run). Once per process."""
+    text = ""
+    try:
+        with open("/proc/cpuinfo", "rb") as f:    # the first block only: large
+            raw = b""                             # machines list hundreds of CPUs
+            while b"\n\n" not in raw:
+                chunk = f.read(8192)
+                if not chunk:
+                    break
+                raw += chunk
+        for line in raw.split(b"\n\n", 1)[0].decode(errors="replace").splitlines():
+            k, _, v = line.partition(":")
+            if k.strip() in _CPU_FIELDS:
+                text += f"{k.strip()}: {' '.join(v.split())}\n"
+    except OSError:
+        pass
+    if not text:
+        cxx, _ = compiler()
+        try:
+            text = subprocess.run([cxx, flags()[1], "-Q", "--help=target"], capture_output=True,
+                                  text=True, timeout=60).stdout
+        except (OSError, subprocess.SubprocessError) as e:
+            text = f"unknown ({e})"
+    return f"{os.uname().machine}\n{text}"
+
+
+def entry_key(name: str, source: str) -> tuple[str, str]:
+    """(file stem, full key) of the cache entry for ``source``."""
+    cxx, _ = compiler()
+    key = cache.digest("\n".join((source, " ".join([cxx, *flags()]), compiler_id(), isa_id())))
+    return f"{name}_{key[:20]}", key
+
+
+def _tag(key: str, body: bytes) -> bytes:
+    return _SO_TAG + hashlib.sha256(key.encode() + b"\0" + body).hexdigest().encode()
+
+
 def build_library(name: str, source: str) -> ctypes.CDLL:
-    """Compile ``source`` (cached on disk by source and command) and load it."""
+    """Compile ``source`` (or reuse its verified cache entry) and load it."""
     cxx, why = compiler()
     if cxx is None:
         raise RuntimeError(f"kernelforge cpp backend: {why}")
-    cmd = [cxx, *flags()]
-    key = cache.digest(source + "\n" + " ".join(cmd))[:20]
-    d = os.path.join(config.cache_dir(), "cpp")
-    os.makedirs(d, exist_ok=True)
-    lib = os.path.join(d, f"{name}_{key}.so")
-    if not os.path.exists(lib):
-        src = os.path.join(d, f"{name}_{key}.cpp")     # kept beside it: readable, debuggable
-        fd, tmp_src = tempfile.mkstemp(dir=d, suffix=".cpp")
-        with os.fdopen(fd, "w") as f:
-            f.write(source)
-        fd, tmp = tempfile.mkstemp(dir=d, suffix=".so")
+    stem, key = entry_key(name, source)
+    lib = _loaded.get(key)
+    if lib is not None:
+        return lib
+    for d in cache.dirs("cpp"):
+        body = _read_verified(os.path.join(d, stem + ".so"), key)
+        if body is not None:
+            try:
+                lib = _load_copy(body, stem)
+                break
+            except OSError as e:     # e.g. a library it links against is gone
+                warnings.warn(f"kernelforge cpp backend: cache entry {d}/{stem}.so passed "
+                              f"its checksum but does not load ({e}); rebuilding it",
+                              RuntimeWarning)
+    else:
+        lib = _load_copy(_build(stem, key, [cxx, *flags()], source), stem)
+    _loaded[key] = lib
+    return lib
+
+
+def _read_verified(path: str, key: str) -> bytes | None:
+    """The library bytes of the entry at ``path`` if its checksum holds; None
+    if there is none, or (with a warning) if it is unreadable or corrupt."""
+    try:   # O_NONBLOCK: a FIFO planted at the path must not hang the open
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):      # no entry (or no directory)
+        return None
+    except OSError as e:
+        return _corrupt(path, f"unreadable ({e.strerror})")
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return _corrupt(path, "not a regular file")
+        if st.st_size > _MAX_ENTRY:
+            return _corrupt(path, f"{st.st_size} bytes: too large")
+        with open(fd, "rb", closefd=False) as f:
+            data = f.read(_MAX_ENTRY + 1)
+    except OSError as e:
+        return _corrupt(path, f"unreadable ({e.strerror})")
+    finally:
         os.close(fd)
+    body, tag = data[:-_TAG_LEN], data[-_TAG_LEN:]
+    if len(data) < _TAG_LEN or not tag.startswith(_SO_TAG):
+        return _corrupt(path, "truncated or not written by kernelforge (no checksum)")
+    if tag != _tag(key, body):
+        return _corrupt(path, "corrupt (its checksum does not match: changed on disk, "
+                              "or another library put in its place)")
+    return body
+
+
+def _corrupt(path: str, why: str) -> None:
+    warnings.warn(f"kernelforge cpp backend: cache entry {path} is {why}; not loading it, "
+                  "rebuilding it", RuntimeWarning, stacklevel=4)
+    return None
+
+
+def _load_copy(body: bytes, stem: str) -> ctypes.CDLL:
+    """dlopen ``body`` from a private copy (0600, unique name, unlinked once
+    loaded): what runs is what was verified, whatever later happens to the
+    cache file. The system's temp dir, else beside the entries (a noexec /tmp)."""
+    errors = []
+    for d in (None, *cache.dirs("cpp")):
         try:
-            # each process compiles its own copy: another one may be writing `src`
-            res = subprocess.run([*cmd, tmp_src, "-o", tmp], capture_output=True, text=True)
-            if res.returncode:
-                os.replace(tmp_src, src)       # kept, to read next to the error
-                raise RuntimeError(f"kernelforge cpp backend: compiling {src} failed:\n"
-                                   f"{res.stderr[-4000:]}")
-            os.replace(tmp_src, src)
-            os.replace(tmp, lib)      # atomic: a concurrent reader sees all or nothing
+            fd, path = tempfile.mkstemp(prefix=f"kernelforge-{os.getpid()}-{next(_copies)}-",
+                                        suffix=f"-{stem}.so", dir=d)
+        except OSError as e:
+            errors.append(f"{d or tempfile.gettempdir()}: {e}")
+            continue
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(body)
+            return ctypes.CDLL(path)
+        except OSError as e:
+            errors.append(f"{path}: {e}")
         finally:
-            for leftover in (tmp_src, tmp):
-                if os.path.exists(leftover):
-                    os.unlink(leftover)
-    return ctypes.CDLL(lib)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+    raise OSError(f"kernelforge cpp backend: cannot load {stem}.so: " + "; ".join(errors))
+
+
+class _Unusable(Exception):
+    """Writing in a cache directory failed (permissions, a file in its place, disk full)."""
+
+
+def _build(stem: str, key: str, cmd: list[str], source: str) -> bytes:
+    """Compile ``source`` and store it as a verified entry; the library's bytes.
+    Where the cache directory cannot be used, cache.fallback_dir's instead."""
+    d = cache.write_dir("cpp")
+    try:
+        body = _compile(d, stem, cmd, source)
+    except _Unusable as e:
+        d = cache.fallback_dir("cpp", e)
+        try:
+            body = _compile(d, stem, cmd, source)
+        except _Unusable as e2:
+            raise RuntimeError(f"kernelforge cpp backend: cannot build {stem}.so: {e2}") from None
+    entry = body + _tag(key, body)
+    try:
+        _store(d, stem, entry)
+    except OSError as e:
+        _store(cache.fallback_dir("cpp", f"storing {stem}.so: {e}"), stem, entry)
+    return body
+
+
+def _compile(d: str, stem: str, cmd: list[str], source: str) -> bytes:
+    """Run the compiler in a private work directory under ``d`` (its own
+    temporaries too, through TMPDIR), which is removed afterwards, or by a
+    later build's _clean_stale if this process is killed."""
+    try:
+        os.makedirs(d, exist_ok=True)
+        _clean_stale(d)
+        work = tempfile.mkdtemp(prefix=f"{_WORK_PREFIX}{_host()}.{os.getpid()}.", dir=d)
+    except OSError as e:
+        raise _Unusable(e) from None
+    try:
+        src, out = os.path.join(work, stem + ".cpp"), os.path.join(work, stem + ".so")
+        try:
+            with open(src, "w") as f:
+                f.write(source)
+        except OSError as e:
+            raise _Unusable(e) from None
+        res = subprocess.run([*cmd, src, "-o", out], capture_output=True, text=True,
+                             env={**os.environ, "TMPDIR": work})
+        if res.returncode:
+            io = [m for m in _IO_ERRORS if m in res.stderr]
+            if io:
+                raise _Unusable(f"the compiler could not write in {d}: {io[0]}")
+            kept = os.path.join(d, stem + ".cpp")     # kept, to read next to the error
+            with contextlib.suppress(OSError):
+                os.replace(src, kept)
+            raise RuntimeError(f"kernelforge cpp backend: compiling {kept} failed:\n"
+                               f"{res.stderr[-4000:]}")
+        with contextlib.suppress(OSError):       # beside the entry: readable, debuggable
+            os.replace(src, os.path.join(d, stem + ".cpp"))
+        with open(out, "rb") as f:
+            return f.read()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _store(d: str, stem: str, entry: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f"{_WORK_PREFIX}{_host()}.{os.getpid()}.", dir=d)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(entry)
+        os.replace(tmp, os.path.join(d, stem + ".so"))   # atomic: readers see all or nothing
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+_IO_ERRORS = tuple(os.strerror(e) for e in (errno.ENOSPC, errno.EDQUOT, errno.EROFS,
+                                             errno.EACCES, errno.EIO))
+
+
+@functools.lru_cache(maxsize=None)
+def _host() -> str:
+    """This host and pid namespace, as a name part: a pid in a work directory's
+    name is only checked where it means the same process (a cache directory
+    shared over NFS or between containers)."""
+    try:
+        ns = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        ns = ""
+    return cache.digest(f"{socket.gethostname()}\n{ns}")[:12]
+
+
+def _clean_stale(d: str) -> None:
+    """Remove what killed builds left in ``d``: work directories and
+    temporaries of a process of this host that is gone, and any older than
+    _STALE_S (another host's, or a reused pid). Runs before each build: a
+    killed compile left its entry unbuilt, so the next process needing it
+    builds and cleans."""
+    now = time.time()
+    try:
+        names = os.listdir(d)
+    except OSError:
+        return
+    for n in names:
+        if n.startswith(_WORK_PREFIX):
+            parts = n[len(_WORK_PREFIX):].split(".")
+            gone = (len(parts) >= 2 and parts[0] == _host() and parts[1].isdigit()
+                    and not _alive(int(parts[1])))
+        elif _OLD_TEMP.fullmatch(n):    # tempfile.mkstemp names (earlier versions)
+            gone = False
+        else:
+            continue
+        p = os.path.join(d, n)
+        try:
+            if not gone and now - os.lstat(p).st_mtime < _STALE_S:
+                continue
+            if os.path.isdir(p) and not os.path.islink(p):
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                os.unlink(p)
+        except OSError:
+            pass
+
+
+_OLD_TEMP = re.compile(r"tmp[a-z0-9_]{8}\.(cpp|so)")
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:          # EPERM: someone else's process, alive
+        pass
+    return True
 
 
 _P = ctypes.POINTER
