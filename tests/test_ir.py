@@ -129,7 +129,31 @@ def test_python_control_flow_on_values_is_refused():
         v = kl.load(x[m, n])
         if v > 0:  # BAD-IF
             pass
-    expect_error(bad, "BAD-IF", "kl.where")
+    msg = expect_error(bad, "BAD-IF", "kl.where(cond, a, b)", "`if`")
+    assert "kl.maximum" not in msg
+
+
+def test_builtin_max_min_on_values_suggest_maximum_minimum():
+    @kl.kernel(static=("N",))
+    def relu(x: kl.In("M", "N"), out: kl.Out("M", "N")):
+        m, n = kl.parallel("M"), kl.tile("N")
+        kl.store(out[m, n], max(kl.load(x[m, n]), 0.0))  # BAD-MAX
+    msg = expect_error(relu, "BAD-MAX", "kl.maximum(a, b)", "max()")
+    assert "kl.where" not in msg
+
+    @kl.kernel(static=("N",))
+    def clip(x: kl.In("M", "N"), out: kl.Out("M", "N")):
+        m, n = kl.parallel("M"), kl.tile("N")
+        kl.store(out[m, n], min(1.0, kl.load(x[m, n])))  # BAD-MIN
+    expect_error(clip, "BAD-MIN", "kl.minimum(a, b)")
+
+    @kl.kernel(static=("N",))
+    def both(x: kl.In("M", "N"), out: kl.Out("M", "N")):
+        m, n = kl.parallel("M"), kl.tile("N")
+        v = kl.load(x[m, n])
+        kl.store(out[m, n], kl.where((v > 0.0) and (v < 1.0), v, 0.0))  # BAD-AND
+    msg = expect_error(both, "BAD-AND", "`and`", "`&`")
+    assert "kl.maximum" not in msg
 
 
 def test_output_never_stored_and_float_only_ops():

@@ -3,10 +3,16 @@ nodes; broadcasting is by axis name (the result varies along the union of
 its operands' axes)."""
 from __future__ import annotations
 
+import re
+
 from . import dtypes as dt
 from .builder import as_node, caller_loc, node
 from .errors import KernelError
 from .nodes import COMPARE, Node, Op, Param
+
+
+# a call of Python's builtin max/min (not kl.max, x.max, np.max)
+_BUILTIN_EXTREMUM = re.compile(r"(?<![\w.])(max|min)\s*\(")
 
 
 def _idiv(a: int, b: int) -> int:
@@ -103,8 +109,16 @@ class Value:
     def __ne__(self, o): return elementwise(Op.NE, self, o)  # type: ignore[override]
 
     def __bool__(self):
-        raise KernelError("an IR value has no truth value while tracing; use kl.where(...) "
-                          "instead of Python `if`/`and`/`or` on values", caller_loc())
+        loc = caller_loc()
+        if loc is not None and _BUILTIN_EXTREMUM.search(loc.text):
+            # max(v, 0.0) compares v with `<` and asks the result for a truth value
+            raise KernelError("Python's max()/min() on an IR value compares it and needs a "
+                              "truth value, which a value has not while tracing; use "
+                              "kl.maximum(a, b) / kl.minimum(a, b) per lane (kl.max(x, axis) / "
+                              "kl.min(x, axis) reduce along an axis)", loc)
+        raise KernelError("an IR value has no truth value while tracing: Python `if`, `while`, "
+                          "`and`, `or`, `not` and chained comparisons need one; select with "
+                          "kl.where(cond, a, b) and combine conditions with `&`, `|`, `~`", loc)
 
     def __repr__(self) -> str:
         return f"Value({self.node!r})"
