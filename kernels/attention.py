@@ -280,6 +280,12 @@ def _rows(q_start, q_lens, k_lens, causal, window, device, T):
     return seq, lo, hi
 
 
+def _clamp_ranges(lo, hi, n):
+    """Key ranges [lo, hi) cut to [0, n), hi >= lo (on the device, no sync)."""
+    lo = lo.clamp(0, n)
+    return lo, torch.maximum(hi.clamp(max=n), lo)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
               cu_seqlens_k: torch.Tensor, *, scale: Optional[float] = None, causal: bool = True,
               window: Optional[int] = None, softcap: Optional[float] = None,
@@ -310,7 +316,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: t
             at 0, never decrease, end at the token count): two
             device-to-host copies. With False the Triton and C++ lowerings
             make no host sync (the call can be captured in a CUDA graph);
-            with bad offsets nothing is read or written outside the tensors,
+            with bad offsets nothing is read or written outside the tensors
+            (each row's key range is clamped into k's rows on the device),
             but the result is undefined. The torch lowerings plan their
             launches on the host and check anyway.
     Returns:
@@ -341,8 +348,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: t
     T = q.shape[0]
     if not T:
         return torch.empty_like(q)
+    if cq.shape[0] == 1:          # (unchecked) no sequence: no row sees a key
+        return torch.zeros_like(q)
     seq, lo, hi = _rows(cq, cq.diff(), ck.diff(), causal, window, q.device, T)
-    lo, hi = (ck[seq] + lo).to(torch.int32), (ck[seq] + hi).to(torch.int32)
+    lo, hi = ck[seq] + lo, ck[seq] + hi
+    if ck_host is None:
+        # unchecked offsets may name rows outside k: each range is clamped into
+        # [0, Tk] here, so no lowering reads outside k and v or walks an absurd range
+        lo, hi = _clamp_ranges(lo, hi, k.shape[0])
+    lo, hi = lo.to(torch.int32), hi.to(torch.int32)
     G = q.shape[1] // hkv
     qg = q.view(T, hkv, G, D) if q.stride(-1) == 1 else q.reshape(T, hkv, G, D)
     kdef = attention_kernel(softcap is not None, _query_block(q, decision.backend),
@@ -420,8 +434,10 @@ def paged_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch
         check_tables: verify block-table entries, lengths and
             ``query_start_loc`` on the host first (device-to-host copies).
             With False the call makes no host sync (it can be captured in a
-            CUDA graph); with a bad table or offsets nothing is read outside
-            the cache, but the result is undefined and differs by backend
+            CUDA graph); with a bad table, lengths or offsets nothing is read
+            outside the cache (each row's key range is clamped into the
+            table's positions on the device), but the result is undefined
+            and differs by backend
             (Triton reads 0 for an out-of-range block, the torch lowerings
             clamp it into the cache).
         splits: cut each row's keys into this many parts walked by separate
@@ -481,7 +497,9 @@ def paged_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch
         plan.checked.add((nb, bs))
     if not T:
         return torch.empty_like(q)
-    seq, lo, hi = plan.key_ranges(T, q.device)
+    if not plan.q_lens.shape[0]:      # (unchecked) no sequence: no row sees a key
+        return torch.zeros_like(q)
+    seq, lo, hi = plan.key_ranges(T, mb * bs, q.device)
     G = q.shape[1] // hkv
     qg = q.view(T, hkv, G, D) if q.stride(-1) == 1 else q.reshape(T, hkv, G, D)
     context = plan.context(mb * bs, q.device)

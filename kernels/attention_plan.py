@@ -60,13 +60,17 @@ class PagedAttentionPlan:
     #: the split kernel's ``split`` argument: only its length (keys per split) is read
     split_length = context
 
-    def key_ranges(self, num_tokens: int, device):
-        """(sequence, first key, end key) per query row, int32, computed once."""
-        if self.rows is None or self.rows[0] != num_tokens:
-            from .attention import _rows
+    def key_ranges(self, num_tokens: int, num_keys: int, device):
+        """(sequence, first key, end key) per query row, int32, computed once.
+        Each range is clamped into the ``num_keys`` positions the block table
+        holds: unchecked lengths (``check_tables=False``) cannot make a
+        lowering walk past the table or loop over an absurd range."""
+        if self.rows is None or self.rows[0] != (num_tokens, num_keys):
+            from .attention import _rows, _clamp_ranges
             seq, lo, hi = _rows(self.qsl, self.q_lens, self.lens, self.causal, self.window,
                                 device, num_tokens)
-            self.rows = (num_tokens, seq.to(torch.int32), lo.to(torch.int32),
+            lo, hi = _clamp_ranges(lo, hi, num_keys)
+            self.rows = ((num_tokens, num_keys), seq.to(torch.int32), lo.to(torch.int32),
                          hi.to(torch.int32))
         return self.rows[1:]
 
