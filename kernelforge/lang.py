@@ -19,6 +19,8 @@ from __future__ import annotations
 import inspect
 from typing import Callable
 
+import torch
+
 from .ir.builder import as_node, caller_loc, node, trace, tracer
 from .ir.dtypes import DType, bf16, bool_, f16, f32, f64, i32, i64, u32  # noqa: F401
 from .ir.errors import KernelError
@@ -55,6 +57,9 @@ class KernelDef:
 
     def __init__(self, fn: Callable, static: tuple[str, ...] = (), derived=None,
                  examples=(), example_dtypes=None):
+        if torch.compiler.is_compiling() and _refuse_in_trace(
+                fn.__name__, fn.__code__.co_filename, fn.__code__.co_firstlineno):
+            torch._dynamo.graph_break()      # (not fullgraph) build it in eager Python
         self.fn, self.name, self.static = fn, fn.__name__, tuple(static)
         self.derived = dict(derived or {})
         self.examples = tuple(dict(e) for e in examples)
@@ -132,6 +137,36 @@ class KernelDef:
 
     def __str__(self) -> str:
         return str(self.specialize())
+
+
+class KernelInTraceError(KernelError, torch._dynamo.exc.UserError):
+    """A kernel built while torch.compile traces (a KernelError that Dynamo
+    passes on to the caller as it is, instead of wrapping it as its own)."""
+
+    def __init__(self, message: str, loc: SrcLoc):
+        torch._dynamo.exc.UserError.__init__(
+            self, torch._dynamo.exc.UserErrorType.ANTI_PATTERN, f"{loc}: {message}")
+        self.loc, self.reason = loc, message
+
+
+@torch._dynamo.assume_constant_result
+def _refuse_in_trace(name: str, file: str, line: int) -> bool:
+    """Run by Dynamo outside the trace when a kernel is built inside one (it
+    cannot trace ``inspect``, nor should it trace tracing). Under
+    ``fullgraph=True`` raises ``KernelInTraceError`` saying what to do;
+    otherwise returns True: a graph break, and the kernel is built eagerly."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+        one_graph = InstructionTranslator.current_tx().one_graph
+    except Exception:              # Dynamo's internals moved: refuse, as under fullgraph
+        one_graph = True
+    if not one_graph:
+        return True
+    raise KernelInTraceError(
+        f"kernel `{name}` is built inside a torch.compile(fullgraph=True) trace; build "
+        "kernel variants outside it: define the kernel at module level, or make it in a "
+        "factory decorated with kernelforge.dispatch.kernel_factory, which builds it "
+        "outside the trace and hands the trace a key", SrcLoc(file, line))
 
 
 def _def_loc(fn) -> SrcLoc:

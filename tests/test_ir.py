@@ -2,6 +2,7 @@
 import os
 
 import pytest
+import torch
 
 import kernelforge.lang as kl
 from kernelforge.ir.errors import KernelError
@@ -303,3 +304,27 @@ def test_bounds_and_store_masks_are_verified():
     expect_error(bad_mask, "BAD-MASK", "store mask must be bool")
     text = str(__import__("ir_kernels").scatter_rows.specialize({"slot": kl.i64}, {"D": 8}))
     assert "store table[" in text and " if %" in text
+
+
+def _build_and_run(x):
+    @kl.kernel(static=("N",))
+    def doubled(x: kl.In("M", "N"), out: kl.Out("M", "N")):
+        m, n = kl.parallel("M"), kl.tile("N")
+        kl.store(out[m, n], kl.load(x[m, n]) * 2.0)
+    import kernelforge
+    out = torch.empty_like(x)
+    kernelforge.launch(doubled, x, out, backend="eager")
+    return out + 1.0
+
+
+def test_building_a_kernel_inside_a_fullgraph_trace_says_what_to_do():
+    """Dynamo cannot trace kernel construction (inspect): under fullgraph the
+    caller gets a KernelError naming the fix, not a Dynamo error blaming
+    PyTorch; without fullgraph it graph-breaks and builds the kernel eagerly."""
+    torch._dynamo.reset()
+    x = torch.randn(2, 8)
+    with pytest.raises(KernelError, match=r"kernel `doubled` is built inside a "
+                                          r"torch.compile\(fullgraph=True\) trace.*kernel_factory"):
+        torch.compile(_build_and_run, fullgraph=True, backend="eager")(x)
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(_build_and_run, backend="eager")(x), x * 2.0 + 1.0)
