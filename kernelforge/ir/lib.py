@@ -74,7 +74,3 @@ def philox4x32(c0, c1, c2, c3, k0, k1, rounds: int = 10):
         k0, k1 = k0 + _PHILOX_W[0], k1 + _PHILOX_W[1]
     return c0, c1, c2, c3
 
-
-def uniform_from_u32(r):
-    """A u32 random word to a float32 in [0, 1) using its top 24 bits."""
-    return (r >> 8).to(kl.i32).to(kl.f32) * (1.0 / 16777216.0)
