@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import types
+import warnings
 
 import torch
 
@@ -13,16 +14,19 @@ from .ir import dtypes as dt
 
 
 def _plan(kdef):
-    """Per kernel, once: which args are tensors, where each static axis is
-    read, and which other dims must agree with the dim an axis was read from."""
+    """Per kernel, once: which args are tensors, where each static or derived
+    axis is read (both are part of the specialisation key, so a call whose
+    dims disagree with them never reuses a build), and which other dims must
+    agree with the dim an axis was read from."""
     plan = kdef.launch_plan
     if plan is None:
         tensors, static, first, same = [], {}, {}, []
+        keyed = set(kdef.static) | set(kdef.derived)
         for i, (name, ann) in enumerate(kdef.signature):
             if hasattr(ann, "axes"):
                 tensors.append((i, name))
                 for d, a in enumerate(ann.axes):
-                    if a in kdef.static and a not in static:
+                    if a in keyed and a not in static:
                         static[a] = (i, d)
                     if a in first:
                         same.append((a, first[a], (i, d)))
@@ -69,16 +73,44 @@ class NewTensor:
 
 
 def specialization(kdef, args) -> tuple[dict, dict]:
+    """(tensor dtypes, static axis sizes) of a call; checks that derived axes
+    have the extent their rule gives and that no static axis is empty."""
     tensors, static, _, _ = _plan(kdef)
     dtypes = {name: dt.from_torch(args[i].dtype) for i, name in tensors}
-    sizes = {a: int(args[i].shape[d]) for a, (i, d) in static}
+    read = {a: int(args[i].shape[d]) for a, (i, d) in static}
+    sizes = {a: v for a, v in read.items() if a in kdef.static}
+    names = kdef.signature
+    for a, rule in kdef.derived.items():
+        if a not in read:
+            continue
+        want = int(rule(sizes))
+        if read[a] != want:
+            i, d = dict(static)[a]
+            raise ValueError(f"{kdef.name}: `{names[i][0]}` dim {d} is axis {a}, expected "
+                             f"{want} (derived from {sizes}), got {read[a]}")
+    for a, v in read.items():
+        if v == 0:
+            i, d = dict(static)[a]
+            raise ValueError(f"{kdef.name}: `{names[i][0]}` dim {d} is the static axis {a}, "
+                             "expected at least 1, got 0 (an op returns empty outputs "
+                             "without launching)")
     return dtypes, sizes
+
+
+def _check_arity(kdef, args) -> None:
+    want = len(kdef.signature)
+    if len(args) != want:
+        names = ", ".join(n for n, _ in kdef.signature)
+        raise TypeError(f"launch({kdef.name}): expected {want} arguments ({names}), "
+                        f"got {len(args)}")
 
 
 def compiled(kdef, args, backend: str | None = None):
     """The callable that would run ``kdef`` on ``args`` (returning the
     tensors for its NewTensor arguments), and the backend decision."""
     tensors, static, qualname, agree = kdef.launch_plan or _plan(kdef)
+    if len(args) != len(kdef.signature):
+        _check_arity(kdef, args)
     if agree is not None and not agree(args):
         check_shapes(kdef, args)           # raises, naming the dims
     ts = [args[i] for i, _ in tensors]
@@ -113,8 +145,23 @@ def compiled(kdef, args, backend: str | None = None):
                 raise ValueError(f"backend: {be.name!r} cannot run kernel `{kernel.name}`: {why}")
             runs_on = registry.fallback(device, kernel, be).backend
         outs = [i for i, (_, a) in enumerate(kdef.signature) if getattr(a, "kind", "") == "out"]
-        return _runner(runs_on, kernel, device, new, [kdef.signature[i][0] for i in new],
-                       fresh=set(new) == set(outs))
+        names = [kdef.signature[i][0] for i in new]
+        fresh = set(new) == set(outs)
+        tried = []
+        while True:
+            try:
+                return _runner(runs_on, kernel, device, new, names, fresh=fresh)
+            except Exception as e:
+                if explicit:        # backend= or KERNELFORGE_BACKEND: the caller asked for it
+                    raise
+                tried.append(runs_on)
+                nxt = registry.fallback(device, kernel, *tried, reason=f"building it failed "
+                                        f"({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+                warnings.warn(f"kernelforge: the default backend {runs_on.name!r} failed to "
+                              f"build `{kernel.name}` ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200]}); running it on "
+                              f"{nxt.backend.name!r} instead", RuntimeWarning, stacklevel=2)
+                runs_on = nxt.backend
 
     fn = cache.get_or_build(key, build, (qualname, be.name))
     cache.launchers[fast] = (fn, decision, sched)
@@ -125,7 +172,7 @@ def _runner(be, kernel, device, new: tuple, new_names: list, fresh: bool = False
     """``fresh``: every output is allocated here, so none can share memory
     with an input (a backend's ``build`` may offer a ``fresh`` variant of its
     callable that skips that check)."""
-    if new and hasattr(be, "build_functional"):
+    if new:
         fn = be.build_functional(kernel, device, tuple(new_names))
         if fn is not None:
             keep = [i for i in range(len(kernel.params)) if i not in new]
@@ -166,6 +213,7 @@ def launch(kdef, *args, backend: str | None = None) -> tuple:
     if torch.compiler.is_compiling():
         return _traced(kdef, args)
     if _capture is not None:
+        _check_arity(kdef, args)
         return _capture.launch(kdef, args, backend)
     fn, _ = compiled(kdef, args, backend)
     return fn(*args)

@@ -226,7 +226,7 @@ def check_bad(spec: OpSpec, label: str, call: Call, words: tuple, backend) -> No
 
 def builds(spec: OpSpec, backend: str) -> int:
     """Compiled specialisations of the spec's kernels on ``backend`` so far."""
-    names = {k.name for k in spec.kernels()}
+    names = {f"{k.fn.__module__}.{k.name}" for k in spec.kernels()}
     return sum(n for (kname, be), n in cache.stats.items() if be == backend and kname in names)
 
 

@@ -31,15 +31,15 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 #: the backends the op tests run on: ``--kf-backend`` (pytest_configure sets it),
-#: else every registered backend that runs on DEVICE, plug-ins included
+#: else every built-in backend that runs on DEVICE (a plug-in: --kf-backend=NAME)
 BACKENDS: tuple = ()
 
 
 def pytest_addoption(parser):
     parser.addoption("--kf-backend", action="append", default=None, metavar="NAME",
                      help="run the op tests on this backend only (repeat the flag or "
-                          "comma-separate names); default: every registered backend that "
-                          "runs on this device")
+                          "comma-separate names); default: every built-in backend that runs "
+                          "on this device")
 
 
 def pytest_configure(config):
@@ -51,7 +51,8 @@ def pytest_configure(config):
     if unknown:
         raise pytest.UsageError(f"--kf-backend: unknown backend(s) {unknown}; registered: "
                                 f"{sorted(known)}")
-    BACKENDS = tuple(chosen) or tuple(n for n, b in known.items() if b.can_run(DEVICE)[0])
+    BACKENDS = tuple(chosen) or tuple(n for n, b in known.items()
+                                      if registry.builtin(n) and b.can_run(DEVICE)[0])
 
 
 @pytest.fixture

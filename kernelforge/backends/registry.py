@@ -1,8 +1,9 @@
 """Backend registry and per-call selection.
 
-Built-in backends and plug-ins are found the same way: an entry in the
-``kernelforge.backends`` entry point group naming a zero-argument factory
-that returns a Backend (or None when it cannot work on this host). A broken
+Built-in backends and plug-ins are found the same way and only that way: an
+entry in the ``kernelforge.backends`` entry point group (kernelforge's own
+pyproject announces the built-ins) naming a zero-argument factory that
+returns a Backend, or None when it cannot work on this host. A broken
 plug-in is reported and skipped, never fatal. Selection is per call, from
 the tensors' device: an explicit ``backend=`` wins, then
 KERNELFORGE_BACKEND, then the backend with the highest default priority for
@@ -10,7 +11,6 @@ that device.
 """
 from __future__ import annotations
 
-import importlib
 import warnings
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
@@ -20,44 +20,59 @@ import torch
 from .. import config
 from .base import Backend
 
-_BUILTIN = {
-    "eager": "kernelforge.backends.eager:EagerBackend",
-    "inductor": "kernelforge.backends.inductor:InductorBackend",
-    "triton": "kernelforge.backends.triton:TritonBackend",
-    "cpp": "kernelforge.backends.cpp:CppBackend",
-}
 _backends: dict[str, Backend] | None = None
+#: backend name -> the distribution that announced it ("kernelforge" for the built-ins)
+origin: dict[str, str] = {}
 _defaults: dict[tuple, "Decision"] = {}
 
 
-def _load(spec: str):
-    mod, _, attr = spec.partition(":")
-    return getattr(importlib.import_module(mod), attr)
-
-
 def backends() -> dict[str, Backend]:
+    """Every backend announced through the entry point group, by name."""
     global _backends
     if _backends is None:
         found: dict[str, Backend] = {}
-        for name, spec in _BUILTIN.items():
-            found[name] = _load(spec)()
-        for ep in entry_points(group="kernelforge.backends"):
-            if ep.value in _BUILTIN.values():
-                continue
+        eps = sorted(entry_points(group="kernelforge.backends"),
+                     key=lambda ep: (_dist(ep) != "kernelforge", ep.name))
+        for ep in eps:
+            dist = _dist(ep)
             try:
                 b = ep.load()()
             except Exception as e:   # fault isolation: a broken plug-in is skipped
-                warnings.warn(f"kernelforge: backend plug-in {ep.name!r} failed to load: {e}")
+                if dist == "kernelforge":
+                    raise
+                warnings.warn(f"kernelforge: backend plug-in {ep.name!r} failed to load "
+                              f"(from {dist}): {type(e).__name__}: {e}")
                 continue
-            if b is not None:
-                found[b.name] = b
+            if b is None:
+                continue
+            if b.name in found:
+                warnings.warn(f"kernelforge: backend {b.name!r} from {dist} ignored: the name "
+                              f"is taken by {origin[b.name]}")
+                continue
+            found[b.name] = b
+            origin[b.name] = dist
+        if not any(v == "kernelforge" for v in origin.values()):
+            raise RuntimeError("kernelforge: no built-in backend is announced: kernelforge "
+                               "must be installed (pip install -e . from a checkout) for its "
+                               "entry points to exist")
         _backends = found
     return _backends
+
+
+def _dist(ep) -> str:
+    return getattr(getattr(ep, "dist", None), "name", None) or "?"
+
+
+def builtin(name: str) -> bool:
+    """Whether ``name`` is one of kernelforge's own backends (not a plug-in)."""
+    backends()
+    return origin.get(name) == "kernelforge"
 
 
 def register(backend: Backend) -> None:
     """Add a backend at run time (tests, notebooks); plug-ins use the entry point."""
     backends()[backend.name] = backend
+    origin[backend.name] = "register()"
     reset()
 
 
@@ -105,22 +120,24 @@ def select(device: torch.device, explicit: str | None = None) -> Decision:
     return hit
 
 
-def fallback(device: torch.device, kernel, unable: Backend) -> Decision:
-    """The backend that runs ``kernel`` when the default one, ``unable``,
-    has no rule for something it uses: the next by default priority."""
+def fallback(device: torch.device, kernel, *unable: Backend, reason: str = "") -> Decision:
+    """The backend that runs ``kernel`` when the default one cannot (it has
+    no rule for something the kernel uses, or ``reason``: building failed):
+    the next by default priority, skipping every backend in ``unable``."""
     cands = []
     for b in backends().values():
-        if b is unable:
+        if b in unable:
             continue
         prio, _ = b.default_priority(device)
         if prio is not None and b.supports(kernel)[0]:
             cands.append((prio, b))
+    why = reason or unable[0].supports(kernel)[1]
     if not cands:
         raise ValueError(f"no backend can run kernel `{kernel.name}` on {device.type} tensors: "
-                         f"{unable.supports(kernel)[1]}")
+                         f"{unable[-1].name}: {why}")
     best = max(cands, key=lambda c: c[0])[1]
-    return Decision(best, f"{unable.name} is the default for {device.type} tensors, but "
-                          f"{unable.supports(kernel)[1]}")
+    return Decision(best, f"{unable[-1].name} is the default for {device.type} tensors, but "
+                          f"{why}")
 
 
 def _forced(device, name: str, source: str) -> Decision:
