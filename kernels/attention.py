@@ -45,7 +45,9 @@ def _flash_loop(axis: str, step, lo, hi):
     init = (kl.full(float("-inf"), kl.f32, *rows), kl.zeros(kl.f32, *rows),
             kl.zeros(kl.f32, *rows, "D"))
     _, l_i, acc = kl.seq_for(axis, step, init=init, start=lo, stop=hi)
-    return kl.where(l_i > 0.0, acc / l_i, 0.0)
+    # only a row with no weight is 0: a NaN sum (NaN in its query or in a key
+    # or value it sees) stays NaN, as in SDPA and FlashAttention
+    return kl.where(l_i == 0.0, 0.0, acc / l_i)
 
 
 @kernel_factory
@@ -321,7 +323,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: t
             but the result is undefined. The torch lowerings plan their
             launches on the host and check anyway.
     Returns:
-        [Tq, Hq, D] in q's dtype; rows that see no key are 0.
+        [Tq, Hq, D] in q's dtype; rows that see no key are 0. A NaN in a
+        query row or in a key or value it sees makes the row NaN; nothing
+        it does not see reaches it, except that a NaN or inf value row
+        reaches the rows of its launch block that do not see it
+        (docs/attention.md, "NaN and inf").
 
     Example:
         >>> o = kernelforge.ops.attention(q, k, v, cu, cu)   # causal prefill
@@ -450,7 +456,10 @@ def paged_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch
             call (``kernels/attention_plan.py``). None derives it here.
         round_p: as in ``attention``.
     Returns:
-        [T, Hq, D] in q's dtype.
+        [T, Hq, D] in q's dtype. A NaN in a query row or in a key or value
+        it sees makes the row NaN; nothing it does not see (other positions,
+        sequences, unused cache slots) reaches it; a row with no visible
+        key is 0 (docs/attention.md, "NaN and inf").
 
     Example:
         >>> o = kernelforge.ops.paged_attention(q, kc, vc, tables, lens, qsl)

@@ -81,7 +81,8 @@ def _combine(m_in: kl.In("T", "HK", "S", "G"), l_in: kl.In("T", "HK", "S", "G"),
     w = kl.exp(m - kl.where(m_max == float("-inf"), 0.0, m_max))   # [S, G]
     l_sum = kl.sum(kl.load(l_in[t, hk, s, g]) * w, "S")
     acc = kl.sum(kl.load(acc_in[t, hk, s, g, d]) * w, "S")         # [G, D]
-    kl.store(out[t, hk, g, d], kl.where(l_sum > 0.0, acc / l_sum, 0.0).to(out.dtype))
+    # 0 only for a row with no weight: NaN stays NaN (as _flash_loop)
+    kl.store(out[t, hk, g, d], kl.where(l_sum == 0.0, 0.0, acc / l_sum).to(out.dtype))
 
 
 _combine.__name__ = _combine.__qualname__ = "attention_paged_combine"
