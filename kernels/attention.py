@@ -29,6 +29,7 @@ from kernelforge.dispatch import NewTensor, launch, kernel_factory
 from kernelforge.ir import lib
 
 from . import attention_plan    # (imports this module only inside its functions)
+from .kv_cache import distinct_caches
 
 HEAD_SIZES = (64, 80, 96, 128, 256)
 
@@ -472,6 +473,7 @@ def paged_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch
     op = "paged_attention"
     D, hkv = _common(op, q, key_cache, value_cache, "key_cache", "value_cache", window,
                      softcap, scale, causal, 4, "[num_blocks, block_size, kv_heads, head_size]")
+    distinct_caches(op, key_cache, value_cache)
     _check_round_p(op, round_p)
     if not isinstance(check_tables, bool):
         checks.fail(op, "check_tables", "a bool", repr(check_tables))

@@ -29,6 +29,15 @@ def reshape_and_cache_kernel(key: kl.In("T", "H", "D"), value: kl.In("T", "H", "
     kl.store(value_cache[block, row, h, d], kl.load(value[t, h, d]), mask=slot >= 0)
 
 
+def distinct_caches(op: str, key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:
+    """Keys and values in memory of their own: one tensor (or overlapping
+    views) cannot hold both; disjoint views of one buffer are fine."""
+    if checks.overlaps(key_cache, value_cache):
+        checks.fail(op, "value_cache", "memory apart from `key_cache` (keys and values are "
+                    "different rows)", "the same tensor as `key_cache`" if
+                    value_cache is key_cache else "a tensor that overlaps `key_cache`")
+
+
 def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
                       value_cache: torch.Tensor, slot_mapping: torch.Tensor, *,
                       check_slots: bool = True, backend: Optional[str] = None) -> None:
@@ -84,6 +93,11 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.T
                         "head size as in the cache)", list(x.shape))
         checks.last_dim_contiguous(op, name, x)
         rows.append(x)
+    # the caches are written: neither may share memory with the other or with
+    # what is read (disjoint views of one buffer, q/k/v of a fused qkv, are fine)
+    distinct_caches(op, key_cache, value_cache)
+    checks.no_overlap_among(op, (("key_cache", key_cache), ("value_cache", value_cache)),
+                            (("key", key), ("value", value), ("slot_mapping", slot_mapping)))
     checks.no_host_check_inline(op, "check_slots", check_slots)
     if check_slots and T and not torch.compiler.is_compiling():
         lo, hi = (int(v) for v in torch.aminmax(slot_mapping))

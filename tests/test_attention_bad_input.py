@@ -634,3 +634,51 @@ def test_reshape_and_cache_all_padding_writes_nothing(backend):
                                       backend=backend)
     k0.view(-1, 2, D)[5], v0.view(-1, 2, D)[5] = key[1], value[1]
     assert torch.equal(kc, k0) and torch.equal(vc, v0)
+
+
+# -- aliased arguments ---------------------------------------------------------------------
+
+def test_paged_key_cache_and_value_cache_must_differ():
+    """One tensor (or overlapping views) cannot be both caches; two halves of
+    one [2, num_blocks, ...] buffer (vLLM's layout) can."""
+    q, kc, vc, bt, sl, qsl = paged()
+    with pytest.raises(OpArgError, match=r"^paged_attention: `value_cache` expected memory "
+                                         r"apart from `key_cache` .*got the same tensor"):
+        pattn(q, kc, kc, bt, sl, qsl)
+    both = torch.randn(NB + 1, BS, 2, D)
+    with pytest.raises(OpArgError, match=r"`value_cache` expected memory apart from "
+                                         r"`key_cache` .*got a tensor that overlaps"):
+        pattn(q, both[:NB], both[1:], bt, sl, qsl)
+    kv = torch.stack([kc, vc])
+    torch.testing.assert_close(pattn(q, kv[0], kv[1], bt, sl, qsl), pattn(q, kc, vc, bt, sl, qsl),
+                               rtol=0, atol=0)
+
+
+def test_reshape_and_cache_refuses_aliased_caches_and_inputs():
+    """The caches are written: they may not be one tensor, overlap each
+    other, or overlap the rows being written into them. Keys and values
+    sliced from one fused projection (disjoint views) are legal."""
+    key, value, kc, vc, slots = cache_args()
+    with pytest.raises(OpArgError, match=r"^reshape_and_cache: `value_cache` expected memory "
+                                         r"apart from `key_cache` .*got the same tensor"):
+        rc(key, value, kc, kc, slots)
+    both = torch.zeros(NB + 1, BS, 2, D)
+    with pytest.raises(OpArgError, match=r"`value_cache` expected memory apart from "
+                                         r"`key_cache` .*got a tensor that overlaps"):
+        rc(key, value, both[:NB], both[1:], slots)
+    # key rows read from the cache being written: block 0 of the key cache as `key`
+    with pytest.raises(OpArgError, match=r"^reshape_and_cache: `key_cache` expected memory of "
+                                         r"its own \(the op writes it while reading `key`\)"):
+        rc(kc.view(-1, 2, D)[:3], value, kc, vc, slots)
+    with pytest.raises(OpArgError, match=r"`value_cache` expected memory of its own \(the op "
+                                         r"writes it while reading `value`\)"):
+        rc(key, vc.view(-1, 2, D)[10:13], kc, vc, slots)
+    with pytest.raises(OpArgError, match=r"`key_cache` expected memory of its own \(the op "
+                                         r"writes it while reading `value`\)"):
+        rc(key, kc.view(-1, 2, D)[5:8], kc, vc, slots)
+    assert not kc.any() and not vc.any()
+    # k and v sliced from one qkv projection: disjoint strided views, accepted
+    qkv = torch.randn(3, 3 * 2 * D)
+    k, v = qkv[:, 2 * D:4 * D], qkv[:, 4 * D:]
+    rc(k, v, kc, vc, slots)
+    assert torch.equal(kc[1, 1], k[1].view(2, D)) and torch.equal(vc[1, 1], v[1].view(2, D))
