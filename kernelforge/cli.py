@@ -3,6 +3,8 @@
     kernelforge ops                         ops and the backends available here
     kernelforge show OP --backend triton    generated code (also: ir, inductor, eager, cpp)
     kernelforge aot-check [--targets ...]   compile every kernel for GPU targets
+    kernelforge conformance --backend NAME  check a backend against every op's spec
+    kernelforge new-op NAME                 write a new op file and its test skeleton
     kernelforge demo                        the RMSNorm family on every backend
     kernelforge generate "prompt"           text from the default model, streamed
     kernelforge chat                        a chat with it (its chat template)
@@ -34,10 +36,12 @@ def cmd_ops(args) -> int:
     if torch.cuda.is_available():
         print(f"GPU: {torch.cuda.get_device_name()} -> default "
               f"{registry.select(torch.device('cuda')).backend.name}")
-    print("ops:")
+    from .ops import SPECS
+    print("ops (kernelforge.ops.NAME, torch.ops.kernelforge.NAME):")
     for op, kdefs in KERNELS.items():
-        print(f"  {op:<20} kernels: {', '.join(k.name for k in kdefs)}   "
-              f"torch.ops.kernelforge.{op}")
+        spec = SPECS.get(op)
+        vllm = f"   vLLM: {spec.vllm}" if spec is not None and spec.vllm else ""
+        print(f"  {op:<20} kernels: {', '.join(k.name for k in kdefs)}{vllm}")
     return 0
 
 
@@ -86,7 +90,16 @@ def cmd_aot(args) -> int:
         print(f"aot-check: unknown target(s) {bad}; known: {', '.join(aot.TARGETS)}",
               file=sys.stderr)
         return 2
-    results = aot.check(targets, ops=args.op or None)
+    from .ops import KERNELS
+    ops = [o.strip() for v in (args.op or []) for o in v.split(",") if o.strip()]
+    unknown = [o for o in ops if o not in KERNELS]
+    if unknown:
+        print(f"aot-check: unknown op(s) {unknown}; ops: {', '.join(KERNELS)}", file=sys.stderr)
+        return 2
+    results = aot.check(targets, ops=ops or None)
+    if not results:
+        print("aot-check: nothing to compile", file=sys.stderr)
+        return 2
     rows: dict[tuple, dict] = {}
     for r in results:
         rows.setdefault((r.op, r.kernel, r.spec), {})[r.target] = r
@@ -120,7 +133,14 @@ def main(argv=None) -> int:
                    help="size of every static axis (default: the kernel's first example)")
     a = sub.add_parser("aot-check", help="compile every kernel for GPU targets")
     a.add_argument("--targets", default="sm_80,sm_90,gfx942")
-    a.add_argument("--op", action="append", help="limit to these ops")
+    a.add_argument("--op", action="append", metavar="OP[,OP...]",
+                   help="limit to these ops (comma-separated; the flag repeats)")
+    from . import conformance
+    conformance.add_parser(sub)
+    n = sub.add_parser("new-op", help="write kernels/NAME.py (a kernel and its spec) and "
+                       "tests/test_NAME.py (a skeleton for the op's own tests)")
+    n.add_argument("name", help="the op's name, a Python identifier (e.g. gelu_and_mul)")
+    n.add_argument("--root", default=".", help="the checkout to write into (default: here)")
     d = sub.add_parser("demo", help="run the RMSNorm family on every backend")
     d.add_argument("--rows", type=int, default=64)
     d.add_argument("--hidden", type=int, default=4096)
@@ -133,6 +153,11 @@ def main(argv=None) -> int:
     if args.cmd == "demo":
         from .demo import main as demo
         return demo(args.rows, args.hidden)
+    if args.cmd == "conformance":
+        return conformance.main(args)
+    if args.cmd == "new-op":
+        from .new_op import main as new_op
+        return new_op(args.name, args.root)
     return {"ops": cmd_ops, "show": cmd_show, "aot-check": cmd_aot}[args.cmd](args)
 
 

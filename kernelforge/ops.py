@@ -1,28 +1,38 @@
 """The public ops, ``kernelforge.ops.NAME(..., backend=None)``. Each is also
-a torch.library custom op, ``torch.ops.kernelforge.NAME``, and each is
-declared once by an ``OpSpec`` in its file under kernels/ (``SPECS``)."""
-from .kernels import activation as _activation
+a torch.library custom op, ``torch.ops.kernelforge.NAME``.
+
+Every op is declared once, by an ``OpSpec`` in a file under kernels/
+(installed as ``kernelforge.kernels``) that lists it in its module-level
+``SPECS``: the files are found here, so adding an op is adding its file.
+"""
+import importlib
+import pkgutil
+
+from . import kernels as _kernels
 from .kernels import attention as _attention
 from .kernels import attention_split as _attention_split
 from .kernels import kv_cache as _kv_cache
-from .kernels import layernorm as _layernorm
-from .kernels import moe as _moe
-from .kernels import rmsnorm as _rmsnorm
-from .kernels import rotary as _rotary
 from .kernels import sampling as _sampling
-from .kernels.activation import gelu_tanh_and_mul, silu_and_mul  # noqa: F401
 from .kernels.attention import attention, paged_attention  # noqa: F401
 from .kernels.attention_plan import PagedAttentionPlan, paged_attention_plan  # noqa: F401
 from .kernels.kv_cache import reshape_and_cache  # noqa: F401
-from .kernels.layernorm import layer_norm  # noqa: F401
-from .kernels.moe import topk_softmax  # noqa: F401
-from .kernels.rmsnorm import fused_add_rms_norm, rms_norm  # noqa: F401
-from .kernels.rotary import rotary_embedding  # noqa: F401
 from .kernels.sampling import apply_penalties, sample  # noqa: F401
+
+
+def _find_specs() -> dict:
+    found = {}
+    for mod in sorted(m.name for m in pkgutil.iter_modules(_kernels.__path__)):
+        for spec in getattr(importlib.import_module(f"{_kernels.__name__}.{mod}"), "SPECS", ()):
+            if spec.name in found:
+                raise RuntimeError(f"op {spec.name!r} is declared twice (kernels/{mod}.py)")
+            found[spec.name] = spec
+    return found
+
 
 #: op name -> its spec (kernelforge/spec.py): the tests, `kernelforge conformance`
 #: and the benchmarks are derived from these
-SPECS = {s.name: s for m in (_rmsnorm, _layernorm, _activation, _moe, _rotary) for s in m.SPECS}
+SPECS = _find_specs()
+globals().update({name: spec.op for name, spec in SPECS.items()})
 
 #: op name -> the IR kernels it launches (for `kernelforge ops`, `show`, `aot-check`)
 KERNELS = {
