@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import jinja2
 
 from ..ir import dtypes as dt
-from ..ir.analysis import Analysis, linearize, stmt_roots
+from ..ir.analysis import Analysis, stmt_roots
 from ..ir.errors import KernelError
 from ..ir.nodes import Node, Op
 from .codegen import Lines, next_pow2, spec_text
@@ -31,6 +31,7 @@ from .cpp_loops import LoopRules
 from .cpp_prefetch import PrefetchRules
 from .cpp_values import (_CHEAP, _CT, _INLINE, _LEAF, _MT, _ROUND, _STACK_BYTES, _STORE,
                          ValueRules)
+from .printer_base import PrinterBase
 
 
 @dataclass(frozen=True)
@@ -99,12 +100,15 @@ def print_module(k, schedule: CppSchedule = CppSchedule(), restrict: bool = True
     return p.module()
 
 
-class _Printer(LoopRules, PrefetchRules, ValueRules):
+class _Printer(LoopRules, PrefetchRules, ValueRules, PrinterBase):
+    """The C++ printer: tiles, statements and the module here, loops in
+    ``LoopRules`` (cpp_loops.py), prefetches in ``PrefetchRules``
+    (cpp_prefetch.py), values in ``ValueRules`` (cpp_values.py)."""
+
     def __init__(self, k, an: Analysis, sched: CppSchedule):
-        self.k, self.an, self.sched = k, an, sched
+        super().__init__(k, an)
+        self.sched = sched
         self.out = Lines(indent=2, comment="//", unit="  ")
-        self.names: dict[int, str] = {}
-        self.count = 0
         self.uses: Counter = Counter()
         self.users: dict[int, set] = {}     # node -> ids of the nodes that read it
         self.pinned: set[int] = set()       # must be materialised (bounds, yields)
@@ -130,30 +134,18 @@ class _Printer(LoopRules, PrefetchRules, ValueRules):
 
     # -- tiles ------------------------------------------------------------------
     def block(self, t: Node) -> int:
-        axis, kind = t.arg[0], t.arg[1]
-        size = self.k.axes[axis].size
-        if kind == "parallel":
-            return t.arg[2]
         if id(t) in self.tail:
             return self.sched.tail_block
-        if kind == "full":
-            # the exact extent: no padded lanes to mask, clamp or compute
-            # (Triton needs powers of two; C++ loops do not). A paged decode
-            # tile of G=3 query heads was padded to 4: a quarter of its work.
-            return size
-        if size is None:
-            return self.sched.dynamic_block
+        return super().block(t)
+
+    def full_block(self, axis: str, size: int) -> int:
+        # the exact extent: no padded lanes to mask, clamp or compute
+        # (Triton needs powers of two; C++ loops do not). A paged decode
+        # tile of G=3 query heads was padded to 4: a quarter of its work.
+        return size
+
+    def chunk_block(self, size: int) -> int:
         return _static_chunk(size, self.sched.max_block)
-
-    def size(self, axis: str) -> str:
-        s = self.k.axes[axis].size
-        return str(s) if s is not None else axis
-
-    def scalar_axis(self, a: str) -> bool:
-        return any(g.arg[0] == a and g.arg[2] == 1 for g in self.k.grid)
-
-    def tdims(self, n: Node) -> tuple[str, ...]:
-        return tuple(a for a in n.axes if not self.scalar_axis(a))
 
     def tile(self, n: Node, axis: str) -> Node:
         t = self.an.tiles(n).get(axis)
@@ -172,15 +164,6 @@ class _Printer(LoopRules, PrefetchRules, ValueRules):
         if kind == "full":
             return f"i_{axis}"
         return f"(s_{axis}_{t.arg[2]} + i_{axis})"
-
-    def padded(self, t: Node) -> bool:
-        axis, kind = t.arg[0], t.arg[1]
-        size, b = self.k.axes[axis].size, self.block(t)
-        if kind == "parallel" and b == 1:
-            return False
-        if kind == "seq" and self.an.loops[t.arg[2]].bounded:
-            return True
-        return size is None or size % b != 0 or (kind == "full" and b != size)
 
     def tile_mask(self, t: Node, want: tuple[str, ...]) -> str:
         axis, kind = t.arg[0], t.arg[1]
@@ -339,17 +322,11 @@ class _Printer(LoopRules, PrefetchRules, ValueRules):
         return (self.uses[id(n)] <= 4 and n.op in _CHEAP and
                 all(id(x) in self.names or x.op in _LEAF for x in n.src))
 
-    def run(self) -> None:
+    def prologue(self, events) -> None:
         self.count_uses()
-        self.emit(list(linearize(self.k, self.an)))
 
-    def ev_node(self, n: Node) -> None:
-        if n.op in (Op.PARAM, Op.CONST, Op.SIZE, Op.RANGE, Op.FULL):
-            return
-        if n.op == Op.LOOP_OUT:
-            self.names[id(n)] = self.names[id(n.src[0].arg.carries[n.arg])]
-            return
-        if self.inline(n):
+    def define(self, n: Node) -> None:
+        if n.op in (Op.RANGE, Op.FULL) or self.inline(n):
             return
         self.materialize(n)
 

@@ -83,7 +83,7 @@ def to_half(e: str, h) -> str:
     return f"({e}).to({h.triton})"
 
 
-class DotPrinting:
+class DotRules:
     """The Triton printer's products (a mixin of ``triton_printer._Printer``)."""
 
     def _dot_contractions(self) -> dict:

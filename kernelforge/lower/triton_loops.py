@@ -1,7 +1,8 @@
 """How the Triton printer prints ``seq_for`` loops: carried values, the walk
 over chunks (per-row bounds for a bounded loop), the chunk's masks, and a
 bounded loop split into its unmasked interior and masked edges
-(``split_loop``). A mixin of ``triton_printer._Printer``."""
+(``split_loop``). A mixin of ``triton_printer._Printer``: ``emit`` walks
+the events, sending a splittable loop to ``split_loop``."""
 from __future__ import annotations
 
 from ..ir.nodes import Node, Op
@@ -9,7 +10,21 @@ from .codegen import expand, identity, literal
 from .triton_helpers import COMBINE as _COMBINE
 
 
-class LoopPrinting:
+class LoopRules:
+    def emit(self, events) -> None:
+        i = 0
+        while i < len(events):
+            ev, n = events[i]
+            if ev == "begin":
+                j = next(j for j in range(i + 1, len(events))
+                         if events[j][0] == "end" and events[j][1] is n)
+                if self.splittable(n, events[i + 1:j]):
+                    self.split_loop(n, events[i + 1:j])
+                    i = j + 1
+                    continue
+            getattr(self, "ev_" + ev)(n)
+            i += 1
+
     def ev_begin(self, s: Node) -> None:
         loop, o = s.arg, self.out
         t = loop.range

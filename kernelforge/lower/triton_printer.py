@@ -15,15 +15,16 @@ from dataclasses import dataclass
 import jinja2
 
 from ..ir import dtypes as dt
-from ..ir.analysis import Analysis, linearize
+from ..ir.analysis import Analysis
 from ..ir.errors import KernelError
 from ..ir.nodes import Node, Op
 from .codegen import Lines, expand, identity, literal, next_pow2, spec_text
 from .triton_helpers import COMBINE as _COMBINE, INTERPRET_FLAG as _INTERPRET_FLAG, \
     MINMAX_REDUCE as _MINMAX_REDUCE, TO_BF16 as _TO_BF16
 from . import triton_dots
-from .triton_dots import DotPrinting
-from .triton_loops import LoopPrinting
+from .printer_base import PrinterBase
+from .triton_dots import DotRules
+from .triton_loops import LoopRules
 
 
 @dataclass(frozen=True)
@@ -116,15 +117,14 @@ def print_module(k, schedule: TritonSchedule = TritonSchedule()) -> str:
     return p.module()
 
 
-class _Printer(LoopPrinting, DotPrinting):
-    """The printer; loops are printed by ``LoopPrinting`` (triton_loops.py),
-    products by ``DotPrinting`` (triton_dots.py)."""
+class _Printer(LoopRules, DotRules, PrinterBase):
+    """The Triton printer: values and stores here, loops in ``LoopRules``
+    (triton_loops.py), products in ``DotRules`` (triton_dots.py)."""
 
     def __init__(self, k, an: Analysis, sched: TritonSchedule):
-        self.k, self.an, self.sched = k, an, sched
+        super().__init__(k, an)
+        self.sched = sched
         self.out = Lines()
-        self.names: dict[int, str] = {}
-        self.count = 0
         self.helpers: set[str] = set()
         self.tile_names: dict[int, tuple[str, str | None]] = {}   # tile -> (offs, mask)
         self.max_elems = 1
@@ -140,39 +140,14 @@ class _Printer(LoopPrinting, DotPrinting):
         self.contractions = self._dot_contractions()
         self.fused = {id(c[0].src[0]) for c in self.contractions.values()}
         self.pending = ""         # the name ev_node is defining (for helper lines)
-        self.unmasked: set[int] = set()   # loop tiles inside their interior (split_loop)
 
     # -- tiles ------------------------------------------------------------------
-    def block(self, t: Node) -> int:
-        axis, kind = t.arg[0], t.arg[1]
-        size = self.k.axes[axis].size
-        if kind == "parallel":
-            return t.arg[2]
-        if kind == "full":
-            b = next_pow2(size)
-            return max(b, triton_dots.MIN_DOT) if axis in self.pad16 else b
-        if size is None:
-            return self.sched.dynamic_block
+    def full_block(self, axis: str, size: int) -> int:
+        b = next_pow2(size)     # tl.arange needs a power of two
+        return max(b, triton_dots.MIN_DOT) if axis in self.pad16 else b
+
+    def chunk_block(self, size: int) -> int:
         return min(next_pow2(size), self.sched.max_block)
-
-    def bounded(self, t: Node) -> bool:
-        return t.op == Op.RANGE and t.arg[1] == "seq" and self.an.loops[t.arg[2]].bounded
-
-    def padded(self, t: Node) -> bool:
-        if id(t) in self.unmasked:
-            return False
-        if self.bounded(t):
-            return True
-        size, b = self.k.axes[t.arg[0]].size, self.block(t)
-        if t.arg[1] == "parallel" and b == 1:
-            return False
-        return size is None or size % b != 0 or (t.arg[1] == "full" and b != size)
-
-    def scalar_axis(self, a: str) -> bool:
-        return any(g.arg[0] == a and g.arg[2] == 1 for g in self.k.grid)
-
-    def tdims(self, n: Node) -> tuple[str, ...]:
-        return tuple(a for a in n.axes if not self.scalar_axis(a))
 
     def tile_mask(self, t: Node, axis: str, want: tuple[str, ...]) -> str:
         """The mask of a padded tile over ``want``: per row when the loop's
@@ -201,31 +176,20 @@ class _Printer(LoopPrinting, DotPrinting):
             self.out.line(f"{mask} = {offs} < {self.size(axis)}")
         self.tile_names[id(t)] = (offs, mask)
 
-    def size(self, axis: str) -> str:
-        s = self.k.axes[axis].size
-        return str(s) if s is not None else axis
-
     # -- names ------------------------------------------------------------------
-    def name(self, n: Node) -> str:
-        if n.op == Op.PARAM:
-            return n.arg.name
-        if n.op == Op.CONST:
-            if n.dtype in (dt.u32, dt.i64) or (n.dtype.is_float and n.dtype != dt.f32):
-                # Python literals are i32/i64/f32 in Triton: give other types explicitly
-                return f"tl.full([], {literal(n.arg)}, {n.dtype.triton})"
-            return literal(n.arg)
-        if n.op == Op.SIZE:
-            return n.arg
-        if n.op == Op.RANGE:
-            self.ensure_tile(n)
-            return self.tile_names[id(n)][0]
-        return self.names[id(n)]
+    def literal(self, n: Node) -> str:
+        if n.dtype in (dt.u32, dt.i64) or (n.dtype.is_float and n.dtype != dt.f32):
+            # Python literals are i32/i64/f32 in Triton: give other types explicitly
+            return f"tl.full([], {literal(n.arg)}, {n.dtype.triton})"
+        return literal(n.arg)
 
-    def operand(self, n: Node, want: tuple[str, ...]) -> str:
-        return expand(self.name(n), self.tdims(n), want)
+    def range_name(self, n: Node) -> str:
+        self.ensure_tile(n)
+        return self.tile_names[id(n)][0]
 
     # -- driver ------------------------------------------------------------------
-    def run(self) -> None:
+    def prologue(self, events) -> None:
+        """Scalar arguments in their declared type, then the program's tiles."""
         o = self.out
         for p in self.k.params:
             if p.kind == "scalar" and p.dtype not in (dt.f32, dt.i32):
@@ -249,28 +213,10 @@ class _Printer(LoopPrinting, DotPrinting):
                 if self.padded(g):
                     o.line(f"{mask} = {offs} < {self.size(axis)}")
                 self.tile_names[id(g)] = (offs, mask)
-        events = list(linearize(self.k, self.an))
-        i = 0
-        while i < len(events):
-            ev, n = events[i]
-            if ev == "begin":
-                j = next(j for j in range(i + 1, len(events))
-                         if events[j][0] == "end" and events[j][1] is n)
-                if self.splittable(n, events[i + 1:j]):
-                    self.split_loop(n, events[i + 1:j])
-                    i = j + 1
-                    continue
-            getattr(self, "ev_" + ev)(n)
-            i += 1
 
-    def ev_node(self, n: Node) -> None:
-        if n.op in (Op.PARAM, Op.CONST, Op.SIZE):
-            return
+    def define(self, n: Node) -> None:
         if n.op == Op.RANGE:
             self.ensure_tile(n)
-            return
-        if n.op == Op.LOOP_OUT:
-            self.names[id(n)] = self.names[id(n.src[0].arg.carries[n.arg])]
             return
         if id(n) in self.fused:
             return            # a product only a tl.dot reads (triton_dots): never built
