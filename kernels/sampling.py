@@ -17,7 +17,8 @@ the same on every backend bit for bit. The pipeline per row:
    the tokens kept so far: keep token i iff the mass of tokens with a strictly
    larger logit is < top_p of the kept mass (tie groups again kept whole);
 5. Gumbel-max over the kept tokens: ``argmax(s_i - log(-log(u_i)))`` with
-   ``u_i`` from Philox keyed by the seed and counted by (vocab index, offset):
+   ``u_i`` from Philox keyed by the seed and counted by (vocab index, offset),
+   strictly inside (0, 1) in fp32 (``uniform``), so every score is finite:
    an exact draw from the renormalised kept distribution, no cumsum. Ties in
    the key go to the lower index; greedy rows take ``argmax(x)`` (lower index
    on ties).
@@ -61,6 +62,25 @@ def _as_float(key):
 def _i32(v: int) -> int:
     """A 32-bit pattern as the i32 literal with those bits."""
     return v - (1 << 32) if v >= 1 << 31 else v
+
+
+def uniform(r):
+    """A u32 word to an fp32 strictly inside (0, 1): its top 23 bits ``j`` give
+    ``(j + 0.5) * 2**-23``, exact in fp32 (24 significant bits), from
+    ``2**-24`` to ``1 - 2**-24``. (24 bits would round ``2**24 - 0.5`` up to
+    ``2**24``: u = 1, an infinite Gumbel score.)"""
+    return ((r >> 9).to(kl.i32).to(kl.f32) + 0.5) * (1.0 / 8388608.0)
+
+
+# -log(u) >= -log(1 - 2**-24) ~ 5.96e-8 for every u above; the floor (half of
+# that) only acts where a backend's log rounds log(u) to 0 just below 1
+_EXP_FLOOR = 2.0 ** -25
+
+
+def gumbel(r):
+    """A standard Gumbel variate ``-log(-log(u))`` from a u32 word, finite for
+    every word: in [-2.82, 17.33]."""
+    return -kl.log(kl.maximum(-kl.log(uniform(r)), _EXP_FLOOR))
 
 
 def _threshold(x_at, weight, target, bits: int):
@@ -144,11 +164,12 @@ def sample_kernel(bits: int = RADIX_BITS) -> kl.KernelDef:
             xn = x_at(n)
             c0 = n.to(kl.u32)
             r, _, _, _ = lib.philox4x32(c0, c0 * 0, c2, c3, k0, k1)
-            u = ((r >> 8).to(kl.i32).to(kl.f32) + 0.5) * (1.0 / 16777216.0)   # (0, 1)
             sn = s_at(n)
-            kept = (xn >= t) & (sn >= lmp)
-            score = kl.where(greedy, xn, kl.where(kept, sn - kl.log(-kl.log(u)),
-                                                  float("-inf")))
+            v = sn + gumbel(r)
+            # a kept token scores v; a filtered one, or a NaN v, scores -inf so
+            # no NaN reaches a chunk's max
+            kept = (xn >= t) & (sn >= lmp) & (v > float("-inf"))
+            score = kl.where(greedy, xn, kl.where(kept, v, float("-inf")))
             c_max, c_arg = kl.max(score, "V"), kl.argmax(score, "V")
             take = c_max > best
             return kl.where(take, c_max, best), kl.where(take, c_arg, best_i)

@@ -1,0 +1,211 @@
+"""Sampling at the fp32 edges: the Philox word whose uniform used to round to
+1.0, parameters whose fp32 images are 0 or inf (temperature 1e-40 and 1e300,
+top_p 1e-50), min_p tiny, top_k and seeds/offsets at the int64 limits, rows
+with one finite logit, a vocabulary of 1. Every expected token comes from an
+independent Philox 4x32-10 in Python integers and float64 Gumbel scores, and
+every case runs on every backend."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import kernelforge
+import kernelforge.lang as kl
+from kernelforge.kernels import sampling
+from conftest import BACKENDS, DEVICE
+from test_sampling import kept_reference
+
+ops = kernelforge.ops
+V = 1000        # the vocabulary of tests/test_sampling.py's Inductor graph: one compile
+MASK = 0xFFFFFFFF
+
+
+# -- an independent Philox 4x32-10 and the documented draw -----------------------------
+
+def philox_word(seed: int, offset: int, index: int) -> int:
+    """The first output word of Philox 4x32-10 (Salmon et al. 2011) for the
+    documented layout: key (seed low, seed high 32 bits), counter (vocabulary
+    index, 0, offset low, offset high); seed and offset as int64 bit patterns."""
+    k0, k1 = seed & MASK, (seed >> 32) & MASK
+    c = [index, 0, offset & MASK, (offset >> 32) & MASK]
+    for _ in range(10):
+        p0, p1 = 0xD2511F53 * c[0], 0xCD9E8D57 * c[2]
+        c = [((p1 >> 32) ^ c[1] ^ k0) & MASK, p1 & MASK, ((p0 >> 32) ^ c[3] ^ k1) & MASK,
+             p0 & MASK]
+        k0, k1 = (k0 + 0x9E3779B9) & MASK, (k1 + 0xBB67AE85) & MASK
+    return c[0]
+
+
+def philox_words_np(seed: int, offsets: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """philox_word over a grid of offsets (column) x indices (row), in NumPy
+    uint64 (the 32x32 products fit): for searching many words at once."""
+    m = np.uint64(MASK)
+    k0, k1 = np.uint64(seed & MASK), np.uint64((seed >> 32) & MASK)
+    c0, c2 = np.broadcast_arrays(indices[None, :].astype(np.uint64),
+                                 (offsets[:, None].astype(np.uint64) & m))
+    c1 = np.zeros_like(c0)
+    c3 = (offsets[:, None].astype(np.uint64) >> np.uint64(32)) + c1
+    for _ in range(10):
+        p0, p1 = c0 * np.uint64(0xD2511F53), c2 * np.uint64(0xCD9E8D57)
+        c0, c1, c2, c3 = ((p1 >> np.uint64(32)) ^ c1 ^ k0), p1 & m, \
+            ((p0 >> np.uint64(32)) ^ c3 ^ k1), p0 & m
+        k0, k1 = (k0 + np.uint64(0x9E3779B9)) & m, (k1 + np.uint64(0xBB67AE85)) & m
+    return c0
+
+
+def search_extreme_words(seeds=range(16), offsets=4096, top=0xFFFFFF00):
+    """(seed, offset, index < V) whose word is >= ``top``: one word in 2**24,
+    so ~17M words per hit (about 15 s here). Run this file as a script to
+    repeat the search that gave EXTREME."""
+    idx = np.arange(V)
+    for seed in seeds:
+        r = philox_words_np(seed, np.arange(offsets), idx)
+        for o, i in np.argwhere(r >= top):
+            yield seed, int(o), int(i)
+
+
+# found by search_extreme_words(): each word is >= 0xFFFFFF00 (checked below)
+EXTREME = [(2, 1937, 513), (3, 2800, 962)]
+
+
+def gumbel64(word: int) -> float:
+    """The documented uniform (top 23 bits, centred) and its Gumbel variate, in float64."""
+    u = ((word >> 9) + 0.5) / 2 ** 23
+    return -math.log(-math.log(u))
+
+
+def expected_token(x, temperature, top_k, top_p, min_p, seed, offset):
+    """The token the documented rules give for row ``x``: greedy below 1e-5;
+    else 1/T at least 2**-126 and the Gumbel-max over the kept set of
+    kept_reference, in float64. Asserts the best score is clear of the next
+    by 1e-3, so fp32 rounding cannot decide it."""
+    x = x.double().cpu()
+    if temperature < 1e-5:
+        return int(torch.argmax(x))                 # the first maximum
+    inv_t = max(1.0 / temperature, 2.0 ** -126)
+    t_eff = 1.0 / inv_t
+    finite = torch.isfinite(x)
+    kept = kept_reference(x, t_eff, top_k, top_p, min_p) & set(torch.nonzero(finite)
+                                                                .flatten().tolist())
+    m = float(x.max())
+    scores = sorted(((float(x[i]) - m) * inv_t + gumbel64(philox_word(seed, offset, i)), i)
+                    for i in kept)
+    if len(scores) > 1:
+        assert scores[-1][0] - scores[-2][0] > 1e-3, "ambiguous case: pick another seed"
+    return scores[-1][1]
+
+
+def test_reference_philox_matches_known_answer():
+    """Philox4x32-10 known-answer vectors from Random123's kat_vectors
+    (counter, key -> first word), so the reference itself is checked."""
+    def first(ctr, key):
+        k0, k1 = key
+        c = list(ctr)
+        for _ in range(10):
+            p0, p1 = 0xD2511F53 * c[0], 0xCD9E8D57 * c[2]
+            c = [((p1 >> 32) ^ c[1] ^ k0) & MASK, p1 & MASK, ((p0 >> 32) ^ c[3] ^ k1) & MASK,
+                 p0 & MASK]
+            k0, k1 = (k0 + 0x9E3779B9) & MASK, (k1 + 0xBB67AE85) & MASK
+        return c
+    assert first([0, 0, 0, 0], [0, 0]) == [0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8]
+    assert first([MASK] * 4, [MASK] * 2) == [0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd]
+    assert first([0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344],
+                 [0xa4093822, 0x299f31d0]) == [0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1]
+    # the layout helper and the vectorised search agree with it
+    assert philox_word(-1, -1, MASK) == first([MASK, 0, MASK, MASK], [MASK, MASK])[0]
+    grid = philox_words_np(5, np.array([0, 7, 2 ** 40 + 3]), np.array([0, 1, 999]))
+    assert grid.tolist() == [[philox_word(5, o, i) for i in (0, 1, 999)]
+                             for o in (0, 7, 2 ** 40 + 3)]
+
+
+def test_extreme_words_are_extreme():
+    """The words the tests below plant a token on: the old uniform,
+    ``((r >> 8) + 0.5) * 2**-24`` in fp32, is exactly 1.0 there."""
+    for seed, offset, i in EXTREME:
+        r = philox_word(seed, offset, i)
+        assert r >= 0xFFFFFF00
+        old = (np.float32(r >> 8) + np.float32(0.5)) * np.float32(2.0 ** -24)
+        assert old == np.float32(1.0)
+        assert 0.0 < ((r >> 9) + 0.5) / 2 ** 23 < 1.0
+
+
+# -- the uniform and the Gumbel variate on every backend, word by word --------------------
+
+@kl.kernel()
+def _gumbel_of_words(words: kl.In("M"), u: kl.Out("M"), g: kl.Out("M")):
+    m = kl.parallel("M", block=1024)
+    r = kl.load(words[m]).to(kl.u32)
+    kl.store(u[m], sampling.uniform(r))
+    kl.store(g[m], sampling.gumbel(r))
+
+
+def _check_words(words: torch.Tensor, backend: str):
+    u = torch.empty(words.shape, dtype=torch.float32, device=DEVICE)
+    g = torch.empty_like(u)
+    kernelforge.launch(_gumbel_of_words, words.to(DEVICE), u, g, backend=backend)
+    u, g = u.cpu().double(), g.cpu().double()
+    j = (words >> 9).double()
+    assert bool(((u > 0) & (u < 1)).all()), f"u outside (0, 1): {u[(u <= 0) | (u >= 1)][:4]}"
+    assert torch.equal(u, (j + 0.5) / 2 ** 23)          # exact in fp32
+    assert bool(torch.isfinite(g).all())
+    want = -torch.log(-torch.log((j + 0.5) / 2 ** 23))
+    torch.testing.assert_close(g, want, rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_uniform_inside_open_interval_at_extreme_words(backend):
+    """Every word in [0, 2**16) and [2**32 - 2**16, 2**32): the uniform is in
+    (0, 1) in fp32, exactly (j + 0.5) / 2**23, and the Gumbel variate finite."""
+    lo = torch.arange(0, 2 ** 16, dtype=torch.int64)
+    words = torch.cat([lo, lo + (2 ** 32 - 2 ** 16)])
+    _check_words(words, backend)
+
+
+@pytest.mark.parametrize("backend", [b for b in ("eager", "cpp") if b in BACKENDS])
+def test_uniform_inside_open_interval_for_every_word(backend):
+    """The uniform reads only the top 23 bits, so one word per value of them
+    (low 9 bits varied) covers all 2**32 words."""
+    j = torch.arange(0, 2 ** 23, dtype=torch.int64)
+    _check_words((j << 9) | (j * 37 & 511), backend)
+
+
+# -- the draw at the extreme words ------------------------------------------------------
+
+def _rows_at(i, j_other):
+    """Rows of zeros with an unlikely or filtered token at ``i``, each with the
+    top_k it is drawn under."""
+    rows, ks = [], []
+    x = torch.zeros(V)
+    x[i] = -1e4                                  # finite, ~e^-10000 of a zero token
+    rows.append(x), ks.append(0)
+    x = torch.zeros(V)
+    x[i] = float("-inf")                         # kept by the masks: -inf >= -inf
+    rows.append(x), ks.append(0)
+    x = torch.zeros(V)
+    x[i] = x[j_other] = float("-inf")            # the V-1-th largest is -inf: kept by top_k
+    rows.append(x), ks.append(V - 1)
+    x = torch.zeros(V)
+    x[i] = float("-inf")                         # filtered by top_k
+    rows.append(x), ks.append(10)
+    return rows, ks
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_token_on_extreme_word_is_never_drawn(backend):
+    """A word >= 0xFFFFFF00 under a -1e4 or -inf logit: the old uniform was 1.0,
+    its Gumbel score +inf (the -1e4 token won) or NaN (-inf + inf: the row fell
+    back to token 0). The token drawn is the float64 Gumbel-max of the others."""
+    for seed, offset, i in EXTREME:
+        rows, ks = _rows_at(i, (i + 1) % V)
+        x = torch.stack(rows)
+        tok = ops.sample(x.to(DEVICE), temperature=1.0, top_k=torch.tensor(ks).to(DEVICE),
+                         seeds=seed, offsets=offset, backend=backend).cpu()
+        want = [expected_token(r, 1.0, k, 1.0, 0.0, seed, offset) for r, k in zip(rows, ks)]
+        assert i not in want
+        assert tok.tolist() == want, (seed, offset, i)
+
+
+if __name__ == "__main__":
+    import itertools
+    print(list(itertools.islice(search_extreme_words(), 4)))
