@@ -195,6 +195,9 @@ def sample_kernel(bits: int = RADIX_BITS) -> kl.KernelDef:
 # -- the public ops ------------------------------------------------------------------
 
 _I64_MAX = 2 ** 63 - 1
+#: temperatures below this sample greedily (vLLM's _SAMPLING_EPS)
+SAMPLING_EPS = 1e-5
+_FLT_MIN = 2.0 ** -126     # the smallest normal fp32
 
 
 def _per_row(op, name, v, B, logits, kind):
@@ -237,14 +240,20 @@ def sample(logits: torch.Tensor, *, temperature, top_k=None, top_p=None, min_p=N
 
     Args:
         logits: [B, V] float32, bfloat16 or float16, the last dim contiguous.
-        temperature: a number or [B]; 0 means greedy (argmax, the lowest index
-            on ties) for that row; must be >= 0.
+        temperature: a number or [B], finite and >= 0. Below ``SAMPLING_EPS``
+            (1e-5, vLLM's) the row is greedy (argmax, the lowest index on ties;
+            filters and seed ignored). Otherwise ``1/T`` is taken in fp32 and at
+            least 2**-126 (the smallest normal fp32), so a temperature above
+            2**126 (whose reciprocal underflows) samples near-uniformly from
+            the kept tokens.
         top_k: None, an int or int [B]; <= 0 (or >= V) keeps every token.
             Tokens equal to the k-th largest logit are all kept.
         top_p: None, a number or [B] in (0, 1]; 1 keeps every token. Keeps a
             token iff the probability of the tokens with a strictly larger
             logit is < top_p (so tie groups are kept whole). Applied after
             min_p and top_k, over their renormalised distribution (vLLM's order).
+            Rounded to fp32 and at least 2**-126: a top_p that is 0 in fp32
+            keeps the most likely tie group.
         min_p: None, a number or [B] in [0, 1]: keeps ``p >= min_p * p_max``.
         seeds: None, an int or int64 [B]: the generator key of each row; None
             draws one per row from torch's global generator.
@@ -317,15 +326,19 @@ def _sample_impl(logits, t, k, p, mp, s, o, validate, backend):
                 torch.empty(0, dtype=torch.float32, device=dev),
                 torch.empty(0, dtype=torch.float32, device=dev))
     # per-row parameters, computed here once (the same torch ops whatever the backend)
-    t32 = t.to(torch.float32)
-    inv_temp = torch.where(t32 > 0, 1.0 / t32, 0.0)          # 0 marks a greedy row
+    # greedy below SAMPLING_EPS (0 marks it); else 1/T in fp32, at least the
+    # smallest normal fp32, so a huge T samples near-uniformly instead of reading as 0
+    inv_temp = torch.where(t.double() < SAMPLING_EPS, 0.0,
+                           (1.0 / t.to(torch.float32)).clamp_min(_FLT_MIN))
     k64 = k.to(torch.int64)
     top_k = torch.where((k64 <= 0) | (k64 > V), V, k64).to(torch.int32)
     log_min_p = torch.log(mp.to(torch.float32))               # log(0) = -inf keeps all
+    # a top_p that rounds to 0 in fp32 would keep nothing: the floor keeps the top tie group
+    top_p = p.to(torch.float32).clamp_min(_FLT_MIN)
     s64, o64 = s.to(torch.int64), o.to(torch.int64)
     lo32 = 0xFFFFFFFF
     (tokens, tok_lp, lse) = launch(
-        sample_kernel(), logits, inv_temp, top_k, p.to(torch.float32), log_min_p,
+        sample_kernel(), logits, inv_temp, top_k, top_p, log_min_p,
         s64 & lo32, (s64 >> 32) & lo32, o64 & lo32, (o64 >> 32) & lo32,
         NewTensor((B,), torch.int64, dev), NewTensor((B,), torch.float32, dev),
         NewTensor((B,), torch.float32, dev), backend=backend)

@@ -206,6 +206,118 @@ def test_token_on_extreme_word_is_never_drawn(backend):
         assert tok.tolist() == want, (seed, offset, i)
 
 
+# -- extreme parameters -----------------------------------------------------------------
+
+def _random_rows(B, g, ties=True):
+    x = torch.randn(B, V, generator=g) * 2
+    if ties:                                      # a tie at the maximum in every row
+        top = x.argmax(-1)
+        x[torch.arange(B), (top + 7) % V] = x[torch.arange(B), top]
+    return x
+
+
+def _top_group(x):
+    """Per row, the indices holding the row's maximum."""
+    return [set(torch.nonzero(r == r.max()).flatten().tolist()) for r in x]
+
+
+def _check(x, backend, temperature, top_k=0, top_p=1.0, min_p=0.0, seeds=None, offsets=0,
+           param_dtype=torch.float64):
+    """Sample ``x`` on ``backend`` and compare every row with expected_token."""
+    B = x.shape[0]
+    seeds = list(range(100, 100 + B)) if seeds is None else seeds
+    dev = DEVICE
+
+    def col(v, dtype=param_dtype):
+        return torch.tensor(v if isinstance(v, list) else [v] * B, dtype=dtype).to(dev)
+
+    tok = ops.sample(x.to(dev), temperature=col(temperature), top_k=col(top_k, torch.int64),
+                     top_p=col(top_p), min_p=col(min_p), seeds=col(seeds, torch.int64),
+                     offsets=col(offsets, torch.int64), backend=backend).cpu()
+
+    def at(v, b):
+        return v[b] if isinstance(v, list) else v
+    want = [expected_token(x[b], float(col(temperature)[b]), at(top_k, b),
+                           float(col(top_p)[b]), float(col(min_p)[b]), at(seeds, b),
+                           at(offsets, b)) for b in range(B)]
+    assert tok.tolist() == want
+    return tok
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tiny_temperatures_are_greedy(backend):
+    """1e-40 (1/T is inf in fp32: every row fell back to token 0), 1e-6 and
+    9.9e-6 are below SAMPLING_EPS = 1e-5: argmax, the first of the tied
+    maximum, whatever the filters and seeds."""
+    g = torch.Generator().manual_seed(1)
+    x = _random_rows(6, g)
+    for t in (1e-40, 1e-6, 9.9e-6):
+        tok = _check(x, backend, t, top_k=5, top_p=0.3)
+        assert tok.tolist() == x.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_temperature_at_eps_samples(backend):
+    """T = 1e-5 samples: the two tied maximum tokens of each row are both
+    drawn over the seeds (greedy would always give the first)."""
+    g = torch.Generator().manual_seed(2)
+    x = _random_rows(1, g).expand(16, -1).contiguous()
+    tok = _check(x, backend, 1e-5)
+    assert set(tok.tolist()) == _top_group(x)[0] and len(_top_group(x)[0]) == 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("t", [1e300, 1e39, 2.0 ** 127])
+def test_huge_temperature_samples_near_uniformly(backend, t):
+    """1/T underflows fp32 (1e300: 0, which the kernel read as greedy) or is
+    subnormal: it is taken as 2**-126, so the scores are the Gumbel variates
+    alone and the token is the kept token with the largest word."""
+    g = torch.Generator().manual_seed(3)
+    x = _random_rows(12, g, ties=False) * 10
+    tok = _check(x, backend, t, top_k=[0, 0, 0, 0, 5, 5, 5, 5, 40, 40, 40, 40],
+                 top_p=[1.0] * 8 + [0.5] * 4)
+    assert tok.tolist() != x.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("p, dtype", [(1e-50, torch.float64), (1e-45, torch.float32),
+                                      (2.0 ** -126, torch.float32)])
+def test_tiny_top_p_keeps_the_top_tie_group(backend, p, dtype):
+    """top_p 1e-50 is 0 in fp32 (the row kept nothing: token 0), 1e-45 is
+    subnormal: clamped to 2**-126, they keep the most likely tie group, here
+    the two tied maximum tokens."""
+    g = torch.Generator().manual_seed(4)
+    x = _random_rows(10, g)
+    tok = _check(x, backend, 1.0, top_p=p, param_dtype=dtype)
+    assert all(int(t) in grp for t, grp in zip(tok, _top_group(x)))
+    assert tok.tolist() != x.argmax(-1).tolist()      # both of the tie group are drawn
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tiny_and_full_min_p(backend):
+    """min_p 1e-50 (0 in fp32) and 1e-40 (subnormal) filter nothing drawable:
+    the tokens of min_p = 0; min_p = 1 keeps the tied maximum only."""
+    g = torch.Generator().manual_seed(5)
+    x = _random_rows(8, g)
+    base = _check(x, backend, 1.5)
+    for mp in (1e-50, 1e-40):
+        assert torch.equal(_check(x, backend, 1.5, min_p=mp), base)
+    tok = _check(x, backend, 1.5, min_p=1.0)
+    assert all(int(t) in grp for t, grp in zip(tok, _top_group(x)))
+    assert tok.tolist() != x.argmax(-1).tolist()
+
+
+# -- the runtime follows the op's rules ---------------------------------------------------
+
+def test_runtime_greedy_rule_is_the_ops():
+    from kernelforge.runtime import SamplingParams
+    assert sampling.SAMPLING_EPS == 1e-5
+    assert SamplingParams(temperature=0).greedy and SamplingParams(temperature=1e-40).greedy
+    assert SamplingParams(temperature=9.99e-6).greedy
+    assert not SamplingParams(temperature=1e-5).greedy
+    assert not SamplingParams(temperature=1e300).greedy
+
+
 if __name__ == "__main__":
     import itertools
     print(list(itertools.islice(search_extreme_words(), 4)))

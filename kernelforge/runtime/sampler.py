@@ -76,12 +76,14 @@ def _draw(logits: torch.Tensor, seqs: "list[Sequence]") -> list[int]:
         # the lowest index on ties, as sample(); max's indices (documented to
         # be the first maximum's) took 1.4 ms at 32 x 49152, argmax 2.0
         return logits.max(dim=-1).indices.tolist()
-    f32 = torch.float32
+    # float64: the op checks and compares the values as given (greedy below
+    # SAMPLING_EPS, top_p > 0), so they must not be rounded to fp32 first
+    f64 = torch.float64
     tokens = kernelforge.ops.sample(
-        logits, temperature=torch.tensor([p.temperature for p in params], dtype=f32),
+        logits, temperature=torch.tensor([p.temperature for p in params], dtype=f64),
         top_k=torch.tensor([p.top_k for p in params]),
-        top_p=torch.tensor([p.top_p for p in params], dtype=f32),
-        min_p=torch.tensor([p.min_p for p in params], dtype=f32),
+        top_p=torch.tensor([p.top_p for p in params], dtype=f64),
+        min_p=torch.tensor([p.min_p for p in params], dtype=f64),
         seeds=torch.tensor([s.seed for s in seqs]),
         offsets=torch.tensor([len(s.output_ids) for s in seqs]))
     return tokens.tolist()

@@ -5,12 +5,15 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
+from kernelforge.kernels.sampling import SAMPLING_EPS
+
 
 @dataclass
 class SamplingParams:
     """How one request generates.
 
-    temperature 0 is greedy (argmax). top_k <= 0 and top_p == 1 and min_p == 0
+    temperature below SAMPLING_EPS (1e-5, vLLM's) is greedy (argmax), as in
+    ``kernelforge.ops.sample``. top_k <= 0 and top_p == 1 and min_p == 0
     keep every token. max_tokens counts generated tokens; stop strings end the
     text before the match; ignore_eos keeps going past end-of-sequence tokens.
     """
@@ -69,4 +72,4 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < SAMPLING_EPS
