@@ -220,6 +220,8 @@ def _per_row(op, name, v, B, logits, kind):
     if not ok or isinstance(v, bool):
         checks.fail(op, name, f"{'an int' if kind == 'int' else 'a number'} or a [{B}] tensor",
                     repr(v))
+    if kind == "int" and not -2 ** 63 <= v <= _I64_MAX:
+        checks.fail(op, name, f"an int in [-2**63, 2**63) (int64) or a [{B}] tensor", repr(v))
     dtype = torch.int64 if kind == "int" else torch.float64
     return torch.full((B,), v, dtype=dtype, device=logits.device)
 
@@ -246,8 +248,8 @@ def sample(logits: torch.Tensor, *, temperature, top_k=None, top_p=None, min_p=N
             least 2**-126 (the smallest normal fp32), so a temperature above
             2**126 (whose reciprocal underflows) samples near-uniformly from
             the kept tokens.
-        top_k: None, an int or int [B]; <= 0 (or >= V) keeps every token.
-            Tokens equal to the k-th largest logit are all kept.
+        top_k: None, an int (any size) or int [B]; <= 0 (or >= V) keeps every
+            token. Tokens equal to the k-th largest logit are all kept.
         top_p: None, a number or [B] in (0, 1]; 1 keeps every token. Keeps a
             token iff the probability of the tokens with a strictly larger
             logit is < top_p (so tie groups are kept whole). Applied after
@@ -255,11 +257,12 @@ def sample(logits: torch.Tensor, *, temperature, top_k=None, top_p=None, min_p=N
             Rounded to fp32 and at least 2**-126: a top_p that is 0 in fp32
             keeps the most likely tie group.
         min_p: None, a number or [B] in [0, 1]: keeps ``p >= min_p * p_max``.
-        seeds: None, an int or int64 [B]: the generator key of each row; None
-            draws one per row from torch's global generator.
-        offsets: None, an int or int64 [B] (the step number, say): the same
-            (seed, offset, logits row, parameters) gives the same token on
-            every backend, whatever the batch around it.
+        seeds: None, an int in [-2**63, 2**63) or int64 [B]: the generator key
+            of each row (all 64 bits); None draws one per row from torch's
+            global generator.
+        offsets: None, an int in [-2**63, 2**63) or int64 [B] (the step number,
+            say): the same (seed, offset, logits row, parameters) gives the
+            same token on every backend, whatever the batch around it.
         logprobs: None, or n >= 0: also return logprobs of the raw logits
             (``log_softmax(logits)``, before temperature and filters): the
             sampled token's and the top n (ids and values; plain torch.topk).
@@ -291,6 +294,8 @@ def sample(logits: torch.Tensor, *, temperature, top_k=None, top_p=None, min_p=N
     if not isinstance(validate, bool):
         checks.fail(op, "validate", "a bool", repr(validate))
     t = _per_row(op, "temperature", temperature, B, logits, "float")
+    if isinstance(top_k, int) and not isinstance(top_k, bool):
+        top_k = max(min(top_k, _I64_MAX), 0)       # any k >= V (or <= 0) keeps every token
     k = _per_row(op, "top_k", 0 if top_k is None else top_k, B, logits, "int")
     p = _per_row(op, "top_p", 1.0 if top_p is None else top_p, B, logits, "float")
     mp = _per_row(op, "min_p", 0.0 if min_p is None else min_p, B, logits, "float")

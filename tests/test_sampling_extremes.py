@@ -12,6 +12,7 @@ import torch
 
 import kernelforge
 import kernelforge.lang as kl
+from kernelforge.checks import OpArgError
 from kernelforge.kernels import sampling
 from conftest import BACKENDS, DEVICE
 from test_sampling import kept_reference
@@ -307,6 +308,86 @@ def test_tiny_and_full_min_p(backend):
     assert tok.tolist() != x.argmax(-1).tolist()
 
 
+# -- int64 limits -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_top_k_at_int64_limits(backend):
+    """top_k 2**63-1, -2**63 (tensors) and 2**64, -2**70 (Python ints, which
+    overflowed building the tensor) all keep every token: the tokens of top_k=0."""
+    g = torch.Generator().manual_seed(6)
+    x = _random_rows(4, g, ties=False).to(DEVICE)
+    kw = dict(temperature=2.0, seeds=torch.arange(4).to(DEVICE), offsets=9, backend=backend)
+    base = ops.sample(x, top_k=0, **kw)
+    assert base.cpu().tolist() == [expected_token(x[b], 2.0, 0, 1.0, 0.0, b, 9)
+                                   for b in range(4)]
+    for k in (torch.tensor([2 ** 63 - 1, -2 ** 63, 2 ** 63 - 1, -1]).to(DEVICE), 2 ** 64,
+              -2 ** 70, 2 ** 63 - 1, V, V + 1):
+        assert torch.equal(ops.sample(x, top_k=k, **kw), base), k
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_seeds_and_offsets_at_int64_limits(backend):
+    """The key and counter take all 64 bits of seeds and offsets: at 2**63-1,
+    -2**63 and -1 the token is the independent Philox's."""
+    g = torch.Generator().manual_seed(7)
+    lim = [2 ** 63 - 1, -2 ** 63, -1, 2 ** 32]
+    seeds = [s for s in lim for _ in lim]
+    offsets = [o for _ in lim for o in lim]
+    x = (torch.randn(1, V, generator=g) * 0.5).expand(len(seeds), -1).contiguous()
+    tok = _check(x, backend, 1.0, seeds=seeds, offsets=offsets)
+    assert len(set(tok.tolist())) > len(seeds) // 2          # the pairs draw apart
+    one = ops.sample(x[:1].to(DEVICE), temperature=1.0, seeds=2 ** 63 - 1, offsets=-2 ** 63,
+                     backend=backend)                         # Python ints: the same bits
+    assert int(one) == int(tok[1])                            # seeds[1], offsets[1]
+
+
+@pytest.mark.parametrize("name, v", [("seeds", 2 ** 63), ("seeds", -2 ** 63 - 1),
+                                     ("offsets", 2 ** 64)])
+def test_seeds_and_offsets_beyond_int64_name_the_argument(name, v):
+    with pytest.raises(OpArgError, match=f"`{name}` expected an int in \\[-2\\*\\*63, 2\\*\\*63\\)"):
+        ops.sample(torch.zeros(2, 5), temperature=1.0, backend="eager", **{name: v})
+
+
+# -- degenerate rows -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_finite_logit_is_always_drawn(backend):
+    """Rows of -inf but one token: it is drawn under any parameters, and its
+    logprob is 0. The first row sits on an extreme word (seed 2, offset 1937,
+    index 513), which made the -inf token's score NaN and gave token 0."""
+    seed, offset, i = EXTREME[0]
+    params = [(t, k, p, mp) for t in (1.0, 1e300, 1e-40, 0.0) for k, p, mp in
+              ((0, 1.0, 0.0), (3, 0.5, 0.9), (V - 1, 1e-50, 1.0))]
+    B = len(params)
+    x = torch.full((B, V), float("-inf"))
+    where = torch.tensor([700 + b for b in range(B)])
+    x[torch.arange(B), where] = torch.linspace(-50, 50, B)
+    col = [torch.tensor([p[c] for p in params], dtype=torch.float64) for c in range(4)]
+    tok, lp, _, _ = ops.sample(x.to(DEVICE), temperature=col[0].to(DEVICE),
+                               top_k=col[1].long().to(DEVICE), top_p=col[2].to(DEVICE),
+                               min_p=col[3].to(DEVICE), seeds=seed, offsets=offset,
+                               logprobs=0, backend=backend)
+    assert philox_word(seed, offset, i) >= 0xFFFFFF00 and x[0, i] == float("-inf")
+    assert tok.cpu().tolist() == where.tolist()
+    assert torch.equal(lp.cpu(), torch.zeros(B))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vocabulary_of_one(backend):
+    params = [(1.0, 0, 1.0, 0.0), (1e300, 5, 1e-50, 1.0), (1e-40, -1, 0.5, 0.5),
+              (0.0, 1, 1.0, 0.0)]
+    for x0 in (0.0, -1e30, 3e38):
+        x = torch.full((len(params), 1), x0)
+        col = [torch.tensor([p[c] for p in params], dtype=torch.float64).to(DEVICE)
+               for c in range(4)]
+        tok, lp, ids, top = ops.sample(x.to(DEVICE), temperature=col[0], top_k=col[1].long(),
+                                       top_p=col[2], min_p=col[3],
+                                       seeds=torch.arange(4).to(DEVICE) + -2 ** 63,
+                                       logprobs=1, backend=backend)
+        assert tok.cpu().tolist() == [0] * 4
+        assert torch.equal(lp.cpu(), torch.zeros(4)) and torch.equal(top.cpu(), torch.zeros(4, 1))
+
+
 # -- the runtime follows the op's rules ---------------------------------------------------
 
 def test_runtime_greedy_rule_is_the_ops():
@@ -316,6 +397,28 @@ def test_runtime_greedy_rule_is_the_ops():
     assert SamplingParams(temperature=9.99e-6).greedy
     assert not SamplingParams(temperature=1e-5).greedy
     assert not SamplingParams(temperature=1e300).greedy
+
+
+def test_runtime_sampler_at_fp32_edges():
+    """SamplingParams accepts top_p=1e-50 and top_k=2**64; the sampler built
+    fp32 / int64 tensors from them (top_p 0, which the op rejected; top_k
+    overflowed). Each row now gives the op's token, by the independent rules."""
+    from kernelforge.runtime import SamplingParams
+    from kernelforge.runtime.sampler import sample as runtime_sample
+    from kernelforge.runtime.sequence import Sequence
+    params = [SamplingParams(temperature=1e-6, seed=11), SamplingParams(top_p=1e-50, seed=12),
+              SamplingParams(temperature=1e300, top_k=2 ** 64, seed=13),
+              SamplingParams(temperature=0.7, min_p=1e-50, top_k=-2 ** 70, seed=14)]
+    seqs = [Sequence([1, 2, 3], p) for p in params]
+    for i, s in enumerate(seqs):
+        s.output_ids = list(range(i))             # offsets 0..3
+    g = torch.Generator().manual_seed(8)
+    x = _random_rows(4, g)
+    got = runtime_sample(x, seqs)
+    want = [expected_token(x[i], p.temperature, 0, p.top_p, p.min_p, p.seed, i)
+            for i, p in enumerate(params)]
+    assert got == want
+    assert got[0] == int(x[0].argmax()) and got[1] in _top_group(x[1:2])[0]
 
 
 if __name__ == "__main__":

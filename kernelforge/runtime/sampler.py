@@ -81,7 +81,8 @@ def _draw(logits: torch.Tensor, seqs: "list[Sequence]") -> list[int]:
     f64 = torch.float64
     tokens = kernelforge.ops.sample(
         logits, temperature=torch.tensor([p.temperature for p in params], dtype=f64),
-        top_k=torch.tensor([p.top_k for p in params]),
+        # any int is a valid top_k (>= V or <= 0 keeps every token); int64 holds them clamped
+        top_k=torch.tensor([max(min(p.top_k, 2 ** 63 - 1), 0) for p in params]),
         top_p=torch.tensor([p.top_p for p in params], dtype=f64),
         min_p=torch.tensor([p.min_p for p in params], dtype=f64),
         seeds=torch.tensor([s.seed for s in seqs]),
