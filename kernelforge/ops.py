@@ -9,8 +9,7 @@ import importlib
 import pkgutil
 
 from . import kernels as _kernels
-from .kernels import attention as _attention
-from .kernels import attention_split as _attention_split
+from .kernels import attention_kernels as _attention_kernels
 from .kernels import kv_cache as _kv_cache
 from .kernels import sampling as _sampling
 from .kernels.attention import attention, paged_attention  # noqa: F401
@@ -38,7 +37,7 @@ globals().update({name: spec.op for name, spec in SPECS.items()})
 KERNELS = {
     **{name: tuple(s.kernels()) for name, s in SPECS.items()},
     "reshape_and_cache": (_kv_cache.reshape_and_cache_kernel,),
-    "attention": _attention.packed_kernels(),
-    "paged_attention": _attention.paged_kernels() + _attention_split.all_kernels(),
+    "attention": _attention_kernels.packed_kernels(),
+    "paged_attention": _attention_kernels.paged_kernels() + _attention_kernels.split_kernels(),
     "sample": (_sampling.sample_kernel(),),
 }

@@ -1,156 +1,27 @@
-"""Attention over packed and paged KV caches, written once in the IR.
+"""The public attention ops: ``attention`` (packed variable-length
+sequences) and ``paged_attention`` (a paged KV cache, decode and chunked
+prefill in one batch), with their argument checks, launch decisions and
+``torch.library`` custom ops.
 
-Both kernels are flash-style: one pass over the keys with an online softmax
-(a carried running max, sum and accumulator, ``kl.ir.lib.online_softmax_step``).
-Which keys a query row sees (causal limit, sliding window, the end of its
-sequence) is one contiguous range per row, computed by the op and handed to
-the kernel as ``key_lo``/``key_hi``; the key loop visits exactly that range
-(``seq_for(start=, stop=)``), so masks never need to be written in the kernel.
-
-* ``attention_kernel``: packed variable-length sequences (prefill). Programs
-  own blocks of query rows of one query head; scores are a ``dot`` (tensor
-  cores in Triton, a batched matmul in the torch lowerings).
-* ``paged_attention_kernel``: keys and values in a paged cache read through
-  a block table. One program per (query token, kv head) covers the group of
-  query heads sharing that kv head, so each key and value row is read once
-  per group; a decode row and a chunked-prefill row are the same program.
-
-The torch lowerings collapse the key loop into one masked pass over the
-whole key axis (numerically the same softmax); Triton keeps the loop.
+The modules form one chain: ``attention_kernels`` (the IR kernels) <-
+``attention_plan`` (host planning: each row's key range, launch pieces,
+offsets, the per-step plan, split counts) <- this module.
 """
 from typing import Optional
 
 import torch
 
-import kernelforge.lang as kl
 from kernelforge import checks
 from kernelforge.backends import registry
-from kernelforge.dispatch import NewTensor, launch, kernel_factory
-from kernelforge.ir import lib
+from kernelforge.dispatch import NewTensor, launch
 
-from . import attention_plan    # (imports this module only inside its functions)
+from . import attention_plan
+from .attention_kernels import (attention_kernel, paged_attention_kernel, paged_combine_kernel,
+                                paged_split_kernel)
+from .attention_plan import clamp_ranges, lengths, pieces, row_ranges
 from .kv_cache import distinct_caches
 
 HEAD_SIZES = (64, 80, 96, 128, 256)
-
-def _cap(s, cap, softcap: bool):
-    """Logit soft-capping (Gemma 2): cap * tanh(s / cap)."""
-    return cap * kl.tanh(s / cap) if softcap else s
-
-
-def _flash_loop(axis: str, step, lo, hi):
-    """Walk keys ``[lo, hi)`` of ``axis`` carrying each (token, kv head, group
-    head) row's running max, sum and output; returns the normalised output,
-    0 for a row that sees no key (a causal query longer than its keys)."""
-    rows = ("T", "HK", "G")
-    init = (kl.full(float("-inf"), kl.f32, *rows), kl.zeros(kl.f32, *rows),
-            kl.zeros(kl.f32, *rows, "D"))
-    _, l_i, acc = kl.seq_for(axis, step, init=init, start=lo, stop=hi)
-    # only a row with no weight is 0: a NaN sum (NaN in its query or in a key
-    # or value it sees) stays NaN, as in SDPA and FlashAttention
-    return kl.where(l_i == 0.0, 0.0, acc / l_i)
-
-
-@kernel_factory
-def attention_kernel(softcap: bool, block_q: int = 16, round_p: bool = False) -> kl.KernelDef:
-    """Packed attention; ``softcap`` adds tanh capping of the scores;
-    ``block_q`` query rows per program; ``round_p`` rounds the softmax
-    weights to the inputs' 16-bit type before p.v (``attention(round_p=)``)."""
-
-    def attention_packed(q: kl.In("T", "HK", "G", "D"), k: kl.In("TK", "HK", "D"),
-                         v: kl.In("TK", "HK", "D"), key_lo: kl.In("T"), key_hi: kl.In("T"),
-                         out: kl.Out("T", "HK", "G", "D"), scale: kl.f32, cap: kl.f32):
-        # last blocks first: with causal masks later rows see more keys, and
-        # the longest programs should not be the last to start
-        t = kl.parallel("T", block=block_q, descending=True)
-        hk, g = kl.parallel("HK"), kl.parallel("G")
-        d = kl.tile("D")
-        qt = kl.load(q[t, hk, g, d])
-        # the softmax of qk * scale in base 2, the scale folded into the
-        # exponent: exp2(qk * c - m * c), one fused multiply-add per score
-        # (lib.online_softmax_step); capping needs the scaled score first
-        c = lib.LOG2E if softcap else scale * lib.LOG2E
-
-        def step(n, m_i, l_i, acc):
-            # q.k in the input dtype, accumulated in fp32: the products of bf16 or
-            # fp16 values are exact in fp32, so this equals casting first (and
-            # runs on tensor cores)
-            qk = kl.dot(qt, kl.load(k[n, hk, d]), "D")
-            s = _cap(qk * scale, cap, True) if softcap else qk
-            m_new, l_new, p, alpha = lib.online_softmax_step(m_i, l_i, s, "TK", log2_scale=c)
-            vt = kl.load(v[n, hk, d])
-            # p.v: p rounded once to v's type (FlashAttention's choice: one 16-bit
-            # tensor-core product), or kept in fp32 (Triton multiplies p as hi + lo
-            # halves, triton_dots.py)
-            pv = kl.dot(p.to(v.dtype), vt, "TK") if round_p else kl.dot(p, vt.to(kl.f32), "TK")
-            return m_new, l_new, acc * alpha + pv
-
-        o = _flash_loop("TK", step, kl.load(key_lo[t]), kl.load(key_hi[t]))
-        kl.store(out[t, hk, g, d], o.to(out.dtype))
-
-    fn = attention_packed
-    fn.__name__ = fn.__qualname__ = ("attention_packed" + ("_softcap" if softcap else "")
-                                     + ("" if block_q == 16 else f"_q{block_q}")
-                                     + ("_p16" if round_p else ""))
-    return kl.kernel(fn, static=("HK", "G", "D"),
-                     examples=({"HK": 8, "G": 4, "D": 128}, {"HK": 8, "G": 1, "D": 64}),
-                     example_dtypes={"key_lo": kl.i32, "key_hi": kl.i32})
-
-
-def paged_step(q, key_cache, value_cache, block_tables, seq_idx, t, hk, scale, cap, softcap,
-               round_p=False, axis="N", offset=None):
-    """The online-softmax step over the keys of token ``t``'s sequence, read
-    through its block table, for the group of query heads of kv head ``hk``
-    (shared by the paged kernel and its split-key form). The loop walks
-    ``axis``; its index plus ``offset`` (None: 0) is the key position.
-    ``round_p`` rounds p to the cache's 16-bit type before p.v."""
-    g, d = kl.tile("G"), kl.tile("D")
-    b = kl.load(seq_idx[t])
-    qv = kl.load(q[t, hk, g, d]).to(kl.f32)
-    block_size = kl.size("BS")
-
-    def step(n, m_i, l_i, acc):
-        pos = n if offset is None else n + offset
-        block = kl.load(block_tables[b, pos // block_size])
-        row = pos % block_size
-        kn = kl.load(key_cache[block, row, hk, d]).to(kl.f32)
-        s = _cap(kl.sum(qv * kn, "D") * scale, cap, softcap)           # [G, N]
-        m_new, l_new, p, alpha = lib.online_softmax_step(m_i, l_i, s, axis)
-        vn = kl.load(value_cache[block, row, hk, d]).to(kl.f32)
-        if round_p:
-            p = p.to(value_cache.dtype).to(kl.f32)
-        return m_new, l_new, acc * alpha + kl.sum(p * vn, axis)          # [G, D]
-
-    return step
-
-
-@kernel_factory
-def paged_attention_kernel(softcap: bool, round_p: bool = False) -> kl.KernelDef:
-    """Attention over a paged cache; ``softcap`` adds tanh capping; ``round_p``
-    rounds p to the cache's 16-bit type before p.v."""
-
-    def attention_paged(q: kl.In("T", "HK", "G", "D"),
-                        key_cache: kl.In("NB", "BS", "HK", "D"),
-                        value_cache: kl.In("NB", "BS", "HK", "D"),
-                        block_tables: kl.In("B", "MB"), seq_idx: kl.In("T"),
-                        key_lo: kl.In("T"), key_hi: kl.In("T"),
-                        context: kl.In("N"),      # only its length is read: MB * BS positions
-                        out: kl.Out("T", "HK", "G", "D"), scale: kl.f32, cap: kl.f32):
-        t, hk = kl.parallel("T"), kl.parallel("HK")
-        step = paged_step(q, key_cache, value_cache, block_tables, seq_idx, t, hk, scale, cap,
-                          softcap, round_p)
-        o = _flash_loop("N", step, kl.load(key_lo[t]), kl.load(key_hi[t]))
-        g, d = kl.tile("G"), kl.tile("D")
-        kl.store(out[t, hk, g, d], o.to(out.dtype))
-
-    fn = attention_paged
-    fn.__name__ = fn.__qualname__ = ("attention_paged" + ("_softcap" if softcap else "")
-                                     + ("_p16" if round_p else ""))
-    return kl.kernel(fn, static=("HK", "G", "D", "BS"),
-                     examples=({"HK": 8, "G": 4, "D": 128, "BS": 16},
-                               {"HK": 8, "G": 1, "D": 64, "BS": 32}),
-                     example_dtypes={"block_tables": kl.i32, "seq_idx": kl.i32,
-                                     "key_lo": kl.i32, "key_hi": kl.i32, "context": kl.i32})
 
 
 def _query_block(q: torch.Tensor, backend=None) -> int:
@@ -170,21 +41,6 @@ def _query_block(q: torch.Tensor, backend=None) -> int:
     if q.device.type == "cuda" and q.element_size() == 2 and q.shape[-1] <= 128:
         return 128
     return 16
-
-
-def packed_kernels() -> tuple:
-    """What ``attention`` launches on GPUs (16 or 128 query rows, p kept or
-    rounded, with and without softcap): ``kernelforge ops``, ``show`` and
-    ``aot-check`` list these. The C++ lowering also builds 32- and 64-row
-    forms on the host (``_query_block``)."""
-    both = (False, True)
-    return tuple(attention_kernel(c, b, r) for b in (16, 128) for c in both for r in both)
-
-
-def paged_kernels() -> tuple:
-    """What ``paged_attention`` launches without splits."""
-    both = (False, True)
-    return tuple(paged_attention_kernel(c, r) for c in both for r in both)
 
 
 def rounds_p(round_p: Optional[bool], dtype: torch.dtype, backend) -> bool:
@@ -239,54 +95,6 @@ def _common(op, q, k, v, k_name, v_name, window, softcap, scale, causal, k_dims,
             if x == float("inf"):
                 checks.fail(op, name, "a finite number > 0", repr(x))
     return D, hkv
-
-
-def _lengths(op, name, cu, q, total=None, total_name="", host_check=True):
-    """Per-sequence offsets from a cumulative [B+1] int tensor, and their host
-    copy; ``host_check=False`` checks only dtype, shape and device (no
-    device-to-host copy: the caller vouches for the values) and returns None."""
-    checks.tensor(op, name, cu)
-    if cu.dtype not in (torch.int32, torch.int64) or cu.dim() != 1 or cu.shape[0] < 1:
-        checks.fail(op, name, "a 1-D int32 tensor [batch + 1] (at least one entry)",
-                    f"{cu.dtype} of shape {list(cu.shape)}")
-    checks.same_device(op, name, cu, "q", q)
-    if not host_check:
-        return cu.to(torch.int64), None
-    host = cu.tolist()
-    if host[0] != 0:
-        checks.fail(op, name, "to start at 0", f"{host[0]}")
-    bad = next((i for i in range(1, len(host)) if host[i] < host[i - 1]), None)
-    if bad is not None:
-        checks.fail(op, name, "non-decreasing offsets", f"{host[bad - 1]} then {host[bad]} "
-                    f"at index {bad}")
-    if total is not None and host[-1] != total:
-        checks.fail(op, name, f"to end at {total} (the tokens in `{total_name}`)",
-                    f"{host[-1]}")
-    return cu.to(torch.int64), host
-
-
-def _rows(q_start, q_lens, k_lens, causal, window, device, T):
-    """Per query token: its sequence and the range [lo, hi) of key positions
-    (within its sequence) it attends to. Causal is aligned to the end of the
-    keys: the last query sees every key (vLLM's and FlashAttention's rule)."""
-    B = q_lens.shape[0]
-    rows = torch.arange(T, device=device)
-    # the sequence of each row by search, not repeat_interleave: no host sync,
-    # and unchecked offsets that do not sum to T cannot write out of bounds
-    seq = torch.searchsorted(q_start[1:], rows, right=True).clamp_(max=max(B - 1, 0))
-    i = rows - q_start[seq]
-    k_len = k_lens[seq]
-    pos = k_len - q_lens[seq] + i                     # the query's own key position
-    hi = torch.minimum(pos + 1, k_len) if causal else k_len
-    lo = torch.zeros_like(hi) if window is None else (pos - window).clamp(min=0)
-    hi = torch.maximum(hi.clamp(min=0), lo)
-    return seq, lo, hi
-
-
-def _clamp_ranges(lo, hi, n):
-    """Key ranges [lo, hi) cut to [0, n), hi >= lo (on the device, no sync)."""
-    lo = lo.clamp(0, n)
-    return lo, torch.maximum(hi.clamp(max=n), lo)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
@@ -347,8 +155,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: t
     decision = registry.select(q.device, backend)
     # a lowering that collapses the key loop plans its launches from the host copy
     host = check_seqlens or decision.backend.collapses_loops
-    cq, cq_host = _lengths(op, "cu_seqlens_q", cu_seqlens_q, q, q.shape[0], "q", host)
-    ck, ck_host = _lengths(op, "cu_seqlens_k", cu_seqlens_k, q, k.shape[0], "k", host)
+    cq, cq_host = lengths(op, "cu_seqlens_q", cu_seqlens_q, q, q.shape[0], "q", host)
+    ck, ck_host = lengths(op, "cu_seqlens_k", cu_seqlens_k, q, k.shape[0], "k", host)
     if cq.shape != ck.shape:
         checks.fail(op, "cu_seqlens_k", f"{cq.shape[0]} entries (as `cu_seqlens_q`)",
                     f"{ck.shape[0]}")
@@ -357,12 +165,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: t
         return torch.empty_like(q)
     if cq.shape[0] == 1:          # (unchecked) no sequence: no row sees a key
         return torch.zeros_like(q)
-    seq, lo, hi = _rows(cq, cq.diff(), ck.diff(), causal, window, q.device, T)
+    seq, lo, hi = row_ranges(cq, cq.diff(), ck.diff(), causal, window, q.device, T)
     lo, hi = ck[seq] + lo, ck[seq] + hi
     if ck_host is None:
         # unchecked offsets may name rows outside k: each range is clamped into
         # [0, Tk] here, so no lowering reads outside k and v or walks an absurd range
-        lo, hi = _clamp_ranges(lo, hi, k.shape[0])
+        lo, hi = clamp_ranges(lo, hi, k.shape[0])
     lo, hi = lo.to(torch.int32), hi.to(torch.int32)
     G = q.shape[1] // hkv
     qg = q.view(T, hkv, G, D) if q.stride(-1) == 1 else q.reshape(T, hkv, G, D)
@@ -376,45 +184,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: t
     # a lowering that walks every key of the launch for every row: launch per
     # block of rows over just their keys (causal skipping, no cross-sequence pairs)
     outs = []
-    for r0, r1, k0, k1 in _pieces(cq_host, ck_host, causal, window, PIECE_ROWS):
+    for r0, r1, k0, k1 in pieces(cq_host, ck_host, causal, window, attention_plan.PIECE_ROWS):
         (o,) = launch(kdef, qg[r0:r1], k[k0:k1], v[k0:k1], lo[r0:r1] - k0, hi[r0:r1] - k0,
                       NewTensor((r1 - r0, hkv, G, D), q.dtype, q.device), *scalars,
                       backend=backend)
         outs.append(o)
     out = outs[0] if len(outs) == 1 else torch.cat(outs)
     return out.view(T, hkv * G, D)
-
-
-#: query rows per launch when the lowering collapses the key loop (CPU: 128
-#: and 256 measured alike at S=1024, 2.7x faster than one launch; 512: 1.2x slower)
-PIECE_ROWS = 128
-
-
-def _pieces(cq, ck, causal, window, max_rows):
-    """Host plan of launches (row0, row1, key0, key1): blocks of at most
-    ``max_rows`` query rows of one sequence with the keys those rows see;
-    consecutive short pieces merge while the merged launch computes at most
-    twice their pairs plus one full block (a launch costs about as much as
-    that). Every query row is in exactly one piece, in order."""
-    out = []
-    for b in range(len(cq) - 1):
-        q0, qn = cq[b], cq[b + 1] - cq[b]
-        k0, kn = ck[b], ck[b + 1] - ck[b]
-        for i0 in range(0, qn, max_rows):
-            i1 = min(qn, i0 + max_rows)
-            first, last = kn - qn + i0, kn - qn + i1 - 1     # the rows' own key positions
-            hi = max(0, min(last + 1, kn)) if causal else kn
-            lo = min(hi, 0 if window is None else max(0, first - window))
-            piece = [q0 + i0, q0 + i1, k0 + lo, k0 + hi, (i1 - i0) * (hi - lo)]
-            if out:
-                p = out[-1]
-                rows, k_lo, k_hi = piece[1] - p[0], min(p[2], piece[2]), max(p[3], piece[3])
-                if rows <= max_rows and rows * (k_hi - k_lo) <= 2 * (p[4] + piece[4]) + \
-                        max_rows * max_rows:
-                    out[-1] = [p[0], piece[1], k_lo, k_hi, p[4] + piece[4]]
-                    continue
-            out.append(piece)
-    return [tuple(p[:4]) for p in out]
 
 
 def paged_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
@@ -448,7 +224,7 @@ def paged_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch
             (Triton reads 0 for an out-of-range block, the torch lowerings
             clamp it into the cache).
         splits: cut each row's keys into this many parts walked by separate
-            programs, then merged (flash-decoding, ``kernels/attention_split.py``);
+            programs, then merged (flash-decoding, ``kernels/attention_kernels.py``);
             None chooses: several on GPUs when rows are few and contexts long,
             1 elsewhere.
         plan: from ``paged_attention_plan(block_tables, seq_lens,
@@ -504,7 +280,7 @@ def paged_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch
     nb, bs = key_cache.shape[:2]
     mb = block_tables.shape[1]
     if check_tables and plan.q_lens.shape[0] and (nb, bs) not in plan.checked:
-        _check_tables(op, block_tables, plan.lens, plan.q_lens, nb, bs, mb)
+        attention_plan.check_block_tables(op, block_tables, plan.lens, plan.q_lens, nb, bs, mb)
         plan.checked.add((nb, bs))
     if not T:
         return torch.empty_like(q)
@@ -516,44 +292,21 @@ def paged_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch
     context = plan.context(mb * bs, q.device)
     args = (qg, key_cache, value_cache, plan.tables, seq, lo, hi, context)
     scalars = (float(D ** -0.5 if scale is None else scale), float(softcap or 1.0))
-    from . import attention_split    # (it imports this module)
     if splits is None:
-        splits = attention_split.choose_splits(T * hkv, mb * bs, q.device)
+        splits = attention_plan.choose_splits(T * hkv, mb * bs, q.device)
     if splits == 1:
         (out,) = launch(paged_attention_kernel(softcap is not None, rp), *args,
                         NewTensor(qg.shape, q.dtype, q.device), *scalars, backend=backend)
     else:
         f32, dev = torch.float32, q.device
         split = plan.split_length(-(-mb * bs // splits), dev)
-        part = launch(attention_split.paged_split_kernel(softcap is not None, rp),
+        part = launch(paged_split_kernel(softcap is not None, rp),
                       *args[:-1], split, NewTensor((T, hkv, splits, G), f32, dev),
                       NewTensor((T, hkv, splits, G), f32, dev),
                       NewTensor((T, hkv, splits, G, D), f32, dev), *scalars, backend=backend)
-        (out,) = launch(attention_split.paged_combine_kernel, *part,
+        (out,) = launch(paged_combine_kernel, *part,
                         NewTensor(qg.shape, q.dtype, dev), backend=backend)
     return out.view(T, hkv * G, D)
-
-
-def _check_tables(op, block_tables, lens, q_lens, nb, bs, mb):
-    """The blocks each sequence uses exist, and its length fits them."""
-    lo_len, hi_len = (int(x) for x in torch.aminmax(lens))
-    if lo_len < 0 or hi_len > mb * bs:
-        bad = lo_len if lo_len < 0 else hi_len
-        checks.fail(op, "seq_lens", f"lengths in [0, {mb * bs}] (the {mb} blocks of "
-                    f"{bs} tokens `block_tables` gives each sequence)", f"length {bad}")
-    short = (q_lens > lens).nonzero()
-    if short.numel():
-        i = int(short[0])
-        checks.fail(op, "seq_lens", f"at least the {int(q_lens[i])} new tokens of sequence "
-                    f"{i} (from `query_start_loc`)", f"{int(lens[i])}")
-    used = torch.arange(mb, device=lens.device)[None, :] < ((lens + bs - 1) // bs)[:, None]
-    if bool(used.any()):
-        vals = block_tables[used]
-        lo, hi = (int(x) for x in torch.aminmax(vals))
-        if lo < 0 or hi >= nb:
-            bad = lo if lo < 0 else hi
-            checks.fail(op, "block_tables", f"block numbers in [0, {nb}) (the blocks of the "
-                        "cache) for every block a sequence uses", f"block {bad}")
 
 
 # -- torch.library custom ops: opaque, compile-safe entry points for engines ---------

@@ -1,4 +1,7 @@
-"""The per-step half of paged attention: what depends only on the batch layout.
+"""Host planning for the attention ops (``attention.py``), apart from the
+kernels (``attention_kernels.py``): each query row's sequence and key range,
+the launch pieces of lowerings that collapse the key loop, the checked
+offsets and block tables, the split count, and the per-step plan.
 
 A model calls ``paged_attention`` once per layer with the same block tables,
 lengths and query offsets. Everything derived from those (each row's
@@ -14,6 +17,7 @@ Without ``plan=`` the op builds one per call; the results are the same.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -66,10 +70,9 @@ class PagedAttentionPlan:
         holds: unchecked lengths (``check_tables=False``) cannot make a
         lowering walk past the table or loop over an absurd range."""
         if self.rows is None or self.rows[0] != (num_tokens, num_keys):
-            from .attention import _rows, _clamp_ranges
-            seq, lo, hi = _rows(self.qsl, self.q_lens, self.lens, self.causal, self.window,
+            seq, lo, hi = row_ranges(self.qsl, self.q_lens, self.lens, self.causal, self.window,
                                 device, num_tokens)
-            lo, hi = _clamp_ranges(lo, hi, num_keys)
+            lo, hi = clamp_ranges(lo, hi, num_keys)
             self.rows = ((num_tokens, num_keys), seq.to(torch.int32), lo.to(torch.int32),
                          hi.to(torch.int32))
         return self.rows[1:]
@@ -111,12 +114,141 @@ def check_mask_args(op: str, causal, window) -> None:
                     "to the left)", repr(window))
 
 
+def lengths(op, name, cu, q, total=None, total_name="", host_check=True):
+    """Per-sequence offsets from a cumulative [B+1] int tensor, and their host
+    copy; ``host_check=False`` checks only dtype, shape and device (no
+    device-to-host copy: the caller vouches for the values) and returns None."""
+    checks.tensor(op, name, cu)
+    if cu.dtype not in (torch.int32, torch.int64) or cu.dim() != 1 or cu.shape[0] < 1:
+        checks.fail(op, name, "a 1-D int32 tensor [batch + 1] (at least one entry)",
+                    f"{cu.dtype} of shape {list(cu.shape)}")
+    checks.same_device(op, name, cu, "q", q)
+    if not host_check:
+        return cu.to(torch.int64), None
+    host = cu.tolist()
+    if host[0] != 0:
+        checks.fail(op, name, "to start at 0", f"{host[0]}")
+    bad = next((i for i in range(1, len(host)) if host[i] < host[i - 1]), None)
+    if bad is not None:
+        checks.fail(op, name, "non-decreasing offsets", f"{host[bad - 1]} then {host[bad]} "
+                    f"at index {bad}")
+    if total is not None and host[-1] != total:
+        checks.fail(op, name, f"to end at {total} (the tokens in `{total_name}`)",
+                    f"{host[-1]}")
+    return cu.to(torch.int64), host
+
+
+def row_ranges(q_start, q_lens, k_lens, causal, window, device, T):
+    """Per query token: its sequence and the range [lo, hi) of key positions
+    (within its sequence) it attends to. Causal is aligned to the end of the
+    keys: the last query sees every key (vLLM's and FlashAttention's rule)."""
+    B = q_lens.shape[0]
+    rows = torch.arange(T, device=device)
+    # the sequence of each row by search, not repeat_interleave: no host sync,
+    # and unchecked offsets that do not sum to T cannot write out of bounds
+    seq = torch.searchsorted(q_start[1:], rows, right=True).clamp_(max=max(B - 1, 0))
+    i = rows - q_start[seq]
+    k_len = k_lens[seq]
+    pos = k_len - q_lens[seq] + i                     # the query's own key position
+    hi = torch.minimum(pos + 1, k_len) if causal else k_len
+    lo = torch.zeros_like(hi) if window is None else (pos - window).clamp(min=0)
+    hi = torch.maximum(hi.clamp(min=0), lo)
+    return seq, lo, hi
+
+
+def clamp_ranges(lo, hi, n):
+    """Key ranges [lo, hi) cut to [0, n), hi >= lo (on the device, no sync)."""
+    lo = lo.clamp(0, n)
+    return lo, torch.maximum(hi.clamp(max=n), lo)
+
+
+#: query rows per launch when the lowering collapses the key loop (CPU: 128
+#: and 256 measured alike at S=1024, 2.7x faster than one launch; 512: 1.2x slower)
+PIECE_ROWS = 128
+
+
+def pieces(cq, ck, causal, window, max_rows):
+    """Host plan of launches (row0, row1, key0, key1): blocks of at most
+    ``max_rows`` query rows of one sequence with the keys those rows see;
+    consecutive short pieces merge while the merged launch computes at most
+    twice their pairs plus one full block (a launch costs about as much as
+    that). Every query row is in exactly one piece, in order."""
+    out = []
+    for b in range(len(cq) - 1):
+        q0, qn = cq[b], cq[b + 1] - cq[b]
+        k0, kn = ck[b], ck[b + 1] - ck[b]
+        for i0 in range(0, qn, max_rows):
+            i1 = min(qn, i0 + max_rows)
+            first, last = kn - qn + i0, kn - qn + i1 - 1     # the rows' own key positions
+            hi = max(0, min(last + 1, kn)) if causal else kn
+            lo = min(hi, 0 if window is None else max(0, first - window))
+            piece = [q0 + i0, q0 + i1, k0 + lo, k0 + hi, (i1 - i0) * (hi - lo)]
+            if out:
+                p = out[-1]
+                rows, k_lo, k_hi = piece[1] - p[0], min(p[2], piece[2]), max(p[3], piece[3])
+                if rows <= max_rows and rows * (k_hi - k_lo) <= 2 * (p[4] + piece[4]) + \
+                        max_rows * max_rows:
+                    out[-1] = [p[0], piece[1], k_lo, k_hi, p[4] + piece[4]]
+                    continue
+            out.append(piece)
+    return [tuple(p[:4]) for p in out]
+
+
+def check_block_tables(op, block_tables, lens, q_lens, nb, bs, mb):
+    """The blocks each sequence uses exist, and its length fits them."""
+    lo_len, hi_len = (int(x) for x in torch.aminmax(lens))
+    if lo_len < 0 or hi_len > mb * bs:
+        bad = lo_len if lo_len < 0 else hi_len
+        checks.fail(op, "seq_lens", f"lengths in [0, {mb * bs}] (the {mb} blocks of "
+                    f"{bs} tokens `block_tables` gives each sequence)", f"length {bad}")
+    short = (q_lens > lens).nonzero()
+    if short.numel():
+        i = int(short[0])
+        checks.fail(op, "seq_lens", f"at least the {int(q_lens[i])} new tokens of sequence "
+                    f"{i} (from `query_start_loc`)", f"{int(lens[i])}")
+    used = torch.arange(mb, device=lens.device)[None, :] < ((lens + bs - 1) // bs)[:, None]
+    if bool(used.any()):
+        vals = block_tables[used]
+        lo, hi = (int(x) for x in torch.aminmax(vals))
+        if lo < 0 or hi >= nb:
+            bad = lo if lo < 0 else hi
+            checks.fail(op, "block_tables", f"block numbers in [0, {nb}) (the blocks of the "
+                        "cache) for every block a sequence uses", f"block {bad}")
+
+
+#: key positions per split at least (shorter splits cost more in the combine than they gain)
+MIN_SPLIT_LEN = 256
+#: split counts the op uses (each a specialisation of the combine kernel)
+SPLIT_COUNTS = (4, 16)
+
+
+def choose_splits(rows: int, max_len: int, device: torch.device) -> int:
+    """Splits per row for a GPU batch of ``rows`` (token, kv head) programs:
+    enough programs to cover the card a few times over, each split at least
+    MIN_SPLIT_LEN keys; 1 (no split) on other devices, where the torch
+    lowerings walk the keys in one pass anyway."""
+    if device.type != "cuda" or max_len < 2 * MIN_SPLIT_LEN:
+        return 1
+    sms = _multiprocessors(device.index)
+    if rows >= 4 * sms:
+        return 1
+    for n in reversed(SPLIT_COUNTS):
+        if max_len >= n * MIN_SPLIT_LEN:
+            return n
+    return 1
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(index) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+
 def build(block_tables, seq_lens, query_start_loc, causal, window, check_tables,
           op: str) -> PagedAttentionPlan:
     """``paged_attention_plan`` with ``causal``, ``window`` and ``check_tables``
     already checked; errors named after ``op``."""
-    from .attention import _lengths
-    qsl, host = _lengths(op, "query_start_loc", query_start_loc, query_start_loc,
+    qsl, host = lengths(op, "query_start_loc", query_start_loc, query_start_loc,
                          host_check=check_tables)
     B = qsl.shape[0] - 1
     for name, x, dims in (("block_tables", block_tables, 2), ("seq_lens", seq_lens, 1)):

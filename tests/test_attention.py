@@ -188,7 +188,7 @@ def test_decode_equals_prefill(backend):
                                             if b != "inductor" or n == 3])  # compiles per S
 def test_split_keys_match_float64(backend, splits):
     """Flash-decoding (keys cut into splits, merged by a second kernel;
-    kernels/attention_split.py) on a mixed batch, with splits longer than some
+    kernels/attention_kernels.py) on a mixed batch, with splits longer than some
     rows (empty splits), a window and softcapping: against float64."""
     g = torch.Generator().manual_seed(20 + splits)
     hkv, group, D, dtype, softcap = INDUCTOR_CASES[1] if backend == "inductor" else \
@@ -309,20 +309,20 @@ def test_reshape_and_cache_writes_exactly_the_slots(backend, data):
 def test_launch_pieces_cover_each_row_and_its_keys(lens, causal, window, max_rows):
     """The host plan for lowerings that collapse the key loop: every query
     row in exactly one piece, in order, and each piece's key span holds the
-    keys each of its rows sees (from _rows, computed independently per row)."""
-    from kernelforge.kernels.attention import _pieces, _rows
+    keys each of its rows sees (from row_ranges, computed independently per row)."""
+    from kernelforge.kernels.attention_plan import pieces, row_ranges
     q_lens = [min(a, b) if causal else a for a, b in lens]
     k_lens = [b for _, b in lens]
     cq = [0] + torch.tensor(q_lens).cumsum(0).tolist()
     ck = [0] + torch.tensor(k_lens).cumsum(0).tolist()
-    pieces = _pieces(cq, ck, causal, window, max_rows)
-    assert [r for p in pieces for r in range(p[0], p[1])] == list(range(cq[-1]))
-    assert all(p[1] - p[0] <= max_rows for p in pieces)
+    planned = pieces(cq, ck, causal, window, max_rows)
+    assert [r for p in planned for r in range(p[0], p[1])] == list(range(cq[-1]))
+    assert all(p[1] - p[0] <= max_rows for p in planned)
     if not cq[-1]:
         return
-    seq, lo, hi = _rows(torch.tensor(cq), torch.tensor(q_lens), torch.tensor(k_lens), causal,
-                        window, torch.device("cpu"), cq[-1])
-    for r0, r1, k0, k1 in pieces:
+    seq, lo, hi = row_ranges(torch.tensor(cq), torch.tensor(q_lens), torch.tensor(k_lens),
+                             causal, window, torch.device("cpu"), cq[-1])
+    for r0, r1, k0, k1 in planned:
         for r in range(r0, r1):
             a, b = ck[int(seq[r])] + int(lo[r]), ck[int(seq[r])] + int(hi[r])
             assert a == b or k0 <= a <= b <= k1, (r, a, b, k0, k1)

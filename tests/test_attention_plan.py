@@ -66,10 +66,11 @@ def test_plan_must_describe_the_call():
 
 
 def test_plan_checks_tables_once_per_cache_shape(monkeypatch):
-    from kernelforge.kernels import attention
+    from kernelforge.kernels import attention_plan
     calls = []
-    real = attention._check_tables
-    monkeypatch.setattr(attention, "_check_tables", lambda *a: calls.append(a[4:6]) or real(*a))
+    real = attention_plan.check_block_tables
+    monkeypatch.setattr(attention_plan, "check_block_tables",
+                        lambda *a: calls.append(a[4:6]) or real(*a))
     g = torch.Generator().manual_seed(7)
     q, k, v, q_lens, k_lens = _batch(g)
     kc, vc, tables, lens = scatter_to_pages(k, v, k_lens, 16, g)

@@ -28,7 +28,7 @@ def static_stats():
 
 
 def test_default_prefill_uses_wgmma_without_spills(static_stats):
-    from kernelforge.kernels import attention as A
+    from kernelforge.kernels import attention_kernels as A
     kdef = A.attention_kernel(False, 128, True)      # round_p: Triton's default for bf16
     s = static_stats(kdef, {"HK": 32, "G": 1, "D": 128})
     assert s["spill st/ld"] == "0/0", s
@@ -37,7 +37,7 @@ def test_default_prefill_uses_wgmma_without_spills(static_stats):
 
 
 def test_default_paged_decode_uses_mma_without_spills(static_stats):
-    from kernelforge.kernels import attention as A
+    from kernelforge.kernels import attention_kernels as A
     kdef = A.paged_attention_kernel(False, True)
     s = static_stats(kdef, {"HK": 8, "G": 4, "D": 128, "BS": 16})
     assert s["spill st/ld"] == "0/0", s

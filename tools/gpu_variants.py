@@ -18,8 +18,8 @@ PREFILL_VARIANTS = (
     dict(kb=128), dict(kb=128, stages=2), dict(stages=4), dict(stages=2), dict(w=4),
     dict(bq=64, w=4), dict(kb=32), dict(bq=64, w=4, kb=128),
 )
-# decode: splits = flash-decoding split count (kernels/attention_split.py; None = the
-# op's choice), 1 = the single-pass kernel
+# decode: splits = flash-decoding split count (choose_splits in kernels/attention_plan.py;
+# None = the op's choice), 1 = the single-pass kernel
 # (warps per decode program with round_p, sm_90: 2 -> 255 registers and 16 B
 # of spills, 4 (default) -> 157, 8 -> 109; 1 spills 2.5 KB)
 DECODE_VARIANTS = (dict(splits=1), dict(splits=1, kb=32), dict(splits=1, kb=128),
@@ -40,7 +40,7 @@ def variant_cases(kernelforge, run_case, rows, prefix, fn, refs, dtype, nbytes, 
     cls, orig_source, orig_key = tb.TritonBackend, tb.TritonBackend.source, \
         tb.TritonBackend.schedule_key
     orig_block = A._query_block
-    import kernelforge.kernels.attention_split as AS
+    import kernelforge.kernels.attention_plan as AS
     orig_choose = AS.choose_splits
     state: dict = {}
 

@@ -80,7 +80,7 @@ def main() -> int:
     ap.add_argument("--target", default="sm_90", choices=("sm_80", "sm_90"))
     args = ap.parse_args()
     os.environ.pop("KERNELFORGE_TRITON_MAX_BLOCK", None)
-    from kernelforge.kernels import attention as A, attention_split as AS
+    from kernelforge.kernels import attention_kernels as A
 
     cases = [
         ("prefill (128 query rows)", A.attention_kernel(False, 128), {"HK": 32, "G": 1, "D": 128}),
@@ -88,7 +88,7 @@ def main() -> int:
         ("paged decode", A.paged_attention_kernel(False), {"HK": 8, "G": 4, "D": 128, "BS": 16}),
         ("paged decode, round_p", A.paged_attention_kernel(False, True),
          {"HK": 8, "G": 4, "D": 128, "BS": 16}),
-        ("paged decode, split", AS.paged_split_kernel(False),
+        ("paged decode, split", A.paged_split_kernel(False),
          {"HK": 8, "G": 4, "D": 128, "BS": 16, "S": 16}),
     ]
     cols = ("warps", "regs", "spill st/ld", "shared", "wgmma", "mma", "ffma", "fmul", "mufu.ex2",
