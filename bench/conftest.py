@@ -217,6 +217,13 @@ def summary_lines() -> list[str]:
                  if any(c.get("op") in ATTENTION_OPS for c in impls.values())}
     sample = {g for g, impls in groups.items()
               if any(c.get("op") == "sample" for c in impls.values())}
+    specs = {g for g, impls in groups.items()
+             if any(c.get("op") == "spec" for c in impls.values())}
+    if specs:
+        lines.extend(_spec_lines({g: i for g, i in groups.items() if g in specs}, copy_gbps))
+        groups = {g: i for g, i in groups.items() if g not in specs}
+        if not groups:
+            return lines
     if sample and len(sample) == len(groups):
         return lines + _sample_lines(groups)
     if len(rotary) == len(groups):
@@ -255,6 +262,23 @@ def summary_lines() -> list[str]:
     if attention:
         lines.extend(_attention_lines({g: i for g, i in groups.items() if g in attention},
                                       copy_gbps))
+    return lines
+
+
+def _spec_lines(groups: dict, copy_gbps: float) -> list[str]:
+    """bench/test_ops_bench.py: each backend's speed against the op's peer (the
+    plain torch an engine runs without kernelforge) and its share of the copy
+    bandwidth, from medians of this run."""
+    lines = ["", "ops from their specs: each backend against the peer (higher is faster) "
+             "and its GB/s as a share of the copy bandwidth, medians of this run:"]
+    for g, impls in groups.items():
+        peer = impls.get("peer")
+        parts = []
+        for impl in sorted(i for i in impls if i.startswith("kf_")):
+            c = impls[impl]
+            vs = f"{peer['median_s'] / c['median_s']:.2f}x peer, " if peer else ""
+            parts.append(f"{impl} {vs}{c['gbps'] / copy_gbps:.0%} of copy bw")
+        lines.append(f"  {g}: " + "; ".join(parts))
     return lines
 
 
@@ -345,6 +369,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                      frozenset({"rms_norm", "rotary"}):
                          "kernelforge RMSNorm and rotary benchmark summary",
                      }.get(ops, "kernelforge RMSNorm benchmark summary")
+            if ops == frozenset({"spec"}):
+                title = "kernelforge ops benchmark summary (from the specs)"
             if ops & set(ATTENTION_OPS):
                 names = [n for n, o in (("RMSNorm", "rms_norm"), ("rotary", "rotary"))
                          if o in ops] + ["attention"]

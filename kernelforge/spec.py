@@ -281,6 +281,8 @@ class OpSpec:
     bench: tuple = ()
     #: bytes moved and flops of a call, for roofline ratios: ``cost(a) -> (bytes, flops)``
     cost: Callable | None = None
+    #: ``peer(a)``: the plain torch an engine would run instead (the benchmarks' baseline)
+    peer: Callable | None = None
     #: ``resize(call, rows) -> call``: the same call with another number of rows
     #: (the compile-count check: a new row count must build nothing)
     resize: Callable | None = None

@@ -102,6 +102,14 @@ def _cost(a):
     return (n + n // 2) * a.x.element_size(), 3 * n
 
 
+def _peer(act: str):
+    def peer(a):
+        g, u = a.x.chunk(2, dim=-1)
+        f = torch.nn.functional
+        return (f.silu(g) if act == "silu" else f.gelu(g, approximate="tanh")) * u
+    return peer
+
+
 def _spec(act: str, doc: str, vllm: str) -> OpSpec:
     return OpSpec(
         f"{act}_and_mul", doc,
@@ -121,7 +129,7 @@ def _spec(act: str, doc: str, vllm: str) -> OpSpec:
              Bad("out overlapping x", lambda c: c.with_(
                  out=c.kwargs["x"][..., :c.kwargs["x"].shape[-1] // 2]),
                  ("`out`", "overlaps `x`"))),
-        bench=_bench(), cost=_cost, resize=resize_rows("x"), vllm=vllm)
+        bench=_bench(), cost=_cost, resize=resize_rows("x"), vllm=vllm, peer=_peer(act))
 
 
 SILU_AND_MUL = _spec("silu", "``silu(x[..., :d]) * x[..., d:]``, the SwiGLU gate, in one pass.",

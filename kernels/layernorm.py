@@ -126,6 +126,7 @@ LAYER_NORM = OpSpec(
         c.kwargs["x"].shape[-1] + 1, device=c.kwargs["x"].device)),
         ("`bias`", "(the last dim of `x`)")),),
     bench=_bench(), resize=resize_rows("x"),
+    peer=lambda a: torch.nn.functional.layer_norm(a.x, (a.x.shape[-1],), a.weight, a.bias, a.eps),
     cost=lambda a: (2 * a.x.numel() * a.x.element_size(), 7 * a.x.numel()),
 )
 

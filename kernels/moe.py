@@ -97,6 +97,12 @@ def _bench():
                  for T, E, k in ((1, 8, 2), (256, 64, 6), (4096, 128, 8)))
 
 
+def _peer(a):
+    """What a model file does without a fused op (Mixtral's router)."""
+    w, ids = torch.topk(torch.softmax(a.gating_logits, -1, dtype=torch.float32), a.k, -1)
+    return (w / w.sum(-1, keepdim=True) if a.renormalize else w), ids.to(torch.int32)
+
+
 TOPK_SOFTMAX = OpSpec(
     "topk_softmax",
     "MoE routing: the softmax of each token's gating logits (fp32), then its k\n"
@@ -118,7 +124,7 @@ TOPK_SOFTMAX = OpSpec(
     samples=_samples,
     bad=(Bad("k larger than the experts", lambda c: c.with_(
         k=c.kwargs["gating_logits"].shape[-1] + 1), ("`k`", "experts")),),
-    bench=_bench(), resize=resize_rows("gating_logits"),
+    bench=_bench(), resize=resize_rows("gating_logits"), peer=_peer,
     cost=lambda a: (a.gating_logits.numel() * a.gating_logits.element_size(),
                     (4 + 2 * a.k) * a.gating_logits.numel()),
     vllm="topk_softmax(topk_weights, topk_ids, token_expert_indices, gating_output, "

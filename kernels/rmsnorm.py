@@ -156,6 +156,7 @@ RMS_NORM = OpSpec(
     reference=lambda a: (reference(a.x, a.weight, a.eps, a.offset),),
     samples=lambda st, budget: _samples(st, budget, fused=False),
     bad=_BAD, bench=_bench(False), cost=_cost, resize=resize_rows("x"),
+    peer=lambda a: torch.nn.functional.rms_norm(a.x, (a.x.shape[-1],), a.weight, a.eps),
     vllm="rms_norm(out, input, weight, epsilon)",
 )
 
@@ -194,6 +195,8 @@ FUSED_ADD_RMS_NORM = OpSpec(
         Bad("residual is x, in place", lambda c: c.with_(residual=c.kwargs["x"], inplace=True),
             ("`x`", "overlaps `residual`"))),
     bench=_bench(True), cost=_cost, resize=resize_rows("x", "residual"),
+    peer=lambda a: torch.nn.functional.rms_norm(a.x + a.residual, (a.x.shape[-1],), a.weight,
+                                                a.eps),
     vllm="fused_add_rms_norm(input, residual, weight, epsilon) (in place)",
 )
 

@@ -316,6 +316,21 @@ def _bench():
                  for T in (1, 32, 4096))
 
 
+def _peer(a):
+    """vLLM's native NeoX rotary (``forward_native``): gather cos/sin, rotate halves in
+    the input dtype, write back."""
+    cos, sin = a.cos_sin_cache[a.positions].chunk(2, dim=-1)
+    outs = []
+    for x in (a.query, a.key):
+        xh = x.view(x.shape[0], -1, a.head_size)
+        r = a.cos_sin_cache.shape[1]
+        x1, x2 = xh[..., :r // 2], xh[..., r // 2:r]
+        c, s = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
+        xh[..., :r] = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+        outs.append(x)
+    return tuple(outs)
+
+
 def _heads_tensor(name: str, **kw) -> Tensor:
     return Tensor(name, dims=(2, 3), layout="[tokens, heads * head_size] or [tokens, heads, "
                   "head_size]", **kw)
@@ -354,7 +369,7 @@ ROTARY_EMBEDDING = OpSpec(
     returns=lambda a, res: (res[0], res[1] if a.key is not None else None),
     example=">>> cache = kernelforge.rope.cos_sin_cache(64, 2048, base=10000.0)\n"
             ">>> q, k = kernelforge.ops.rotary_embedding(pos, q, k, 64, cache)",
-    reference=_reference, samples=_samples, resize=_resize, bench=_bench(),
+    reference=_reference, samples=_samples, resize=_resize, bench=_bench(), peer=_peer,
     bad=(Bad("a position past the cache", lambda c: c.with_(
         positions=c.kwargs["positions"] + c.kwargs["cos_sin_cache"].shape[0]),
         ("`positions`", "values in [0,")),
