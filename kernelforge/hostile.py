@@ -125,7 +125,7 @@ def classify(spec, call, backend: str) -> tuple[str, str]:
     except Exception as e:
         return "silent accept", f"the reference cannot take it ({type(e).__name__})"
     try:
-        _compare(spec, a, outs, ref)
+        (spec.compare or (lambda a_, o_, r_: _compare(spec, a_, o_, r_)))(a, outs, ref)
     except AssertionError as e:
         return "wrong output", str(e).splitlines()[0][:200]
     return "ok", ""

@@ -11,11 +11,9 @@ import pkgutil
 from . import kernels as _kernels
 from .kernels import attention_kernels as _attention_kernels
 from .kernels import kv_cache as _kv_cache
-from .kernels import sampling as _sampling
 from .kernels.attention import attention, paged_attention  # noqa: F401
 from .kernels.attention_plan import PagedAttentionPlan, paged_attention_plan  # noqa: F401
 from .kernels.kv_cache import reshape_and_cache  # noqa: F401
-from .kernels.sampling import apply_penalties, sample  # noqa: F401
 
 
 def _find_specs() -> dict:
@@ -39,5 +37,4 @@ KERNELS = {
     "reshape_and_cache": (_kv_cache.reshape_and_cache_kernel,),
     "attention": _attention_kernels.packed_kernels(),
     "paged_attention": _attention_kernels.paged_kernels() + _attention_kernels.split_kernels(),
-    "sample": (_sampling.sample_kernel(),),
 }

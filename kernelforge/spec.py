@@ -227,7 +227,7 @@ class Output:
 
 # -- the spec -----------------------------------------------------------------------
 
-@dataclass
+@dataclass(repr=False)
 class OpSpec:
     """Everything about one op. See the module docstring; tests, the
     conformance kit and the benchmarks read the fields after ``kernels``.
@@ -283,6 +283,9 @@ class OpSpec:
     cost: Callable | None = None
     #: ``peer(a)``: the plain torch an engine would run instead (the benchmarks' baseline)
     peer: Callable | None = None
+    #: ``compare(a, outputs, reference)``: raise AssertionError when they disagree, for an
+    #: op whose outputs the generic rule cannot compare (a random draw, undecided near ties)
+    compare: Callable | None = None
     #: ``resize(call, rows) -> call``: the same call with another number of rows
     #: (the compile-count check: a new row count must build nothing)
     resize: Callable | None = None
@@ -299,6 +302,9 @@ class OpSpec:
         self._args_class = _args_class(self)
         self.op = _public(self)
         self._custom_ops()
+
+    def __repr__(self) -> str:
+        return f"OpSpec({self.name!r})"
 
     # -- a call -------------------------------------------------------------------
     def bind(self, values: tuple):
@@ -326,13 +332,15 @@ class OpSpec:
         compiling = torch.compiler.is_compiling()
         if compiling and (not self.inline or checks.opaque()):
             return self._graph_call(a)
-        if not compiling:
+        if not compiling and "backend" in self._by_name:
             registry.select(getattr(a, a._first_tensor).device, a.backend)   # even for 0 rows
-        return self.run(a)
+        res = self.run(a)
+        return self.returns(a, res) if self.returns is not None else res
 
     # -- the custom ops -------------------------------------------------------------
     def _graph_values(self, a) -> list:
-        return [getattr(a, x.name) for x in self._graph]
+        return [x.graph_value(a) if hasattr(x, "graph_value") else getattr(a, x.name)
+                for x in self._graph]
 
     def _graph_call(self, a):
         ns = getattr(torch.ops.kernelforge, self.name + ("_" if self._inplace_on(a) else ""))

@@ -28,15 +28,16 @@ candidate thresholds at once, so the kernel makes ``3 + 2 * 32 / RADIX_BITS``
 passes. See docs/sampling.md.
 """
 import functools
-from typing import Optional
 
 import torch
 
 import kernelforge.lang as kl
 from kernelforge import checks
-from kernelforge.backends import registry
 from kernelforge.dispatch import NewTensor, launch
 from kernelforge.ir import lib
+from kernelforge.spec import Arg, Backend, Bad, Bool, Call, Host, OpSpec, Output, Tensor
+
+from . import sampling_reference
 
 RADIX_BITS = 2          # bits of a threshold found per pass over the row (1, 2 or 4)
 _U32_MASK = 0xFFFFFFFF
@@ -235,92 +236,64 @@ def _check_range(op, name, v, lo, hi, lo_open, why):
         checks.fail(op, name, why, f"{float(v64[i])!r} at row {i}")
 
 
-def sample(logits: torch.Tensor, *, temperature, top_k=None, top_p=None, min_p=None,
-           seeds=None, offsets=None, logprobs: Optional[int] = None, validate: bool = True,
-           backend: Optional[str] = None):
-    """Sample one token per row of ``logits``, each row with its own parameters.
+class PerRow(Arg):
+    """A per-request parameter: a number for every row or a [B] (or 0-d)
+    tensor on the logits' device; the custom op takes it as a [B] tensor."""
+    schema = "Tensor"
 
-    Args:
-        logits: [B, V] float32, bfloat16 or float16, the last dim contiguous.
-        temperature: a number or [B], finite and >= 0. Below ``SAMPLING_EPS``
-            (1e-5, vLLM's) the row is greedy (argmax, the lowest index on ties;
-            filters and seed ignored). Otherwise ``1/T`` is taken in fp32 and at
-            least 2**-126 (the smallest normal fp32), so a temperature above
-            2**126 (whose reciprocal underflows) samples near-uniformly from
-            the kept tokens.
-        top_k: None, an int (any size) or int [B]; <= 0 (or >= V) keeps every
-            token. Tokens equal to the k-th largest logit are all kept.
-        top_p: None, a number or [B] in (0, 1]; 1 keeps every token. Keeps a
-            token iff the probability of the tokens with a strictly larger
-            logit is < top_p (so tie groups are kept whole). Applied after
-            min_p and top_k, over their renormalised distribution (vLLM's order).
-            Rounded to fp32 and at least 2**-126: a top_p that is 0 in fp32
-            keeps the most likely tie group.
-        min_p: None, a number or [B] in [0, 1]: keeps ``p >= min_p * p_max``.
-        seeds: None, an int in [-2**63, 2**63) or int64 [B]: the generator key
-            of each row (all 64 bits); None draws one per row from torch's
-            global generator.
-        offsets: None, an int in [-2**63, 2**63) or int64 [B] (the step number,
-            say): the same (seed, offset, logits row, parameters) gives the
-            same token on every backend, whatever the batch around it.
-        logprobs: None, or n >= 0: also return logprobs of the raw logits
-            (``log_softmax(logits)``, before temperature and filters): the
-            sampled token's and the top n (ids and values; plain torch.topk).
-        validate: check parameter values and rows on the host (a device sync)
-            and raise ``OpArgError`` naming the argument. With False a row
-            holding NaN or +inf, or all -inf, gets token -1 (logprob NaN), and
-            parameters out of range give an unspecified (but in-range) token.
-        backend: "eager", "inductor", "triton" or None (chosen per device).
-    Returns:
-        int64 [B] tokens; with ``logprobs=n`` a tuple ``(tokens,
-        token_logprobs [B], top_ids int64 [B, n], top_logprobs [B, n])``.
+    def __init__(self, name, kind, fill, op="sample", **kw):
+        super().__init__(name, kw_only=True, **kw)
+        self.kind, self.fill, self.op = kind, fill, op
 
-    Example:
-        >>> tok = kernelforge.ops.sample(logits, temperature=0.8, top_k=50, top_p=0.9,
-        ...                              seeds=seeds, offsets=step)
-    """
-    op = "sample"
-    checks.tensor(op, "logits", logits)
-    checks.float_dtype(op, "logits", logits)
-    if logits.dim() != 2:
-        checks.fail(op, "logits", "a 2-D tensor [batch, vocab]", f"shape {list(logits.shape)}")
-    checks.last_dim_contiguous(op, "logits", logits)
-    B, V = logits.shape
+    def schema_text(self, index=0, mutated=False):
+        return f"Tensor {self.name}"
+
+    def check(self, op, a):
+        self.tensor(a)
+
+    def tensor(self, a) -> torch.Tensor:
+        v = getattr(a, self.name)
+        if v is None:
+            if self.fill is None:       # seeds: one per row from torch's global generator
+                return torch.randint(0, _I64_MAX, (a.logits.shape[0],), device=a.logits.device)
+            v = self.fill
+        if self.name == "top_k" and isinstance(v, int) and not isinstance(v, bool):
+            v = max(min(v, _I64_MAX), 0)       # any k >= V (or <= 0) keeps every token
+        return _per_row(self.op, self.name, v, a.logits.shape[0], a.logits, self.kind)
+
+    def graph_value(self, a):
+        return self.tensor(a)
+
+
+_RANGES = (("temperature", 0.0, float("inf"), False, "a finite number >= 0 (0: greedy)"),
+           ("top_p", 0.0, 1.0, True, "a number in (0, 1]"),
+           ("min_p", 0.0, 1.0, False, "a number in [0, 1]"))
+
+
+def _check(op, a):
+    V = a.logits.shape[1]
     if V < 1:
-        checks.fail(op, "logits", "a vocabulary of at least 1 token", f"shape {list(logits.shape)}")
-    if logprobs is not None and (not isinstance(logprobs, int) or isinstance(logprobs, bool)
-                                 or not 0 <= logprobs <= V):
-        checks.fail(op, "logprobs", f"None or an int in [0, {V}]", repr(logprobs))
-    if not isinstance(validate, bool):
-        checks.fail(op, "validate", "a bool", repr(validate))
-    t = _per_row(op, "temperature", temperature, B, logits, "float")
-    if isinstance(top_k, int) and not isinstance(top_k, bool):
-        top_k = max(min(top_k, _I64_MAX), 0)       # any k >= V (or <= 0) keeps every token
-    k = _per_row(op, "top_k", 0 if top_k is None else top_k, B, logits, "int")
-    p = _per_row(op, "top_p", 1.0 if top_p is None else top_p, B, logits, "float")
-    mp = _per_row(op, "min_p", 0.0 if min_p is None else min_p, B, logits, "float")
-    if seeds is None:
-        seeds = torch.randint(0, _I64_MAX, (B,), device=logits.device)
-    s = _per_row(op, "seeds", seeds, B, logits, "int")
-    o = _per_row(op, "offsets", 0 if offsets is None else offsets, B, logits, "int")
-    if not torch.compiler.is_compiling():
-        registry.select(logits.device, backend)
-        if validate and B:
-            _check_range(op, "temperature", t, 0.0, float("inf"), False,
-                         "a finite number >= 0 (0: greedy)")
-            _check_range(op, "top_p", p, 0.0, 1.0, True, "a number in (0, 1]")
-            _check_range(op, "min_p", mp, 0.0, 1.0, False, "a number in [0, 1]")
-    tokens, tok_lp, lse = _sample_call(logits, t, k, p, mp, s, o, validate, backend)
-    if logprobs is None:
+        checks.fail(op, "logits", "a vocabulary of at least 1 token",
+                    f"shape {list(a.logits.shape)}")
+    if a.logprobs is not None and (not isinstance(a.logprobs, int) or
+                                   isinstance(a.logprobs, bool) or not 0 <= a.logprobs <= V):
+        checks.fail(op, "logprobs", f"None or an int in [0, {V}]", repr(a.logprobs))
+    if a.validate and a.logits.shape[0] and not torch.compiler.is_compiling():
+        for name, lo, hi, lo_open, why in _RANGES:
+            _check_range(op, name, _BY_NAME[name].tensor(a), lo, hi, lo_open, why)
+
+
+def _run(a):
+    t, k, p, mp, s, o = (_BY_NAME[n].tensor(a) for n in _PER_ROW)
+    return _sample_impl(a.logits, t, k, p, mp, s, o, a.validate, a.backend)
+
+
+def _returns(a, res):
+    tokens, tok_lp, lse = res
+    if a.logprobs is None:
         return tokens
-    top = torch.topk(logits, logprobs, dim=-1)
+    top = torch.topk(a.logits, a.logprobs, dim=-1)
     return tokens, tok_lp, top.indices, top.values.float() - lse[:, None]
-
-
-def _sample_call(logits, t, k, p, mp, s, o, validate, backend):
-    if torch.compiler.is_compiling():
-        return torch.ops.kernelforge.sample(logits, t, k, p, mp, s, o, validate, backend)
-    return _sample_impl(logits, t, k, p, mp, s, o, validate, backend)
 
 
 def _sample_impl(logits, t, k, p, mp, s, o, validate, backend):
@@ -359,43 +332,13 @@ def _sample_impl(logits, t, k, p, mp, s, o, validate, backend):
     return tokens, tok_lp, lse
 
 
-def apply_penalties(logits: torch.Tensor, prompt_tokens: torch.Tensor,
-                    output_tokens: torch.Tensor, *, repetition_penalty=1.0,
-                    frequency_penalty=0.0, presence_penalty=0.0) -> torch.Tensor:
-    """Repetition, frequency and presence penalties with vLLM's semantics,
-    out of place, in plain torch (a scatter-add of token counts and one
-    elementwise pass; no IR kernel).
-
-    Args:
-        logits: [B, V] float.
-        prompt_tokens: int [B, P], each row's prompt ids padded with -1.
-        output_tokens: int [B, O], each row's generated ids padded with -1.
-        repetition_penalty: a number or [B], > 0 (1 disables): a token seen in
-            the prompt or the output has its logit divided by it when > 0,
-            multiplied by it otherwise.
-        frequency_penalty: a number or [B]: subtracted times the token's count
-            in the output.
-        presence_penalty: a number or [B]: subtracted once if the token occurs
-            in the output.
-    Returns:
-        the penalised logits, [B, V] in the logits' dtype (math in float32).
-    """
-    op = "apply_penalties"
-    checks.tensor(op, "logits", logits)
-    checks.float_dtype(op, "logits", logits)
-    if logits.dim() != 2:
-        checks.fail(op, "logits", "a 2-D tensor [batch, vocab]", f"shape {list(logits.shape)}")
+def _penalties_run(a):
+    op, logits = "apply_penalties", a.logits
     B, V = logits.shape
     counts = []
-    for name, ids in (("prompt_tokens", prompt_tokens), ("output_tokens", output_tokens)):
-        checks.tensor(op, name, ids)
-        checks.same_device(op, name, ids, "logits", logits)
-        if ids.dim() != 2 or ids.shape[0] != B or ids.dtype.is_floating_point \
-                or ids.dtype == torch.bool:
-            checks.fail(op, name, f"an integer tensor [{B}, length] padded with -1",
-                        f"{ids.dtype} of shape {list(ids.shape)}")
-        ids64 = ids.to(torch.int64)
-        if ids.numel():
+    for name in ("prompt_tokens", "output_tokens"):
+        ids64 = getattr(a, name).to(torch.int64)
+        if ids64.numel():
             lo, hi = (int(v) for v in torch.aminmax(ids64))
             if lo < -1 or hi >= V:
                 checks.fail(op, name, f"token ids in [0, {V}) or -1 (padding)",
@@ -403,9 +346,7 @@ def apply_penalties(logits: torch.Tensor, prompt_tokens: torch.Tensor,
         c = torch.zeros(B, V + 1, dtype=torch.float32, device=logits.device)
         c.scatter_add_(1, torch.where(ids64 < 0, V, ids64), torch.ones_like(ids64, dtype=c.dtype))
         counts.append(c[:, :V])
-    rep = _per_row(op, "repetition_penalty", repetition_penalty, B, logits, "float")
-    freq = _per_row(op, "frequency_penalty", frequency_penalty, B, logits, "float")
-    pres = _per_row(op, "presence_penalty", presence_penalty, B, logits, "float")
+    rep, freq, pres = (_PENALTY[n].tensor(a) for n in _PENALTIES)
     _check_range(op, "repetition_penalty", rep, 0.0, float("inf"), True, "a finite number > 0")
     for name, v in (("frequency_penalty", freq), ("presence_penalty", pres)):
         _check_range(op, name, v, -float("inf"), float("inf"), False, "a finite number")
@@ -417,27 +358,226 @@ def apply_penalties(logits: torch.Tensor, prompt_tokens: torch.Tensor,
     return x.to(logits.dtype)
 
 
-# -- torch.library custom op: opaque, compile-safe entry point for engines -------------
-
-@torch.library.custom_op("kernelforge::sample", mutates_args=())
-def _sample_op(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
-               top_p: torch.Tensor, min_p: torch.Tensor, seeds: torch.Tensor,
-               offsets: torch.Tensor, validate: bool,
-               backend: Optional[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """[B] tensors for every parameter; returns (tokens, token logprobs, log-normaliser)."""
-    if validate and logits.shape[0]:
-        for name, v, lo, hi, open_, why in (
-                ("temperature", temperature, 0.0, float("inf"), False, "a finite number >= 0"),
-                ("top_p", top_p, 0.0, 1.0, True, "a number in (0, 1]"),
-                ("min_p", min_p, 0.0, 1.0, False, "a number in [0, 1]")):
-            _check_range("sample", name, v, lo, hi, open_, why)
-    return _sample_impl(logits, temperature, top_k, top_p, min_p, seeds, offsets, validate,
-                        backend)
+def _ids(op, a):
+    B = a.logits.shape[0]
+    for name in ("prompt_tokens", "output_tokens"):
+        ids = getattr(a, name)
+        if ids.dim() != 2 or ids.shape[0] != B or ids.dtype.is_floating_point \
+                or ids.dtype == torch.bool:
+            checks.fail(op, name, f"an integer tensor [{B}, length] padded with -1",
+                        f"{ids.dtype} of shape {list(ids.shape)}")
 
 
-@_sample_op.register_fake
-def _(logits, temperature, top_k, top_p, min_p, seeds, offsets, validate, backend):
-    B = logits.shape[0]
-    return (torch.empty(B, dtype=torch.int64, device=logits.device),
-            torch.empty(B, dtype=torch.float32, device=logits.device),
-            torch.empty(B, dtype=torch.float32, device=logits.device))
+def _penalties_reference(a):
+    B = a.logits.shape[0]
+    rep, freq, pres = ([float(v) for v in _PENALTY[n].tensor(a)] for n in _PENALTIES)
+    out = a.logits.double().clone().cpu()
+    for b in range(B):
+        p_ids = [t for t in a.prompt_tokens[b].tolist() if t >= 0]
+        o_ids = [t for t in a.output_tokens[b].tolist() if t >= 0]
+        for v in range(out.shape[1]):
+            if v in p_ids or v in o_ids:
+                out[b, v] = out[b, v] / rep[b] if out[b, v] > 0 else out[b, v] * rep[b]
+            c = o_ids.count(v)
+            out[b, v] -= freq[b] * c + (pres[b] if c else 0.0)
+    return (out,)
+
+
+def _penalties_samples(st, budget):
+    @st.composite
+    def draw(draw):
+        B = budget.force_rows if budget.force_rows is not None else draw(st.integers(0, 5))
+        V = draw(st.integers(1, 40))
+        g = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 31 - 1)))
+        dev = budget.device
+        ids = [torch.randint(-1, V, (B, draw(st.integers(0, 6))), generator=g).to(dev)
+               for _ in range(2)]
+        kw = dict(logits=(torch.randn(B, V, generator=g) * 3).to(
+            draw(st.sampled_from(budget.dtypes))).to(dev), prompt_tokens=ids[0],
+            output_tokens=ids[1])
+        for n, values in (("repetition_penalty", [1.0, 1.3, 0.7]),
+                          ("frequency_penalty", [0.0, 0.5, -0.2]),
+                          ("presence_penalty", [0.0, 0.4])):
+            kw[n] = draw(st.sampled_from(values)) if draw(st.booleans()) or not B else \
+                torch.tensor([draw(st.sampled_from(values)) for _ in range(B)], device=dev)
+        return Call(kw, f"[{B}, {V}]")
+    return draw()
+
+
+_PENALTIES = ("repetition_penalty", "frequency_penalty", "presence_penalty")
+_PENALTY = {
+    "repetition_penalty": PerRow("repetition_penalty", "float", 1.0, default=1.0,
+                                 op="apply_penalties", doc=(
+        "a number or [B], > 0 (1 disables): a token seen in the prompt or the output has "
+        "its logit divided by it when > 0, multiplied by it otherwise")),
+    "frequency_penalty": PerRow("frequency_penalty", "float", 0.0, default=0.0,
+                                op="apply_penalties", doc=(
+        "a number or [B]: subtracted times the token's count in the output")),
+    "presence_penalty": PerRow("presence_penalty", "float", 0.0, default=0.0,
+                               op="apply_penalties", doc=(
+        "a number or [B]: subtracted once if the token occurs in the output")),
+}
+
+APPLY_PENALTIES = OpSpec(
+    "apply_penalties",
+    "Repetition, frequency and presence penalties with vLLM's semantics, out of\n"
+    "place, in plain torch (a scatter-add of token counts and one elementwise\n"
+    "pass; no IR kernel), math in float32.",
+    args=(Tensor("logits", dims=2, layout="a 2-D tensor [batch, vocab]", doc="[B, V] float"),
+          Tensor("prompt_tokens", dtypes=None, last_contiguous=False,
+                 doc="int [B, P], each row's prompt ids padded with -1"),
+          Tensor("output_tokens", dtypes=None, last_contiguous=False,
+                 doc="int [B, O], each row's generated ids padded with -1"),
+          *(_PENALTY[n] for n in _PENALTIES)),
+    outputs=(Output("logits", lambda a: a.logits.shape, "logits",
+                    "the penalised logits, [B, V] in the logits' dtype"),),
+    run=_penalties_run, check=_ids, kernels=lambda: (),
+    reference=_penalties_reference, samples=_penalties_samples,
+    bad=(Bad("a token id past the vocabulary", lambda c: c.with_(
+        output_tokens=torch.full((c.kwargs["logits"].shape[0], 1), c.kwargs["logits"].shape[1],
+                                 device=c.kwargs["logits"].device)), ("`output_tokens`",)),
+         Bad("repetition_penalty of 0", lambda c: c.with_(repetition_penalty=0.0),
+             ("`repetition_penalty`", "> 0"))),
+    vllm="apply_penalties (vLLM's sampler metadata: repetition, frequency, presence)",
+)
+
+
+# -- the specs -------------------------------------------------------------------------
+
+_PER_ROW = ("temperature", "top_k", "top_p", "min_p", "seeds", "offsets")
+_BY_NAME = {
+    "temperature": PerRow("temperature", "float", None, doc=(
+        "a number or [B], finite and >= 0. Below ``SAMPLING_EPS`` (1e-5, vLLM's) the row is "
+        "greedy (argmax, the lowest index on ties; filters and seed ignored). Otherwise "
+        "``1/T`` is taken in fp32 and at least 2**-126, so a temperature above 2**126 "
+        "samples near-uniformly from the kept tokens")),
+    "top_k": PerRow("top_k", "int", 0, default=None, doc=(
+        "None, an int (any size) or int [B]; <= 0 (or >= V) keeps every token. Tokens equal "
+        "to the k-th largest logit are all kept")),
+    "top_p": PerRow("top_p", "float", 1.0, default=None, doc=(
+        "None, a number or [B] in (0, 1]; keeps a token iff the probability of the tokens "
+        "with a strictly larger logit is < top_p (tie groups whole), after min_p and top_k, "
+        "over their renormalised distribution (vLLM's order); at least 2**-126 in fp32")),
+    "min_p": PerRow("min_p", "float", 0.0, default=None,
+                    doc="None, a number or [B] in [0, 1]: keeps ``p >= min_p * p_max``"),
+    "seeds": PerRow("seeds", "int", None, default=None, doc=(
+        "None, an int in [-2**63, 2**63) or int64 [B]: each row's generator key (all 64 "
+        "bits); None draws one per row from torch's global generator")),
+    "offsets": PerRow("offsets", "int", 0, default=None, doc=(
+        "None, an int in [-2**63, 2**63) or int64 [B] (the step number, say): the same (seed, "
+        "offset, logits row, parameters) gives the same token on every backend, whatever "
+        "the batch around it")),
+}
+
+
+def _samples(st, budget):
+    @st.composite
+    def draw(draw):
+        V = draw(budget.sizes([1000], st.integers(1, 64)))
+        B = budget.force_rows if budget.force_rows is not None else \
+            draw(st.integers(0, budget.rows))
+        dtype = draw(st.sampled_from(budget.dtypes))
+        g = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 31 - 1)))
+        x = torch.randn(B, V, generator=g) * draw(st.sampled_from([0.5, 3.0]))
+        if draw(st.booleans()):                 # ties: quarters
+            x = (x * 4).round() / 4
+        kw = dict(logits=x.to(dtype).to(budget.device))
+
+        def per_row(values):
+            if draw(st.booleans()) or not B:
+                return draw(st.sampled_from(values))
+            picks = [draw(st.sampled_from([v for v in values if v is not None])) for _ in range(B)]
+            return torch.tensor(picks, device=budget.device)
+        kw["temperature"] = per_row([0.0, 1e-6, 0.5, 1.0, 2.0, 1e30])
+        kw["top_k"] = per_row([None, 0, 1, 5, 2 ** 62])
+        kw["top_p"] = per_row([None, 1e-30, 0.5, 0.9, 1.0])
+        kw["min_p"] = per_row([None, 0.0, 0.05, 1.0])
+        kw["seeds"] = per_row([0, 1, 12345, 2 ** 62, -7])
+        kw["offsets"] = per_row([None, 0, 3, 2 ** 40])
+        kw["logprobs"] = draw(st.sampled_from([None, 0, min(3, V)]))
+        return Call(kw, f"[{B}, {V}] {dtype}")
+    return draw()
+
+
+def _resize(call, rows):
+    kw = dict(call.kwargs)
+    x = kw["logits"]
+    idx = torch.arange(rows) % max(x.shape[0], 1)
+    kw["logits"] = x[idx].contiguous() if x.shape[0] else torch.randn(rows, x.shape[1]).to(x.dtype)
+    for n in _PER_ROW:
+        v = kw.get(n)
+        if isinstance(v, torch.Tensor) and v.dim():
+            kw[n] = v[idx] if v.shape[0] else v.new_zeros(rows)
+    return Call(kw, call.label)
+
+
+def _bench():
+    def make(device, dtype, B, V):
+        return Call(dict(logits=torch.randn(B, V, device=device).to(dtype), temperature=0.8,
+                         top_k=50, top_p=0.9, seeds=torch.arange(B, device=device), offsets=1),
+                    f"{B}x{V}")
+    return tuple((f"{B}x{V}", lambda device, dtype, B=B, V=V: make(device, dtype, B, V))
+                 for B, V in ((1, 49152), (32, 128256)))
+
+
+def _peer(a):
+    """The sort-based sampler of vLLM's native path: temperature, top-k, top-p
+    by sorting, then a multinomial draw."""
+    x = a.logits.float() / 0.8
+    vals, order = torch.sort(x, descending=True)
+    vals[:, 50:] = -float("inf")
+    p = torch.softmax(vals, -1)
+    vals[(p.cumsum(-1) - p) >= 0.9] = -float("inf")
+    pick = torch.multinomial(torch.softmax(vals, -1), 1)
+    return order.gather(1, pick)[:, 0]
+
+
+SAMPLE = OpSpec(
+    "sample",
+    "Sample one token per row of ``logits``, each row with its own parameters\n"
+    "(temperature, top-k, top-p, min-p; seeded by a counter-based generator, so a\n"
+    "row's token does not depend on the batch or the backend).",
+    args=(Tensor("logits", dims=2, layout="a 2-D tensor [batch, vocab]",
+                 doc="[B, V] float32, bfloat16 or float16, the last dim contiguous"),
+          *(_BY_NAME[n] for n in _PER_ROW),
+          Host("logprobs", default=None, kw_only=True, doc=(
+              "None, or n >= 0: also return logprobs of the raw logits "
+              "(``log_softmax(logits)``, before temperature and filters): the sampled "
+              "token's and the top n (ids and values)")),
+          Bool("validate", default=True, kw_only=True, doc=(
+              "check parameter values and rows on the host (a device sync) and raise "
+              "``OpArgError`` naming the argument; with False a row holding NaN or +inf, or "
+              "all -inf, gets token -1 (logprob NaN) and out-of-range parameters give an "
+              "unspecified (but in-range) token")),
+          Backend()),
+    outputs=(Output("tokens", lambda a: (a.logits.shape[0],), lambda a: torch.int64,
+                    "int64 [B]; with ``logprobs=n`` a tuple ``(tokens, token_logprobs [B], "
+                    "top_ids int64 [B, n], top_logprobs [B, n])``"),
+             Output("token_logprob", lambda a: (a.logits.shape[0],), lambda a: torch.float32,
+                    "(custom op) the sampled token's logprob"),
+             Output("lse", lambda a: (a.logits.shape[0],), lambda a: torch.float32,
+                    "(custom op) logsumexp of each row")),
+    run=_run, check=_check, returns=_returns,
+    kernels=lambda: (sample_kernel(),),
+    example=">>> tok = kernelforge.ops.sample(logits, temperature=0.8, top_k=50, top_p=0.9,\n"
+            "...                              seeds=seeds, offsets=step)",
+    reference=sampling_reference.reference, compare=sampling_reference.compare,
+    samples=_samples, resize=_resize, bench=_bench(), peer=_peer,
+    cost=lambda a: (a.logits.numel() * a.logits.element_size() * (3 + 4 * 32 // RADIX_BITS),
+                    None),
+    bad=(Bad("a temperature < 0", lambda c: c.with_(temperature=-1.0),
+             ("`temperature`", ">= 0")),
+         Bad("top_p of 0", lambda c: c.with_(top_p=0.0), ("`top_p`", "(0, 1]")),
+         Bad("min_p above 1", lambda c: c.with_(min_p=1.5), ("`min_p`", "[0, 1]")),
+         Bad("a [B+1] temperature", lambda c: c.with_(temperature=torch.ones(
+             c.kwargs["logits"].shape[0] + 1, device=c.kwargs["logits"].device)),
+             ("`temperature`", "one per row")),
+         Bad("logprobs above V", lambda c: c.with_(logprobs=c.kwargs["logits"].shape[1] + 1),
+             ("`logprobs`",)),
+         Bad("a seed beyond int64", lambda c: c.with_(seeds=2 ** 64), ("`seeds`", "int64"))),
+    vllm="the sampler of vLLM's v1 engine (temperature, top-k, top-p, min-p, per-request seeds)",
+)
+
+sample = SAMPLE.op
+apply_penalties = APPLY_PENALTIES.op
+SPECS = (SAMPLE, APPLY_PENALTIES)
