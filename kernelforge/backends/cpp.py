@@ -6,7 +6,7 @@ as one masked pass over the whole axis (``collapses_loops``), this one walks
 it chunk by chunk with the carried values in registers and L1, as the Triton
 lowering does on a GPU. Built libraries are cached on disk, keyed by the
 SHA-256 of their source, compiler command, compiler identity and this CPU's
-instruction set, so a specialisation compiles once per machine (about 1-3 s
+instruction set, so a specialisation compiles once per machine (seconds
 with g++ -O3); each load checks the entry's own SHA-256 before loading a
 private copy of it (see build_library).
 """
@@ -385,8 +385,8 @@ def _scratch(t: torch.Tensor) -> int:
 class CppBackend(Backend):
     name = "cpp"
     description = "generated C++ compiled by the host compiler (OpenMP; CPU, loops kept)"
-    # 128 query rows x 128-key chunks: prefill S=1024 D=64 ran in 17.8 ms here
-    # against 21.5 ms at 64 rows and 30 ms at 32 (1 thread, same run)
+    # 128 query rows x 128-key chunks: the fastest block of rows for causal
+    # prefill (docs/benchmarks.md, "Measured (CPU), the C++ lowering")
     block_rows = 128
 
     def schedule(self) -> cpp_printer.CppSchedule:
@@ -402,9 +402,9 @@ class CppBackend(Backend):
         cxx, why = compiler()
         if cxx is None:
             return None, why
-        # above Inductor (20): per call 2x less overhead on small ops, attention
-        # 2.3x (prefill) and 14x (paged decode) faster, large memory-bound ops
-        # about even (docs/benchmarks.md)
+        # above Inductor (20): less per-call overhead on small ops, much faster
+        # attention, large memory-bound ops about even (docs/benchmarks.md,
+        # "Measured (CPU), the C++ lowering")
         return 25, f"C++ for this CPU, built with {os.path.basename(cxx)}"
 
     def can_run(self, device):
