@@ -3,9 +3,9 @@ then replay them without the Python around them (CUDA graphs' idea, on any
 device).
 
 A decode step of a small model is a few hundred small calls. On a CPU each
-costs 20-40 us of Python (argument checks, backend choice, packing the C
-call) around a few microseconds of work; at batch 1 that Python was over half
-of every token. Captured, each KernelForge launch becomes one pre-bound call
+spends more time in Python (argument checks, backend choice, packing the C
+call) than in its few microseconds of work, a large share of a batch-1 token
+(docs/design.md, "Graphs"). Captured, each KernelForge launch becomes one pre-bound call
 (for the cpp backend: a C function with its argument array packed once) and
 each torch op one call of its ATen overload; views, allocations and the
 checks are gone.
@@ -139,7 +139,8 @@ def _copy_one(target, func, args, kwargs):
 def _out_variant(func):
     """The ``out=`` overload computing what ``func`` does (``mul.Tensor`` ->
     ``mul.out``): a replay then writes the captured output directly instead of
-    allocating a result and copying it (~2x less time per op). Matched by
+    allocating a result and copying it (less time per op; docs/design.md,
+    "Graphs"). Matched by
     schema: the same arguments plus exactly one ``out``."""
     if len(func._schema.returns) != 1:
         return None

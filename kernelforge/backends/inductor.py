@@ -44,8 +44,9 @@ class InductorBackend(Backend):
     def build_functional(self, kernel, device, returns: tuple[str, ...]):
         """Return the outputs named in ``returns`` from the compiled graph
         instead of writing into caller tensors: Inductor then writes them as
-        fresh buffers, which measured 1.5x faster on CPU than copying into a
-        mutated input. None when an output cannot be returned."""
+        fresh buffers, which is faster on CPU than copying into a mutated input
+        (docs/design.md, "Outputs the caller did not allocate"). None when an
+        output cannot be returned."""
         if not all(torch_printer.can_return(kernel, r) for r in returns):
             return None
         return self._compile(kernel, returns)
