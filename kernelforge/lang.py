@@ -225,8 +225,8 @@ def parallel(axis: str, block: int = 1, *, descending: bool = False) -> Value:
             changes (the Triton lowering maps program i to block n - 1 - i).
             The C++ lowering ignores it: OpenMP's guided schedule hands out
             its largest chunks first, and with the longest programs in them
-            causal prefill ran 1.4x slower (7.1 against 5.0 ms, S=1024);
-            the torch lowerings have no launch order.
+            causal prefill ran slower (docs/design.md, "The C++ lowering's
+            chunks"); the torch lowerings have no launch order.
     Returns:
         the tile of indices this program owns.
 

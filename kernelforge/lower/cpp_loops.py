@@ -94,8 +94,8 @@ class LoopRules:
         block of rows. Tails pay off only then: the masked lanes are those
         past the range's end. With a range per row (causal prefill) the masked
         chunks are the rows' staggered ends, work that must be done anyway;
-        smaller chunks only add per-chunk cost (packed prefill S=1024: 8.8 ->
-        11.3 ms with 16-lane tails)."""
+        smaller chunks only add per-chunk cost (docs/design.md, "The C++
+        lowering's chunks")."""
         loop, t, tb = s.arg, s.arg.range, self.sched.tail_block
         size, b = self.k.axes[loop.axis].size, self.block(t)
         if id(t) in self.tail or not (0 < tb < b and tb & (tb - 1) == 0):

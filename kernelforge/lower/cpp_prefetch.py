@@ -11,14 +11,11 @@ chunk (keys and values alike), and the misses overlap each other and the
 chunk's arithmetic. A hint only: a prefetch never faults, changes no value,
 and the indices are clamped like the loads' own.
 
-Measured (30 layers of 32 decode rows, 100-token contexts, 9 query heads on
-3 kv heads, D=64, bf16, this 2-core CPU; a generated source edited by hand
-first): 9.7 -> 7.1 ms; prefetching each load's rows just before its own copy
-instead: 9.0 ms, since the value rows' misses then still come last. A chunk
-whose rows pass ``PREFETCH_BYTES`` is not prefetched: at 32 sequences x
-1024 keys, 32 query / 8 kv heads, D=128, fp32 (128 KB of rows per chunk) the
-prefetch cost 5% (12.8 against 12.1-12.4 ms; prefetching into L2 instead
-measured the same as none).
+Prefetching each load's rows just before its own copy instead gains less,
+since the value rows' misses then still come last. A chunk whose rows pass
+``PREFETCH_BYTES`` is not prefetched: its later lines would evict its first
+ones before they are read (and prefetching into L2 instead gains nothing).
+Timings: docs/design.md, "The C++ lowering's chunks".
 """
 from __future__ import annotations
 
@@ -26,11 +23,10 @@ from ..ir.analysis import topo
 from ..ir.nodes import Node, Op
 
 _LINE = 64          # bytes per cache line
-#: a chunk prefetches its rows only up to this many bytes: measured in paged
-#: decode (30 layers of 32 rows, this 2-core EPYC, 48 KB L1d, 1 MB L2), 64 KB
-#: per chunk (fp32, D=64, 3 kv heads) gained 11% (24.6 -> 21.8 ms), 128 KB
-#: (fp32, D=128, 8 kv heads) lost 5%: a chunk's later lines then evict its
-#: first ones before they are read
+#: a chunk prefetches its rows only up to this many bytes: in paged decode
+#: 64 KB chunks gained and 128 KB ones lost, a chunk's later lines then
+#: evicting its first ones before they are read (docs/design.md, "The C++
+#: lowering's chunks")
 PREFETCH_BYTES = 64 * 1024
 
 

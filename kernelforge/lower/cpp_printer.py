@@ -92,7 +92,8 @@ def _static_chunk(size: int, cap: int) -> int:
 
 def print_module(k, schedule: CppSchedule = CppSchedule(), restrict: bool = True) -> str:
     """``restrict``: promise the compiler no two tensor arguments overlap
-    (1.4x on paged decode); the backend builds the other variant for calls
+    (faster paged decode: docs/benchmarks.md, "Measured (CPU), the C++
+    lowering"); the backend builds the other variant for calls
     whose outputs share memory with an input (in-place rotary, norm)."""
     p = _Printer(k, Analysis(k), schedule)
     p.restrict = restrict

@@ -318,8 +318,8 @@ class ValueRules:
         K = self.block(self.tile(a, k))
         # a few rows against a B stored along k (decode's query heads against
         # keys): kf_dot_nt reads B as it lies; kf_dot would transpose it first,
-        # a scalar move per value that cost more than the product (70% of
-        # paged decode at G=3); 16 or more rows share that transpose instead
+        # a scalar move per value that costs more than the product (docs/design.md,
+        # "Lowerings"); 16 or more rows share that transpose instead
         nt = M < 16 and N % 16 == 0 and K % 16 == 0 and self.stored_along(b, k)
         b_dims, b_shape = ((y, k), (N, K)) if nt else ((k, y), (K, N))
         args = []

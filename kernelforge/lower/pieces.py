@@ -2,7 +2,8 @@
 the torch lowering can return it (or copy it into an in-place input) as one
 ``torch.cat`` instead of slice assignments into a buffer the graph mutates.
 (Inductor fuses slice stores into one loop that reads the uninitialised
-output and blends into it: 2-4x slower for rotary's two halves.)"""
+output and blends into it: much slower for rotary's two halves;
+docs/design.md, "Outputs written in pieces".)"""
 from __future__ import annotations
 
 from ..ir import dtypes as dt
