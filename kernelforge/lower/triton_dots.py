@@ -79,7 +79,7 @@ def to_half(e: str, h) -> str:
     """A plain cast: on a GPU it rounds to nearest, in the interpreter bf16
     truncates; either way ``lo`` takes what ``hi`` left out, so the sum
     ``hi + lo`` is as close (and the interpreter skips ``_to_bf16``'s bit
-    arithmetic, which had made the paged tests 4x slower there)."""
+    arithmetic, slow there: docs/design.md, "Known limitations")."""
     return f"({e}).to({h.triton})"
 
 

@@ -34,9 +34,9 @@ def _argmin_combine(v1, i1, v2, i2):
 }
 
 # max/min over an axis: on GPUs tl.reduce with the NaN-propagating combine
-# above; the interpreter would call that combine once per element (paged
-# decode's [16, 64] scores took 50 of 70 s in a profile), so there it takes
-# numpy's own max (which skips NaN) and puts any NaN back with a sum.
+# above; the interpreter would call that combine once per element (most of a
+# paged decode call's time: docs/design.md, "Known limitations"), so there it
+# takes numpy's own max (which skips NaN) and puts any NaN back with a sum.
 MINMAX_REDUCE = {
     kind: f'''@triton.jit
 def _{kind}_reduce(x, axis: tl.constexpr):
@@ -60,8 +60,8 @@ def _dot_operand(x):
         return x'''
 
 F32_DOT = '''def _f32_dot_precision():
-    # fp32 dots: three TF32 tensor-core products (about fp32 accuracy; 6x
-    # faster than fp32 FMAs for attention's p.v on an H200) on NVIDIA GPUs,
+    # fp32 dots: three TF32 tensor-core products (about fp32 accuracy, much
+    # faster than fp32 FMAs: docs/gpu-results.md, "Run 1") on NVIDIA GPUs,
     # fp32 FMAs elsewhere (the interpreter, AMD, no GPU: aot-check).
     if triton.knobs.runtime.interpret:
         return "ieee"

@@ -101,8 +101,8 @@ _SCALAR = {dt.f32: "fp32", dt.f64: "fp64", dt.i32: "i32", dt.i64: "i64", dt.u32:
 
 
 # Values (elements per program) a chunk of a loop over a runtime-sized axis may
-# span: paged decode's [group, head, chunk] products spill past it (measured
-# on an H200: chunk 32 at 4 warps moved 1.4x the bytes/s of chunk 64 at 16).
+# span: paged decode's [group, head, chunk] products spill past it (smaller
+# chunks at fewer warps ran faster: docs/gpu-results.md, "Run 1").
 LOOP_VALUE_BUDGET = 16384
 
 
@@ -462,7 +462,7 @@ class _Printer(LoopRules, DotRules, PrinterBase):
             grid.append(self.size(axis) if b == 1 else f"triton.cdiv({self.size(axis)}, {b})")
         blocks = ", ".join(f"{t.arg[0]}={self.block(t)}" for t in self._all_tiles()) or "none"
         e = self.max_elems
-        if self.has_dot:            # H200: 16-row tiles ran 1.7x faster at 4 warps than 16
+        if self.has_dot:            # 16-row tiles: 4 warps beat 16 (docs/gpu-results.md, "Run 1")
             num_warps = 8 if self.values >= 16384 else 4
         elif self.loop_values > 1:  # chunks of a runtime-sized loop (see LOOP_VALUE_BUDGET)
             num_warps = 4
