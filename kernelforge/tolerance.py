@@ -85,11 +85,10 @@ def assert_close_rows(actual: torch.Tensor, reference: torch.Tensor, dtype: torc
     Why: a logit ends a chain of dot products, and two correct computations
     that sum in different orders (another batch size, so another GEMM kernel;
     another library) differ by rounding errors the size of the *terms*, which a
-    logit near zero does not shrink. Measured on the runtime tests' random
-    Llama (float32 logits of magnitude 10-15): the decode graph's rows against
-    the op-by-op forward differ by up to 6e-5, far over the elementwise rule's
-    1e-5 for logits near zero, and 1e-6 - 5e-6 of the row's scale; a real bug
-    (a padding row leaking into another, a wrong key) moves a logit by O(1).
+    logit near zero does not shrink: correct forwards differ there by more than
+    the elementwise rule allows, yet by a small fraction of the row's scale,
+    while a real bug (a padding row leaking into another, a wrong key) moves a
+    logit by O(1) (numbers: docs/tolerance.md, "Whole-model outputs").
     """
     a, r = actual.detach().double().cpu(), reference.detach().double().cpu()
     if a.shape != r.shape or a.dim() != 2:

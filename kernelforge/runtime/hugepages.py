@@ -3,14 +3,12 @@
 Why: a decode step streams every weight (270 MB for SmolLM2-135M in bf16)
 and every sequence's KV blocks from memory. On 4 KB pages that is ~70,000
 pages a step, each a TLB miss, and in a virtual machine each miss walks two
-page tables (the guest's and the host's). Measured on this 2-core VM, the
-121 matmuls of a 32-row step on the same weights, huge pages against 4 KB
-pages in one process: 1-6% faster in every one of 24 alternating pairs;
-whole generate calls: within noise (docs/runtime.md, "32 prompts paired
-with vLLM"). (The machine's slow phases, 24-26 ms instead of 19-20 for the
-same matmuls, come with either page size.) torch's allocator asks for huge pages
-only under ``THP_MEM_ALLOC_ENABLE=1``, read once when torch starts; a library
-cannot set it for its caller, so the runtime allocates these buffers itself.
+page tables (the guest's and the host's). A step's matmuls run a little
+faster on huge pages; whole generate calls gain less than their noise
+(docs/runtime.md, "Measured: 32 prompts paired with vLLM", Huge pages).
+torch's allocator asks for huge pages only under ``THP_MEM_ALLOC_ENABLE=1``,
+read once when torch starts; a library cannot set it for its caller, so the
+runtime allocates these buffers itself.
 
 Where the kernel's THP setting is ``madvise`` (the common default), memory
 gets huge pages only if asked with ``madvise(MADV_HUGEPAGE)`` before it is

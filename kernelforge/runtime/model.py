@@ -198,11 +198,10 @@ class LlamaModel:
             # the embedding is a row lookup (one row per token read): it keeps the
             # dense table; the head reads all V x H weights per token, so it is
             # requantized from the float (dequantized) weights to per-row int8.
-            # int8, not int4, although int4 is faster: at M=1 on the 49152x576
-            # head int8pack took ~1.9 ms, int4pack ~1.4 ms (bf16 F.linear ~4.9),
-            # 0.5 ms of a ~25-30 ms token; an int4 head (Q8_0 rounded to 4 bits)
-            # moved log-softmax by up to 1.6 (vs 0.27 with int8) on fp32's top-20
-            # tokens and flipped top-1 on one of four chat prompts
+            # int8, not int4, although int4 is faster: the gain is a small part
+            # of a token, and an int4 head (Q8_0 rounded to 4 bits) moved the
+            # likely tokens' log-softmax far more and flipped top-1 on a chat
+            # prompt (docs/runtime.md, "Weight-only int4")
             src = embed if tied else _take_raw(w, "lm_head.weight", (V, H))
             self.lm_head = Int8Linear(src.dequantize() if isinstance(src, Q4_1Weight) else src)
             del src
@@ -218,7 +217,8 @@ class LlamaModel:
 
     def _move_to_huge_pages(self) -> None:
         """The dense weights into one buffer on 2 MB pages (hugepages.py: each
-        step streams them all; its matmuls ran 1-6% faster on them here).
+        step streams them all, and its matmuls run a little faster on them:
+        docs/runtime.md, "Measured: 32 prompts paired with vLLM").
         Quantized layers keep their own storage."""
         names = ("input_norm", "post_norm", "qkv", "qkv_bias", "o", "gate_up", "down")
         slots = [(self, "embed"), (self, "norm"), (self, "lm_head")] + \

@@ -11,7 +11,8 @@ torch's CPU weight-only kernels on bf16 activations:
 * ``Int8Linear``: ``torch.ops.aten._weight_int8pack_mm``, int8 weights with one
   bf16 scale per output row (symmetric absmax), for the lm_head.
 
-Both kernels want bf16 activations (fp32 ones run ~20x slower) and give bf16.
+Both kernels want bf16 activations (fp32 ones run far slower: docs/runtime.md,
+"Weight-only int4") and give bf16.
 Each output row depends only on its own input row (checked for M = 1..70 in
 tests/test_runtime_quant.py), so batching does not change a request's result.
 """

@@ -74,7 +74,8 @@ def _draw(logits: torch.Tensor, seqs: "list[Sequence]") -> list[int]:
             presence_penalty=torch.tensor([p.presence_penalty for p in params]))
     if all(p.greedy for p in params):
         # the lowest index on ties, as sample(); max's indices (documented to
-        # be the first maximum's) took 1.4 ms at 32 x 49152, argmax 2.0
+        # be the first maximum's), faster than argmax on CPU (docs/runtime.md,
+        # "Measured: paged decode as a block product")
         return logits.max(dim=-1).indices.tolist()
     # float64: the op checks and compares the values as given (greedy below
     # SAMPLING_EPS, top_p > 0), so they must not be rounded to fp32 first
