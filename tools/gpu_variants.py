@@ -12,16 +12,16 @@ import os
 VARIANTS = os.environ.get("KF_GPU_VARIANTS", "1") != "0"
 # (the defaults: bq=128, w=8, kb=64 for prefill; kb=64, w=4 and the op's split
 # choice for paged decode; p rounded to 16 bits before p.v, Triton's default
-# for 16-bit inputs since 2026-11-28, ``round_p``: the gpu_bench rows "exact p"
-# time p kept in fp32 as two 16-bit products, hi + lo)
+# for 16-bit inputs, ``round_p``: the gpu_bench rows "exact p" time p kept in
+# fp32 as two 16-bit products, hi + lo)
 PREFILL_VARIANTS = (
     dict(kb=128), dict(kb=128, stages=2), dict(stages=4), dict(stages=2), dict(w=4),
     dict(bq=64, w=4), dict(kb=32), dict(bq=64, w=4, kb=128),
 )
 # decode: splits = flash-decoding split count (choose_splits in kernels/attention_plan.py;
 # None = the op's choice), 1 = the single-pass kernel
-# (warps per decode program with round_p, sm_90: 2 -> 255 registers and 16 B
-# of spills, 4 (default) -> 157, 8 -> 109; 1 spills 2.5 KB)
+# (warps per decode program: fewer than the default 4 spill registers with
+# round_p; docs/gpu-results.md, "2026-11-28 (later)")
 DECODE_VARIANTS = (dict(splits=1), dict(splits=1, kb=32), dict(splits=1, kb=128),
                    dict(splits=1, stages=4), dict(splits=1, w=8), dict(splits=1, w=2),
                    dict(w=2), dict(w=8), dict(splits=4), dict(splits=8),
