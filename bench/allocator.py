@@ -36,10 +36,9 @@ def glibc_malloc_defaults():
     user runs with the default allocator, not of one kernel's output buffers.
     glibc starts at 128 KiB and raises the mmap threshold as large blocks are
     freed, up to 32 MiB (trim threshold twice that); mallopt cannot turn that
-    adjustment back on, so the settled values are set. The runtime's
-    32-prompt case measured 318 tok/s with freed memory kept, 359 with the
-    untouched defaults and 254 with fixed 128 KiB thresholds (2026-11-27).
-    Restores the kept-memory mode after."""
+    adjustment back on, so the settled values are set (the runtime's
+    32-prompt rate under each mode: docs/runtime.md, "Measured: the issue's
+    workload"). Restores the kept-memory mode after."""
     keep = getattr(keep_freed_memory, "mode", "").startswith("glibc mallopt")
     if keep:
         import ctypes

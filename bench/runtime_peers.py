@@ -182,9 +182,10 @@ class VllmServer:
 
     ``reserved_cpus``: None keeps vLLM's default, which on x86 reserves one core
     for its scheduler process (it polls while a batch runs) and computes on
-    the rest: one OpenMP thread on this 2-core machine. 0 lets it compute on
+    the rest: one OpenMP thread on a 2-core machine. 0 lets it compute on
     every core (``VLLM_CPU_NUM_OF_RESERVED_CPU=0``), its scheduler then sharing
-    them: 1.4-1.5x faster here at 32 prompts (docs/runtime.md).
+    them: faster at 32 prompts on 2 cores (docs/runtime.md, "Measured: 32
+    prompts paired with vLLM").
     """
 
     def __init__(self, path, prompts: list, new_tokens: int,
@@ -246,8 +247,9 @@ def paired_rounds(kf_generate: Callable, vllm: VllmServer, rounds: int) -> list[
     """``rounds`` pairs of (kernelforge seconds, vLLM seconds), one generate call
     of each per round, alternating which goes first, so that a slow phase of a
     shared machine lands on both engines of a round instead of on one engine's
-    whole measurement (measured one after the other, each engine's rate moved by
-    up to ~25% between runs here: docs/runtime.md)."""
+    whole measurement (one engine after the other, each engine's rate moved
+    between runs by more than the goal's margin: docs/runtime.md, "Measured:
+    32 prompts paired with vLLM")."""
     def kf_seconds() -> float:
         t = time.perf_counter()
         kf_generate()

