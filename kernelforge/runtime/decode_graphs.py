@@ -5,9 +5,10 @@ A step whose rows are all decode rows (one new token per sequence) has the
 same shapes every time for a given batch size, so its forward is captured
 once per size and replayed: the ~300 op calls of a step stop costing their
 Python (checks, dispatch, argument packing: a large share of a batch-1 token
-on a CPU; docs/runtime.md, "Decode graphs"). Batches are padded up to the next captured size (1, 2, 4, then
-multiples of 8, as vLLM does); padding rows write nothing (slot -1) and their
-logits are dropped. Prefill and mixed steps run op by op, uncaptured.
+on a CPU; docs/runtime.md, "Decode graphs"). Batches are padded up to the
+next captured size (1, 2, 4, then multiples of 8, as vLLM does); padding rows
+write nothing (slot -1) and their logits are dropped. Prefill and mixed steps
+run op by op, uncaptured.
 
 The graphs read fixed input tensors, filled here before each replay; the
 block tables are as wide as the longest sequence allowed, and a row's entries
