@@ -141,8 +141,9 @@ class _Printer(LoopRules, PrefetchRules, ValueRules, PrinterBase):
 
     def full_block(self, axis: str, size: int) -> int:
         # the exact extent: no padded lanes to mask, clamp or compute
-        # (Triton needs powers of two; C++ loops do not). A paged decode
-        # tile of G=3 query heads was padded to 4: a quarter of its work.
+        # (Triton needs powers of two; C++ loops do not). A paged decode tile
+        # of G=3 query heads padded to 4 would spend a quarter of its work on
+        # the padded lane.
         return size
 
     def chunk_block(self, size: int) -> int:
