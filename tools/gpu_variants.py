@@ -21,7 +21,7 @@ PREFILL_VARIANTS = (
 # decode: splits = flash-decoding split count (choose_splits in kernels/attention_plan.py;
 # None = the op's choice), 1 = the single-pass kernel
 # (warps per decode program: fewer than the default 4 spill registers with
-# round_p; docs/gpu-results.md, "2026-11-28 (later)")
+# round_p; docs/gpu-results.md, the "p rounded once" section)
 DECODE_VARIANTS = (dict(splits=1), dict(splits=1, kb=32), dict(splits=1, kb=128),
                    dict(splits=1, stages=4), dict(splits=1, w=8), dict(splits=1, w=2),
                    dict(w=2), dict(w=8), dict(splits=4), dict(splits=8),
