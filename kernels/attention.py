@@ -184,7 +184,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: t
     # a lowering that walks every key of the launch for every row: launch per
     # block of rows over just their keys (causal skipping, no cross-sequence pairs)
     outs = []
-    for r0, r1, k0, k1 in pieces(cq_host, ck_host, causal, window, attention_plan.PIECE_ROWS):
+    max_pairs = attention_plan.PIECE_BYTES // attention_plan.packed_pair_bytes(q.shape[1])
+    for r0, r1, k0, k1, _, _ in pieces(cq_host, ck_host, causal, window,
+                                       attention_plan.PIECE_ROWS, max_pairs):
         (o,) = launch(kdef, qg[r0:r1], k[k0:k1], v[k0:k1], lo[r0:r1] - k0, hi[r0:r1] - k0,
                       NewTensor((r1 - r0, hkv, G, D), q.dtype, q.device), *scalars,
                       backend=backend)
@@ -286,26 +288,41 @@ def paged_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch
         return torch.empty_like(q)
     if not plan.q_lens.shape[0]:      # (unchecked) no sequence: no row sees a key
         return torch.zeros_like(q)
-    seq, lo, hi = plan.key_ranges(T, mb * bs, q.device)
     G = q.shape[1] // hkv
     qg = q.view(T, hkv, G, D) if q.stride(-1) == 1 else q.reshape(T, hkv, G, D)
-    context = plan.context(mb * bs, q.device)
-    args = (qg, key_cache, value_cache, plan.tables, seq, lo, hi, context)
     scalars = (float(D ** -0.5 if scale is None else scale), float(softcap or 1.0))
     if splits is None:
         splits = attention_plan.choose_splits(T * hkv, mb * bs, q.device)
-    if splits == 1:
-        (out,) = launch(paged_attention_kernel(softcap is not None, rp), *args,
-                        NewTensor(qg.shape, q.dtype, q.device), *scalars, backend=backend)
-    else:
-        f32, dev = torch.float32, q.device
-        split = plan.split_length(-(-mb * bs // splits), dev)
-        part = launch(paged_split_kernel(softcap is not None, rp),
-                      *args[:-1], split, NewTensor((T, hkv, splits, G), f32, dev),
-                      NewTensor((T, hkv, splits, G), f32, dev),
-                      NewTensor((T, hkv, splits, G, D), f32, dev), *scalars, backend=backend)
-        (out,) = launch(paged_combine_kernel, *part,
-                        NewTensor(qg.shape, q.dtype, dev), backend=backend)
+    f32, dev = torch.float32, q.device
+
+    def run(qp, tables, seq, lo, hi, n_keys):
+        """One launch (or split + combine) over rows ``qp`` and ``n_keys`` positions."""
+        args = (qp, key_cache, value_cache, tables, seq, lo, hi)
+        rows = qp.shape[0]
+        if splits == 1:
+            return launch(paged_attention_kernel(softcap is not None, rp), *args,
+                          plan.context(n_keys, dev), NewTensor(qp.shape, q.dtype, dev),
+                          *scalars, backend=backend)[0]
+        part = launch(paged_split_kernel(softcap is not None, rp), *args,
+                      plan.split_length(-(-n_keys // splits), dev),
+                      NewTensor((rows, hkv, splits, G), f32, dev),
+                      NewTensor((rows, hkv, splits, G), f32, dev),
+                      NewTensor((rows, hkv, splits, G, D), f32, dev), *scalars, backend=backend)
+        return launch(paged_combine_kernel, *part, NewTensor(qp.shape, q.dtype, dev),
+                      backend=backend)[0]
+
+    if chosen is None or not chosen.collapses_loops:
+        seq, lo, hi = plan.key_ranges(T, mb * bs, dev)
+        return run(qg, plan.tables, seq, lo, hi, mb * bs).view(T, hkv * G, D)
+    # a lowering that holds every (row, key) pair of a launch at once: launches
+    # of a bounded size, each over only the keys its rows see where the host knows
+    max_pairs = attention_plan.PIECE_BYTES // attention_plan.paged_pair_bytes(
+        q.shape[1], hkv, D, q.element_size())
+    outs = []
+    for r0, r1, tables, seq, lo, hi, n_keys in plan.launch_pieces(T, bs, mb, max_pairs, dev):
+        outs.append(run(qg[r0:r1], tables, seq, lo, hi, n_keys) if n_keys else
+                    torch.zeros((r1 - r0, hkv, G, D), dtype=q.dtype, device=dev))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)
     return out.view(T, hkv * G, D)
 
 

@@ -33,7 +33,7 @@ class PagedAttentionPlan:
 
     __slots__ = ("block_tables", "seq_lens", "query_start_loc", "causal", "window",
                  "check_tables", "qsl", "qsl_host", "lens", "q_lens", "tables", "rows", "checked",
-                 "_context")
+                 "_context", "lens_host", "_pieces")
 
     def matches(self, op, block_tables, seq_lens, query_start_loc, causal, window,
                 check_tables) -> None:
@@ -51,15 +51,13 @@ class PagedAttentionPlan:
                             f"one built with {name}={mine!r}")
 
     def context(self, n: int, device) -> torch.Tensor:
-        """An int32 tensor of ``n`` entries, kept: the kernel reads only its
-        length (an expanded stride-0 view would be copied by a lowering that
-        wants a contiguous last dim, on every call)."""
-        key = (n, device)
-        if key not in self._context:
-            if len(self._context) > 8:        # (a few lengths per step: context, split)
-                self._context.clear()
-            self._context[key] = torch.empty(n, dtype=torch.int32, device=device)
-        return self._context[key]
+        """An int32 tensor of ``n`` entries (a view of one kept buffer): the
+        kernel reads only its length (an expanded stride-0 view would be
+        copied by a lowering that wants a contiguous last dim, on every call)."""
+        base = self._context
+        if base is None or base.shape[0] < n or base.device != device:
+            self._context = base = torch.empty(n, dtype=torch.int32, device=device)
+        return base if base.shape[0] == n else base[:n]
 
     #: the split kernel's ``split`` argument: only its length (keys per split) is read
     split_length = context
@@ -70,12 +68,53 @@ class PagedAttentionPlan:
         holds: unchecked lengths (``check_tables=False``) cannot make a
         lowering walk past the table or loop over an absurd range."""
         if self.rows is None or self.rows[0] != (num_tokens, num_keys):
-            seq, lo, hi = row_ranges(self.qsl, self.q_lens, self.lens, self.causal, self.window,
-                                device, num_tokens)
+            seq, lo, hi = row_ranges(self.qsl, self.q_lens, self.lens, self.causal,
+                                     self.window, device, num_tokens)
             lo, hi = clamp_ranges(lo, hi, num_keys)
             self.rows = ((num_tokens, num_keys), seq.to(torch.int32), lo.to(torch.int32),
                          hi.to(torch.int32))
         return self.rows[1:]
+
+    def launch_pieces(self, num_tokens: int, block_size: int, max_blocks: int,
+                      max_pairs: int, device):
+        """Launches for a lowering that collapses the key loop, computed once:
+        (row0, row1, block tables, sequence, first key, end key, key
+        positions) per piece of at most ``max_pairs`` (row, key) pairs where
+        rows allow. With the host's lengths (``check_tables``: already read
+        there) each piece keeps only the block-table rows and columns its
+        rows see; without them, row blocks over every position."""
+        key = (num_tokens, block_size, max_blocks, max_pairs, device)
+        if self._pieces is not None and self._pieces[0] == key:
+            return self._pieces[1]
+        n = max_blocks * block_size
+        seq, lo, hi = self.key_ranges(num_tokens, n, device)
+        B = self.tables.shape[0]
+        if self.qsl_host is None:
+            rows = max(1, max_pairs // max(n, 1))
+            spans = [(r0, min(num_tokens, r0 + rows), 0, n, 0, B)
+                     for r0 in range(0, num_tokens, rows)]
+        else:
+            if self.lens_host is None:
+                self.lens_host = self.lens.tolist()
+            ck = [0]
+            for x in self.lens_host:
+                ck.append(ck[-1] + x)
+            spans = pieces(self.qsl_host, ck, self.causal, self.window, PIECE_ROWS, max_pairs,
+                           local=True)
+        out = []
+        for r0, r1, k0, k1, b0, b1 in spans:
+            c0, c1 = k0 // block_size, -(-k1 // block_size)
+            width = (c1 - c0) * block_size
+            s, l, h = seq[r0:r1], lo[r0:r1], hi[r0:r1]
+            if (b0, b1, c0, c1) == (0, B, 0, max_blocks):
+                out.append((r0, r1, self.tables, s, l, h, width))
+                continue
+            tables = self.tables[b0:b1, c0:c1].contiguous()
+            # rows whose range is empty may lie outside the piece's keys
+            l, h = clamp_ranges(l - c0 * block_size, h - c0 * block_size, width)
+            out.append((r0, r1, tables, s - b0, l, h, width))
+        self._pieces = (key, out)
+        return out
 
 
 def paged_attention_plan(block_tables: torch.Tensor, seq_lens: torch.Tensor,
@@ -165,33 +204,65 @@ def clamp_ranges(lo, hi, n):
 #: query rows per launch when the lowering collapses the key loop (CPU: 128
 #: and 256 measured alike at S=1024, 2.7x faster than one launch; 512: 1.2x slower)
 PIECE_ROWS = 128
+#: bytes of temporaries one launch may build on a lowering that collapses the
+#: key loop (``Backend.collapses_loops``): it holds every (query row, key)
+#: pair of the launch at once, so launches are cut to stay within this
+PIECE_BYTES = 1 << 30
 
 
-def pieces(cq, ck, causal, window, max_rows):
-    """Host plan of launches (row0, row1, key0, key1): blocks of at most
-    ``max_rows`` query rows of one sequence with the keys those rows see;
-    consecutive short pieces merge while the merged launch computes at most
-    twice their pairs plus one full block (a launch costs about as much as
-    that). Every query row is in exactly one piece, in order."""
+def packed_pair_bytes(hq: int) -> int:
+    """Temporaries per (query row, key) of the packed kernel's torch lowering:
+    fp32 scores, weights and their masked copies per query head."""
+    return 24 * hq + 8
+
+
+def paged_pair_bytes(hq: int, hkv: int, d: int, elem: int) -> int:
+    """Temporaries per (query row, key position) of the paged kernels' torch
+    lowering: the fp32 q * k and p * v products before their sums (Hq x D
+    each, one of them twice, masked), the gathered keys and values in the
+    cache's type (``elem`` bytes) and in fp32, and the scores per query head."""
+    return 4 * d * (3 * hq + 2 * hkv) + 2 * hkv * d * elem + 32 * hq + 8
+
+
+def pieces(cq, ck, causal, window, max_rows, max_pairs=None, local=False):
+    """Host plan of launches (row0, row1, key0, key1, seq0, seq1): blocks of
+    at most ``max_rows`` query rows of one sequence with the keys those rows
+    see, fewer rows where the block would compute more than ``max_pairs``
+    (row, key) pairs (down to one row); consecutive pieces merge while the
+    merged launch computes at most twice their pairs plus one full block (a
+    launch costs about as much as that) and at most ``max_pairs``. Keys are
+    positions in k (``local``: within each row's own sequence, as a block
+    table reads them); seq0, seq1: the sequences of the piece's rows. Every
+    query row is in exactly one piece, in order."""
     out = []
     for b in range(len(cq) - 1):
         q0, qn = cq[b], cq[b + 1] - cq[b]
-        k0, kn = ck[b], ck[b + 1] - ck[b]
-        for i0 in range(0, qn, max_rows):
-            i1 = min(qn, i0 + max_rows)
+        k0, kn = (0 if local else ck[b]), ck[b + 1] - ck[b]
+
+        def span(i0, i1):
             first, last = kn - qn + i0, kn - qn + i1 - 1     # the rows' own key positions
             hi = max(0, min(last + 1, kn)) if causal else kn
-            lo = min(hi, 0 if window is None else max(0, first - window))
-            piece = [q0 + i0, q0 + i1, k0 + lo, k0 + hi, (i1 - i0) * (hi - lo)]
+            return min(hi, 0 if window is None else max(0, first - window)), hi
+
+        i0 = 0
+        while i0 < qn:
+            i1 = min(qn, i0 + max_rows)
+            lo, hi = span(i0, i1)
+            while max_pairs is not None and i1 - i0 > 1 and (i1 - i0) * (hi - lo) > max_pairs:
+                i1 = i0 + (i1 - i0) // 2
+                lo, hi = span(i0, i1)
+            piece = [q0 + i0, q0 + i1, k0 + lo, k0 + hi, (i1 - i0) * (hi - lo), b, b + 1]
+            i0 = i1
             if out:
                 p = out[-1]
                 rows, k_lo, k_hi = piece[1] - p[0], min(p[2], piece[2]), max(p[3], piece[3])
-                if rows <= max_rows and rows * (k_hi - k_lo) <= 2 * (p[4] + piece[4]) + \
-                        max_rows * max_rows:
-                    out[-1] = [p[0], piece[1], k_lo, k_hi, p[4] + piece[4]]
+                pairs = rows * (k_hi - k_lo)
+                if rows <= max_rows and pairs <= 2 * (p[4] + piece[4]) + max_rows * max_rows \
+                        and (max_pairs is None or pairs <= max_pairs):
+                    out[-1] = [p[0], piece[1], k_lo, k_hi, p[4] + piece[4], p[5], b + 1]
                     continue
             out.append(piece)
-    return [tuple(p[:4]) for p in out]
+    return [(p[0], p[1], p[2], p[3], p[5], p[6]) for p in out]
 
 
 def check_block_tables(op, block_tables, lens, q_lens, nb, bs, mb):
@@ -249,7 +320,7 @@ def build(block_tables, seq_lens, query_start_loc, causal, window, check_tables,
     """``paged_attention_plan`` with ``causal``, ``window`` and ``check_tables``
     already checked; errors named after ``op``."""
     qsl, host = lengths(op, "query_start_loc", query_start_loc, query_start_loc,
-                         host_check=check_tables)
+                        host_check=check_tables)
     B = qsl.shape[0] - 1
     for name, x, dims in (("block_tables", block_tables, 2), ("seq_lens", seq_lens, 1)):
         checks.tensor(op, name, x)
@@ -263,5 +334,5 @@ def build(block_tables, seq_lens, query_start_loc, causal, window, check_tables,
     p.qsl, p.qsl_host, p.lens, p.q_lens = qsl, host, seq_lens.to(torch.int64), qsl.diff()
     p.tables = block_tables if block_tables.dtype == torch.int32 else \
         block_tables.to(torch.int32)
-    p.rows, p.checked, p._context = None, set(), {}
+    p.rows, p.checked, p._context, p.lens_host, p._pieces = None, set(), None, None, None
     return p

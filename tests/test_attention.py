@@ -305,24 +305,35 @@ def test_reshape_and_cache_writes_exactly_the_slots(backend, data):
 @given(lens=st.lists(st.tuples(st.integers(0, 300), st.integers(0, 300)), min_size=1,
                      max_size=6),
        causal=st.booleans(), window=st.one_of(st.none(), st.integers(0, 50)),
-       max_rows=st.sampled_from([1, 16, 128]))
-def test_launch_pieces_cover_each_row_and_its_keys(lens, causal, window, max_rows):
+       max_rows=st.sampled_from([1, 16, 128]),
+       max_pairs=st.one_of(st.none(), st.sampled_from([1, 100, 5000])), local=st.booleans())
+def test_launch_pieces_cover_each_row_and_its_keys(lens, causal, window, max_rows, max_pairs,
+                                                   local):
     """The host plan for lowerings that collapse the key loop: every query
-    row in exactly one piece, in order, and each piece's key span holds the
-    keys each of its rows sees (from row_ranges, computed independently per row)."""
+    row in exactly one piece, in order; each piece's key span holds the keys
+    each of its rows sees (from row_ranges, computed independently per row;
+    ``local``: positions within the row's sequence) and its sequence span
+    the rows' sequences; no piece of more than one row computes more than
+    ``max_pairs`` (row, key) pairs."""
     from kernelforge.kernels.attention_plan import pieces, row_ranges
     q_lens = [min(a, b) if causal else a for a, b in lens]
     k_lens = [b for _, b in lens]
     cq = [0] + torch.tensor(q_lens).cumsum(0).tolist()
     ck = [0] + torch.tensor(k_lens).cumsum(0).tolist()
-    planned = pieces(cq, ck, causal, window, max_rows)
+    planned = pieces(cq, ck, causal, window, max_rows, max_pairs, local)
     assert [r for p in planned for r in range(p[0], p[1])] == list(range(cq[-1]))
     assert all(p[1] - p[0] <= max_rows for p in planned)
+    if max_pairs is not None:
+        assert all(p[1] - p[0] == 1 or (p[1] - p[0]) * (p[3] - p[2]) <= max_pairs
+                   for p in planned)
     if not cq[-1]:
         return
     seq, lo, hi = row_ranges(torch.tensor(cq), torch.tensor(q_lens), torch.tensor(k_lens),
                              causal, window, torch.device("cpu"), cq[-1])
-    for r0, r1, k0, k1 in planned:
+    for r0, r1, k0, k1, b0, b1 in planned:
         for r in range(r0, r1):
-            a, b = ck[int(seq[r])] + int(lo[r]), ck[int(seq[r])] + int(hi[r])
-            assert a == b or k0 <= a <= b <= k1, (r, a, b, k0, k1)
+            b = int(seq[r])
+            off = 0 if local else ck[b]
+            a, e = off + int(lo[r]), off + int(hi[r])
+            assert a == e or k0 <= a <= e <= k1, (r, a, e, k0, k1)
+            assert b0 <= b < b1, (r, b, b0, b1)
