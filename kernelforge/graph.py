@@ -5,10 +5,10 @@ device).
 A decode step of a small model is a few hundred small calls. On a CPU each
 spends more time in Python (argument checks, backend choice, packing the C
 call) than in its few microseconds of work, a large share of a batch-1 token
-(docs/design.md, "Graphs"). Captured, each KernelForge launch becomes one pre-bound call
-(for the cpp backend: a C function with its argument array packed once) and
-each torch op one call of its ATen overload; views, allocations and the
-checks are gone.
+(docs/design.md, "Graphs"). Captured, each KernelForge launch becomes one
+pre-bound call (for the cpp backend: a C function with its argument array
+packed once) and each torch op one call of its ATen overload; views,
+allocations and the checks are gone.
 
     >>> x = torch.randn(4, 576); w = torch.ones(576)
     >>> g = kernelforge.graph.capture(lambda: ops.rms_norm(x, w) * 2)
