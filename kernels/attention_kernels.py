@@ -179,9 +179,9 @@ def paged_split_kernel(softcap: bool, round_p: bool = False) -> kl.KernelDef:
         start = kl.minimum(kl.load(key_lo[t]) + s * kl.size("L"), hi)
         count = kl.minimum(hi - start, kl.size("L"))
         # the loop walks the split's own keys (start + j, j < count): every
-        # value in it varies along S, so each split's lanes are masked by its
-        # own range (a walk over all positions with a per-split range let the
-        # torch lowerings take the max of scores outside it)
+        # value in it varies along S, so every lowering masks each split by its
+        # own range (the torch printer masks a reduction only by a range over
+        # the reduced value's own axes)
         step = paged_step(q, key_cache, value_cache, block_tables, seq_idx, t, hk, scale, cap,
                           softcap, round_p, axis="L", offset=start)
         g, d = kl.tile("G"), kl.tile("D")

@@ -2,8 +2,7 @@
 they hold every (query row, key) pair of a launch at once, so paged and
 packed attention launch in pieces of rows whose temporaries stay within
 attention_plan.PIECE_BYTES, each over only the keys its rows see where the
-host knows the lengths. vLLM's prefix-prefill cases (long prompts over long
-cached contexts) asked for 45-90 GB in one launch."""
+host knows the lengths (docs/attention.md)."""
 import os
 import subprocess
 import sys
@@ -32,8 +31,8 @@ def prefix_prefill(n_seq=4, prompt=2048, cached=8192, bs=16):
 @pytest.mark.parametrize("check_tables", [True, False])
 def test_prefix_prefill_plan_stays_within_the_budget(check_tables):
     """4 prompts of 2048 tokens over 8192 cached (Hq 32, Hkv 8, D 128,
-    bf16): one launch would hold ~2.5 TB of temporaries (vLLM's smaller
-    cases asked for 45-90 GB). The planned pieces cover every row once, in
+    bf16): one launch would hold ~2.5 TB of temporaries. The planned pieces
+    cover every row once, in
     order, each within PIECE_BYTES (a piece of one row may exceed it only
     when that row alone does), and each piece's table rows and columns hold
     every key its rows see (row ranges from row_ranges, per row)."""
@@ -145,9 +144,8 @@ print(grew, err)
 def test_eager_peak_memory_follows_the_budget(tmp_path):
     """128 new tokens over 1408 cached (Hq 8, Hkv 2, D 128, bf16) on eager,
     in a child process with a 64 MiB budget: one launch would hold ~3 GB
-    (128 x 1536 pairs of ~15.6 KB: measured 15.5 KB per pair here); in
-    pieces the process's peak grows by less than 512 MiB, and the result
-    still matches float64."""
+    (128 x 1536 pairs of ~15.6 KB); in pieces the process's peak grows by
+    less than 512 MiB, and the result still matches float64."""
     tests = os.path.dirname(os.path.abspath(__file__))
     r = subprocess.run([sys.executable, "-c", CHILD.format(tests=tests)], cwd=tests,
                        capture_output=True, text=True, timeout=600)
