@@ -30,18 +30,19 @@ def cmd_ops(args) -> int:
         prio, _ = b.default_priority(dev)
         star = " (default)" if registry.select(dev).backend is b and \
             not registry.config.env_backend() else ""
-        print(f"  {name:<9} {'yes' if ok else 'no ':<4} {b.description}{star}")
+        print(f"  {name:<13} {'yes' if ok else 'no ':<4} {b.description}{star}")
         if not ok:
             print(f"            {why}")
     if torch.cuda.is_available():
         print(f"GPU: {torch.cuda.get_device_name()} -> default "
               f"{registry.select(torch.device('cuda')).backend.name}")
     from .ops import SPECS
-    print("ops (kernelforge.ops.NAME, torch.ops.kernelforge.NAME):")
+    print("ops (kernelforge.ops.NAME):")
     for op, kdefs in KERNELS.items():
         spec = SPECS.get(op)
-        vllm = f"   vLLM: {spec.vllm}" if spec is not None and spec.vllm else ""
-        print(f"  {op:<20} kernels: {', '.join(k.name for k in kdefs)}{vllm}")
+        vllm = f"; vLLM: {spec.vllm}" if spec is not None and spec.vllm else ""
+        print(f"  {op:<20} torch.ops.kernelforge.{op}; kernels: "
+              f"{', '.join(k.name for k in kdefs) or 'none (plain torch)'}{vllm}")
     return 0
 
 

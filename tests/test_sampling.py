@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import kernelforge
+from kernelforge.kernels import sampling_reference
 from conftest import DEVICE
 
 ops = kernelforge.ops
@@ -19,30 +20,9 @@ INDUCTOR_V = 1000
 # -- float64 reference of the kept set ------------------------------------------------
 
 def kept_reference(x, temperature, top_k, top_p, min_p):
-    """The tokens a row may produce, from a descending sort, in float64.
-    Order: temperature, min_p, top_k, top_p over the renormalised survivors.
-    Ties: every token equal to the k-th largest logit is kept; top_p keeps a
-    token iff the mass of tokens with a strictly larger logit is < top_p."""
-    x = x.double()
-    V = x.shape[0]
-    s = (x - x.max()) / temperature
-    keep = torch.exp(s) >= min_p                              # p >= min_p * p_max
-    vals, order = torch.sort(x, descending=True)
-    if 0 < top_k < V:
-        keep &= x >= vals[top_k - 1]
-    if top_p < 1:
-        q = torch.where(keep, torch.exp(s), 0.0)
-        q = q / q.sum()
-        qs = q[order]
-        before = torch.cumsum(qs, 0) - qs                       # mass of earlier sorted entries
-        # tie groups: the mass strictly above is the mass before the group's first entry
-        first = torch.ones(V, dtype=torch.bool)
-        first[1:] = vals[1:] != vals[:-1]
-        group_start = torch.cummax(torch.where(first, torch.arange(V), 0), 0).values
-        above = torch.empty(V, dtype=torch.float64)
-        above[order] = before[group_start]
-        keep &= above < top_p
-    return set(torch.nonzero(keep).flatten().tolist())
+    """The op's spec reference (kernels/sampling_reference.py): the tokens a
+    row may produce, from a descending sort, in float64."""
+    return sampling_reference.kept(x, temperature, top_k, top_p, min_p)
 
 
 @st.composite

@@ -13,7 +13,7 @@ import torch
 import kernelforge
 import kernelforge.lang as kl
 from kernelforge.checks import OpArgError
-from kernelforge.kernels import sampling
+from kernelforge.kernels import sampling, sampling_reference
 from conftest import BACKENDS, DEVICE
 from test_sampling import kept_reference
 
@@ -24,18 +24,7 @@ MASK = 0xFFFFFFFF
 
 # -- an independent Philox 4x32-10 and the documented draw -----------------------------
 
-def philox_word(seed: int, offset: int, index: int) -> int:
-    """The first output word of Philox 4x32-10 (Salmon et al. 2011) for the
-    documented layout: key (seed low, seed high 32 bits), counter (vocabulary
-    index, 0, offset low, offset high); seed and offset as int64 bit patterns."""
-    k0, k1 = seed & MASK, (seed >> 32) & MASK
-    c = [index, 0, offset & MASK, (offset >> 32) & MASK]
-    for _ in range(10):
-        p0, p1 = 0xD2511F53 * c[0], 0xCD9E8D57 * c[2]
-        c = [((p1 >> 32) ^ c[1] ^ k0) & MASK, p1 & MASK, ((p0 >> 32) ^ c[3] ^ k1) & MASK,
-             p0 & MASK]
-        k0, k1 = (k0 + 0x9E3779B9) & MASK, (k1 + 0xBB67AE85) & MASK
-    return c[0]
+philox_word = sampling_reference.philox_word
 
 
 def philox_words_np(seed: int, offsets: np.ndarray, indices: np.ndarray) -> np.ndarray:
@@ -70,10 +59,7 @@ def search_extreme_words(seeds=range(16), offsets=4096, top=0xFFFFFF00):
 EXTREME = [(2, 1937, 513), (3, 2800, 962)]
 
 
-def gumbel64(word: int) -> float:
-    """The documented uniform (top 23 bits, centred) and its Gumbel variate, in float64."""
-    u = ((word >> 9) + 0.5) / 2 ** 23
-    return -math.log(-math.log(u))
+gumbel64 = sampling_reference.gumbel
 
 
 def expected_token(x, temperature, top_k, top_p, min_p, seed, offset):
