@@ -176,6 +176,22 @@ def _reachable(delta: int, dims: list) -> bool:
     return any(_reachable(delta - d * s, rest) for d in range(first, last + 1))
 
 
+def self_overlaps(t: torch.Tensor) -> bool:
+    """Whether two elements of ``t`` share a memory location (an expanded,
+    stride-0 view): a tensor written by an op must not."""
+    if torch.compiler.is_compiling():
+        return False
+    if any(s == 0 and n > 1 for s, n in zip(t.stride(), t.shape)):
+        return True
+    return torch._debug_has_internal_overlap(t) == 1
+
+
+def no_self_overlap(op: str, arg: str, t: torch.Tensor) -> None:
+    if self_overlaps(t):
+        fail(op, arg, "a tensor whose elements do not share memory (the op writes it)",
+             f"one with strides {list(t.stride())} for shape {list(t.shape)}")
+
+
 def no_overlap(op: str, arg: str, t: torch.Tensor, others) -> None:
     """``t`` (written by the op) shares no memory with any of ``others``
     (``(name, tensor or None)`` pairs)."""
@@ -186,6 +202,8 @@ def no_overlap(op: str, arg: str, t: torch.Tensor, others) -> None:
 
 
 def no_overlap_among(op: str, written, tensors) -> None:
-    """Each tensor the op writes in place overlaps no other tensor argument."""
+    """Each tensor the op writes in place overlaps no other tensor argument,
+    nor itself."""
     for name, t in written:
+        no_self_overlap(op, name, t)
         no_overlap(op, name, t, [(n, o) for n, o in tensors if n != name])

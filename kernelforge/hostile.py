@@ -50,11 +50,25 @@ def base_call(spec, backend: str):
 
 def mutations(spec, call) -> list[tuple[str, object]]:
     """(label, mutated call) for every hostile variant of ``call``."""
-    from .spec import Bool, Float, Int, Tensor
+    from .spec import Bool, Float, Host, Int, Out, Tensor
     out = []
     kw = call.kwargs
+    first = next((kw.get(x.name) for x in spec.args if isinstance(x, Tensor)), None)
     for x in spec.args:
         v = kw.get(x.name, None)
+        if isinstance(x, Out) and v is None and isinstance(first, torch.Tensor):
+            o = spec.outputs[0]
+            a = _bound(spec, call)
+            shape = tuple(o.shape(a)) if a is not None else None
+            if shape is not None and first.numel():
+                flat = first.reshape(-1)
+                n = math.prod(shape)
+                if flat.numel() >= n and flat.dtype == o.dtype_of(a) and first.is_contiguous():
+                    out.append(("out in the input's memory", call.with_(
+                        out=flat[:n].view(shape))))
+                out.append(("out expanded (stride 0)", call.with_(out=torch.empty(
+                    (1, *shape[1:]), dtype=o.dtype_of(a)).expand(shape))))
+            continue
         if isinstance(x, Tensor) and isinstance(v, torch.Tensor):
             for d in _DTYPES:
                 if d != v.dtype:
@@ -99,7 +113,23 @@ def mutations(spec, call) -> list[tuple[str, object]]:
         elif isinstance(x, Bool):
             for bad in (1, None, "yes"):
                 out.append((f"{x.name}={bad!r}", call.with_(**{x.name: bad})))
+        elif hasattr(x, "graph_value") or isinstance(x, Host):    # per-row numbers, host options
+            rows = first.shape[0] if isinstance(first, torch.Tensor) and first.dim() else 1
+            for bad in (float("nan"), float("inf"), -1, -1.5, 1e300, 2 ** 63, -2 ** 63 - 1,
+                        True, "1", torch.ones(rows + 1), torch.ones(rows, 2),
+                        torch.full((rows,), float("nan"))):
+                label = f"{x.name}={bad!r:.12}" if not isinstance(bad, torch.Tensor) else \
+                    f"{x.name} a {list(bad.shape)} tensor{' of NaN' if bad.isnan().any() else ''}"
+                out.append((label, call.with_(**{x.name: bad})))
     return out
+
+
+def _bound(spec, call):
+    from . import testing
+    try:
+        return testing.bound(spec, call)
+    except Exception:
+        return None
 
 
 def _cast(v: torch.Tensor, d: torch.dtype) -> torch.Tensor:

@@ -185,6 +185,7 @@ class Out(Tensor):
             checks.fail(op, self.name, f"dtype {dtype} (the op's output dtype)", t.dtype)
         checks.same_device(op, self.name, t, a._first_tensor, getattr(a, a._first_tensor))
         checks.last_dim_contiguous(op, self.name, t)
+        checks.no_self_overlap(op, self.name, t)
         checks.no_overlap(op, self.name, t, [(n, getattr(a, n)) for n in a._tensors
                                              if n != self.name])
 

@@ -223,6 +223,11 @@ def _per_row(op, name, v, B, logits, kind):
                     repr(v))
     if kind == "int" and not -2 ** 63 <= v <= _I64_MAX:
         checks.fail(op, name, f"an int in [-2**63, 2**63) (int64) or a [{B}] tensor", repr(v))
+    if kind == "float":
+        try:
+            v = float(v)
+        except OverflowError:
+            checks.fail(op, name, f"a finite number or a [{B}] tensor", repr(v))
     dtype = torch.int64 if kind == "int" else torch.float64
     return torch.full((B,), v, dtype=dtype, device=logits.device)
 
@@ -346,10 +351,13 @@ def _penalties_run(a):
         c = torch.zeros(B, V + 1, dtype=torch.float32, device=logits.device)
         c.scatter_add_(1, torch.where(ids64 < 0, V, ids64), torch.ones_like(ids64, dtype=c.dtype))
         counts.append(c[:, :V])
-    rep, freq, pres = (_PENALTY[n].tensor(a) for n in _PENALTIES)
-    _check_range(op, "repetition_penalty", rep, 0.0, float("inf"), True, "a finite number > 0")
+    # the math is fp32: each penalty must be finite there, and rep > 0 once rounded
+    rep, freq, pres = (_PENALTY[n].tensor(a).to(torch.float32) for n in _PENALTIES)
+    _check_range(op, "repetition_penalty", rep, 0.0, float("inf"), True,
+                 "a number > 0 and finite in float32 (|v| <= 3.4e38)")
     for name, v in (("frequency_penalty", freq), ("presence_penalty", pres)):
-        _check_range(op, name, v, -float("inf"), float("inf"), False, "a finite number")
+        _check_range(op, name, v, -float("inf"), float("inf"), False,
+                     "a number finite in float32 (|v| <= 3.4e38)")
     x = logits.float()
     seen = (counts[0] > 0) | (counts[1] > 0)
     r = torch.where(seen, rep.float()[:, None], 1.0)

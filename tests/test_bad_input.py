@@ -83,3 +83,26 @@ def test_out_of_wrong_shape_or_dtype():
 def test_not_a_tensor_and_zero_dim():
     _err(lambda: kernelforge.ops.rms_norm([1.0, 2.0], W), "`x`", "torch.Tensor", "list")
     _err(lambda: kernelforge.ops.rms_norm(torch.tensor(1.0), torch.ones(1)), "`x`", "0-d")
+
+
+def test_written_tensors_must_not_overlap_themselves():
+    """An expanded (stride-0) out= or in-place tensor made copy_ raise a bare
+    RuntimeError, or a kernel write one location from several rows."""
+    _err(lambda: kernelforge.ops.rms_norm(X, W, out=torch.empty(1, 64).expand(4, 64)),
+         "`out`", "do not share memory")
+    r = torch.randn(1, 64).expand(4, 64)
+    _err(lambda: kernelforge.ops.fused_add_rms_norm(X.clone(), r, W, inplace=True),
+         "`residual`", "do not share memory")
+
+
+def test_per_row_numbers_beyond_any_range_are_named():
+    logits = torch.randn(2, 10)
+    _err(lambda: kernelforge.ops.sample(logits, temperature=-2 ** 63 - 1), "`temperature`")
+    _err(lambda: kernelforge.ops.sample(logits, temperature=10 ** 400), "`temperature`")
+    ids = torch.full((2, 1), -1)
+    for name in ("frequency_penalty", "presence_penalty"):
+        # finite in float64 but inf in the fp32 math: inf * 0 counts made NaN logits
+        _err(lambda: kernelforge.ops.apply_penalties(logits, ids, ids, **{name: 1e300}),
+             f"`{name}`", "float32")
+    _err(lambda: kernelforge.ops.apply_penalties(logits, ids, ids, repetition_penalty=1e-50),
+         "`repetition_penalty`", "> 0")
