@@ -37,11 +37,23 @@ class Budget:
     rows: int = 9
     free_sizes: bool = False
     force_rows: int | None = None
+    #: how many of a spec's size choices to draw from (None: all); backends whose
+    #: compiles take tens of seconds (Inductor) take the first few only
+    size_choices: int | None = None
 
     def sizes(self, choices, free=None):
-        """A strategy for a static size: ``free`` where compiles are free, else ``choices``."""
+        """A strategy for a static size: ``free`` where compiles are free, else
+        ``choices`` (list the most telling first)."""
         from hypothesis import strategies as st
-        return free if (self.free_sizes and free is not None) else st.sampled_from(choices)
+        if self.free_sizes and free is not None:
+            return free
+        return st.sampled_from(list(choices)[:self.size_choices])
+
+    def variant(self, draw, choices):
+        """An optional specialisation (a weight dtype): every choice where
+        compiles are cheap, the first one on slow compilers."""
+        from hypothesis import strategies as st
+        return draw(st.sampled_from(list(choices)[:1 if self.size_choices else None]))
 
     def lead_dims(self, draw) -> tuple:
         """Leading dims of a row-wise input: none, one or two, 0 and 1 rows included."""
@@ -70,6 +82,8 @@ def budget(backend: str, device: torch.device, spec: OpSpec, **kw) -> Budget:
         return Budget(backend, device, spec.dtypes, rows=9, free_sizes=True, **kw)
     if backend == "triton" and device.type == "cpu":
         return Budget(backend, device, spec.dtypes, rows=3, **kw)
+    if backend == "inductor":
+        return Budget(backend, device, spec.dtypes, rows=9, size_choices=2, **kw)
     return Budget(backend, device, spec.dtypes, rows=9, **kw)
 
 

@@ -258,7 +258,7 @@ def _samples(st, budget):
     @st.composite
     def draw(draw):
         if not budget.free_sizes:
-            D, R, neox, hq, hk, with_key, layout, dtype = draw(st.sampled_from(COMPILED_CASES))
+            D, R, neox, hq, hk, with_key, layout, dtype = draw(budget.sizes(COMPILED_CASES))
             cache_dtype = torch.float32
         else:
             D = draw(st.sampled_from([64, 80, 96, 128, 256]))
