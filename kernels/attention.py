@@ -295,19 +295,23 @@ def paged_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch
         splits = attention_plan.choose_splits(T * hkv, mb * bs, q.device)
     f32, dev = torch.float32, q.device
 
-    def run(qp, tables, seq, lo, hi, n_keys):
-        """One launch (or split + combine) over rows ``qp`` and ``n_keys`` positions."""
+    def split_parts(qp, tables, seq, lo, hi, n_keys, parts):
+        """The split kernel's running max, sum and output over ``parts`` splits."""
         args = (qp, key_cache, value_cache, tables, seq, lo, hi)
         rows = qp.shape[0]
+        return launch(paged_split_kernel(softcap is not None, rp), *args,
+                      plan.split_length(-(-n_keys // parts), dev),
+                      NewTensor((rows, hkv, parts, G), f32, dev),
+                      NewTensor((rows, hkv, parts, G), f32, dev),
+                      NewTensor((rows, hkv, parts, G, D), f32, dev), *scalars, backend=backend)
+
+    def run(qp, tables, seq, lo, hi, n_keys):
+        """One launch (or split + combine) over rows ``qp`` and ``n_keys`` positions."""
         if splits == 1:
-            return launch(paged_attention_kernel(softcap is not None, rp), *args,
-                          plan.context(n_keys, dev), NewTensor(qp.shape, q.dtype, dev),
-                          *scalars, backend=backend)[0]
-        part = launch(paged_split_kernel(softcap is not None, rp), *args,
-                      plan.split_length(-(-n_keys // splits), dev),
-                      NewTensor((rows, hkv, splits, G), f32, dev),
-                      NewTensor((rows, hkv, splits, G), f32, dev),
-                      NewTensor((rows, hkv, splits, G, D), f32, dev), *scalars, backend=backend)
+            return launch(paged_attention_kernel(softcap is not None, rp), qp, key_cache,
+                          value_cache, tables, seq, lo, hi, plan.context(n_keys, dev),
+                          NewTensor(qp.shape, q.dtype, dev), *scalars, backend=backend)[0]
+        part = split_parts(qp, tables, seq, lo, hi, n_keys, splits)
         return launch(paged_combine_kernel, *part, NewTensor(qp.shape, q.dtype, dev),
                       backend=backend)[0]
 
@@ -319,9 +323,23 @@ def paged_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch
     max_pairs = attention_plan.PIECE_BYTES // attention_plan.paged_pair_bytes(
         q.shape[1], hkv, D, q.element_size())
     outs = []
-    for r0, r1, tables, seq, lo, hi, n_keys in plan.launch_pieces(T, bs, mb, max_pairs, dev):
-        outs.append(run(qg[r0:r1], tables, seq, lo, hi, n_keys) if n_keys else
-                    torch.zeros((r1 - r0, hkv, G, D), dtype=q.dtype, device=dev))
+    for r0, r1, chunks in plan.launch_pieces(T, bs, mb, max_pairs, dev):
+        qp = qg[r0:r1]
+        if len(chunks) == 1:
+            tables, seq, lo, hi, n_keys = chunks[0]
+            outs.append(run(qp, tables, seq, lo, hi, n_keys) if n_keys else
+                        torch.zeros(qp.shape, dtype=q.dtype, device=dev))
+            continue
+        # keys in chunks, each one split's partial softmax, merged by the
+        # combine (padded to a power of two of empty splits: fewer specialisations)
+        parts = [split_parts(qp, *c, 1) for c in chunks]
+        n = 1 << (len(parts) - 1).bit_length()
+        pad = [torch.full((r1 - r0, hkv, n - len(parts), G), float("-inf"), device=dev),
+               torch.zeros((r1 - r0, hkv, n - len(parts), G), device=dev),
+               torch.zeros((r1 - r0, hkv, n - len(parts), G, D), device=dev)]
+        merged = [torch.cat([p[i] for p in parts] + [pad[i]], dim=2) for i in range(3)]
+        outs.append(launch(paged_combine_kernel, *merged, NewTensor(qp.shape, q.dtype, dev),
+                           backend=backend)[0])
     out = outs[0] if len(outs) == 1 else torch.cat(outs)
     return out.view(T, hkv * G, D)
 

@@ -78,11 +78,14 @@ class PagedAttentionPlan:
     def launch_pieces(self, num_tokens: int, block_size: int, max_blocks: int,
                       max_pairs: int, device):
         """Launches for a lowering that collapses the key loop, computed once:
-        (row0, row1, block tables, sequence, first key, end key, key
-        positions) per piece of at most ``max_pairs`` (row, key) pairs where
-        rows allow. With the host's lengths (``check_tables``: already read
-        there) each piece keeps only the block-table rows and columns its
-        rows see; without them, row blocks over every position."""
+        (row0, row1, chunks) per piece of at most ``max_pairs`` (row, key)
+        pairs, each chunk (block tables, sequence, first key, end key, key
+        positions) one launch's view of the keys. With the host's lengths
+        (``check_tables``: already read there) a piece keeps only the
+        block-table rows and columns its rows see; without them, row blocks
+        over every position. A piece is one row where a row alone exceeds
+        ``max_pairs``; its keys are then cut into chunks of at most
+        ``max_pairs`` positions (whole blocks), merged like splits."""
         key = (num_tokens, block_size, max_blocks, max_pairs, device)
         if self._pieces is not None and self._pieces[0] == key:
             return self._pieces[1]
@@ -100,19 +103,27 @@ class PagedAttentionPlan:
             for x in self.lens_host:
                 ck.append(ck[-1] + x)
             spans = pieces(self.qsl_host, ck, self.causal, self.window, PIECE_ROWS, max_pairs,
-                           local=True)
+                           local=True, block=block_size)
         out = []
         for r0, r1, k0, k1, b0, b1 in spans:
             c0, c1 = k0 // block_size, -(-k1 // block_size)
-            width = (c1 - c0) * block_size
-            s, l, h = seq[r0:r1], lo[r0:r1], hi[r0:r1]
-            if (b0, b1, c0, c1) == (0, B, 0, max_blocks):
-                out.append((r0, r1, self.tables, s, l, h, width))
-                continue
-            tables = self.tables[b0:b1, c0:c1].contiguous()
-            # rows whose range is empty may lie outside the piece's keys
-            l, h = clamp_ranges(l - c0 * block_size, h - c0 * block_size, width)
-            out.append((r0, r1, tables, s - b0, l, h, width))
+            # one row over more positions than the budget: chunks of whole blocks
+            step = c1 - c0 if r1 - r0 > 1 else max(1, max_pairs // block_size)
+            whole = (b0, b1) == (0, B)
+            s = seq[r0:r1] if whole else seq[r0:r1] - b0
+            chunks = []
+            for a in range(c0, max(c1, c0 + 1), step):
+                e = min(c1, a + step)
+                width = (e - a) * block_size
+                l, h = lo[r0:r1], hi[r0:r1]
+                if whole and (a, e) == (0, max_blocks):
+                    chunks.append((self.tables, s, l, h, width))
+                    continue
+                tables = self.tables[b0:b1, a:e].contiguous()
+                # ranges cut to the chunk (a row's empty range may lie outside it)
+                l, h = clamp_ranges(l - a * block_size, h - a * block_size, width)
+                chunks.append((tables, s, l, h, width))
+            out.append((r0, r1, chunks))
         self._pieces = (key, out)
         return out
 
@@ -224,7 +235,7 @@ def paged_pair_bytes(hq: int, hkv: int, d: int, elem: int) -> int:
     return 4 * d * (3 * hq + 2 * hkv) + 2 * hkv * d * elem + 32 * hq + 8
 
 
-def pieces(cq, ck, causal, window, max_rows, max_pairs=None, local=False):
+def pieces(cq, ck, causal, window, max_rows, max_pairs=None, local=False, block=1):
     """Host plan of launches (row0, row1, key0, key1, seq0, seq1): blocks of
     at most ``max_rows`` query rows of one sequence with the keys those rows
     see, fewer rows where the block would compute more than ``max_pairs``
@@ -232,8 +243,10 @@ def pieces(cq, ck, causal, window, max_rows, max_pairs=None, local=False):
     merged launch computes at most twice their pairs plus one full block (a
     launch costs about as much as that) and at most ``max_pairs``. Keys are
     positions in k (``local``: within each row's own sequence, as a block
-    table reads them); seq0, seq1: the sequences of the piece's rows. Every
-    query row is in exactly one piece, in order."""
+    table reads them), spans rounded out to multiples of ``block`` within
+    the sequence (a launch reads whole table blocks); seq0, seq1: the
+    sequences of the piece's rows.
+    Every query row is in exactly one piece, in order."""
     out = []
     for b in range(len(cq) - 1):
         q0, qn = cq[b], cq[b + 1] - cq[b]
@@ -242,7 +255,8 @@ def pieces(cq, ck, causal, window, max_rows, max_pairs=None, local=False):
         def span(i0, i1):
             first, last = kn - qn + i0, kn - qn + i1 - 1     # the rows' own key positions
             hi = max(0, min(last + 1, kn)) if causal else kn
-            return min(hi, 0 if window is None else max(0, first - window)), hi
+            lo = min(hi, 0 if window is None else max(0, first - window))
+            return lo // block * block, -(-hi // block) * block
 
         i0 = 0
         while i0 < qn:

@@ -305,21 +305,23 @@ def test_reshape_and_cache_writes_exactly_the_slots(backend, data):
                      max_size=6),
        causal=st.booleans(), window=st.one_of(st.none(), st.integers(0, 50)),
        max_rows=st.sampled_from([1, 16, 128]),
-       max_pairs=st.one_of(st.none(), st.sampled_from([1, 100, 5000])), local=st.booleans())
+       max_pairs=st.one_of(st.none(), st.sampled_from([1, 100, 5000])), local=st.booleans(),
+       block=st.sampled_from([1, 16]))
 def test_launch_pieces_cover_each_row_and_its_keys(lens, causal, window, max_rows, max_pairs,
-                                                   local):
+                                                   local, block):
     """The host plan for lowerings that collapse the key loop: every query
     row in exactly one piece, in order; each piece's key span holds the keys
     each of its rows sees (from row_ranges, computed independently per row;
-    ``local``: positions within the row's sequence) and its sequence span
-    the rows' sequences; no piece of more than one row computes more than
-    ``max_pairs`` (row, key) pairs."""
+    ``local``: positions within the row's sequence; whole blocks) and its
+    sequence span the rows' sequences; no piece of more than one row
+    computes more than ``max_pairs`` (row, key) pairs."""
     from kernelforge.kernels.attention_plan import pieces, row_ranges
     q_lens = [min(a, b) if causal else a for a, b in lens]
     k_lens = [b for _, b in lens]
     cq = [0] + torch.tensor(q_lens).cumsum(0).tolist()
     ck = [0] + torch.tensor(k_lens).cumsum(0).tolist()
-    planned = pieces(cq, ck, causal, window, max_rows, max_pairs, local)
+    planned = pieces(cq, ck, causal, window, max_rows, max_pairs, local, block)
+    assert not local or all(p[2] % block == 0 and p[3] % block == 0 for p in planned)
     assert [r for p in planned for r in range(p[0], p[1])] == list(range(cq[-1]))
     assert all(p[1] - p[0] <= max_rows for p in planned)
     if max_pairs is not None:

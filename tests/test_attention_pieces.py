@@ -29,42 +29,45 @@ def prefix_prefill(n_seq=4, prompt=2048, cached=8192, bs=16):
 
 
 @pytest.mark.parametrize("check_tables", [True, False])
-def test_prefix_prefill_plan_stays_within_the_budget(check_tables):
+@pytest.mark.parametrize("budget", [AP.PIECE_BYTES, 64 << 20])
+def test_prefix_prefill_plan_stays_within_the_budget(check_tables, budget):
     """4 prompts of 2048 tokens over 8192 cached (Hq 32, Hkv 8, D 128,
     bf16): one launch would hold ~2.5 TB of temporaries. The planned pieces
-    cover every row once, in
-    order, each within PIECE_BYTES (a piece of one row may exceed it only
-    when that row alone does), and each piece's table rows and columns hold
-    every key its rows see (row ranges from row_ranges, per row)."""
+    cover every row once, in order; every launch holds at most the budget's
+    pairs (with 64 MiB one row over its whole context does not fit: its keys
+    come in chunks); each chunk's table rows and columns hold exactly the
+    blocks of the keys its rows see there (row ranges from row_ranges)."""
     hq, hkv, D, bs = 32, 8, 128, 16
     tables, lens, qsl, k_len = prefix_prefill()
     T, mb = int(qsl[-1]), tables.shape[1]
     pair = AP.paged_pair_bytes(hq, hkv, D, 2)
     assert T * mb * bs * pair > 2e12
     plan = AP.paged_attention_plan(tables, lens, qsl, check_tables=check_tables)
-    max_pairs = AP.PIECE_BYTES // pair
+    max_pairs = budget // pair
     planned = plan.launch_pieces(T, bs, mb, max_pairs, torch.device("cpu"))
     assert [r for p in planned for r in range(p[0], p[1])] == list(range(T))
     seq, lo, hi = AP.row_ranges(qsl.long(), qsl.diff().long(), lens.long(), True, None,
                                 torch.device("cpu"), T)
-    for r0, r1, tab, s, l, h, width in planned:
-        rows = r1 - r0
-        assert rows == 1 or rows * width * pair <= AP.PIECE_BYTES, (r0, r1, width)
-        assert tab.shape[1] * bs == width
+    launched = chunked = 0
+    for r0, r1, chunks in planned:
+        chunked += len(chunks) > 1
+        for tab, s, l, h, width in chunks:
+            assert (r1 - r0) * width <= max(max_pairs, bs), (r0, r1, width)
+            assert tab.shape[1] * bs == width
+            launched += (r1 - r0) * width
         for r in (r0, (r0 + r1) // 2, r1 - 1):
-            b = int(seq[r])
-            # the piece's table row of sequence b, from its start column, reads
-            # the same blocks as the full table over the row's keys
-            c0 = int(lo[r] - l[r - r0]) // bs
-            assert int(h[r - r0] - l[r - r0]) == int(hi[r] - lo[r])
-            used = slice(int(lo[r]) // bs, -(-int(hi[r]) // bs))
-            mine = slice(int(l[r - r0]) // bs, -(-int(h[r - r0]) // bs))
-            assert torch.equal(tab[int(s[r - r0])][mine], tables[b][used]), r
-            assert c0 >= 0
-    launched = sum((p[1] - p[0]) * p[6] for p in planned)
+            b, i = int(seq[r]), r - r0
+            # the row's keys, chunk after chunk, read the blocks the full table gives them
+            seen, want = [], tables[b][int(lo[r]) // bs:-(-int(hi[r]) // bs)]
+            for tab, s, l, h, width in chunks:
+                if h[i] > l[i]:
+                    seen.append(tab[int(s[i])][int(l[i]) // bs:-(-int(h[i]) // bs)])
+            assert torch.equal(torch.cat(seen), want), r
+            assert sum(int(c[3][i] - c[2][i]) for c in chunks) == int(hi[r] - lo[r])
+    assert (chunked > 0) == (budget < AP.PIECE_BYTES)
     if check_tables:
         # trimmed to what the rows see, up to whole blocks at either end
-        assert launched <= int((hi - lo).sum()) + 2 * bs * T
+        assert launched <= int((hi - lo).sum()) + 2 * bs * T * (1 + (chunked > 0))
     else:
         assert launched == T * mb * bs
 
@@ -78,12 +81,14 @@ def mixed_batch(g, dtype=torch.float32, hkv=2, group=2, D=64):
 
 
 @pytest.mark.parametrize("backend", ["eager", "inductor"])
-def test_small_budget_pieces_match_float64(backend, monkeypatch):
-    """With a budget of a few thousand pairs every call runs in many pieces
-    (rows trimmed to their keys, table rows and columns sliced, one-row
-    pieces over a whole context): paged (checked and unchecked tables,
-    split keys) and packed attention still match the float64 reference."""
-    monkeypatch.setattr(AP, "PIECE_BYTES", 600 * AP.paged_pair_bytes(4, 2, 64, 4))
+@pytest.mark.parametrize("pairs", [600, 40])
+def test_small_budget_pieces_match_float64(backend, pairs, monkeypatch):
+    """With a budget of 600 pairs every call runs in many pieces (rows
+    trimmed to their keys, table rows and columns sliced, one-row pieces
+    over a whole context); with 40, single rows take their keys in chunks
+    of 32 merged like splits: paged (checked and unchecked tables, split
+    keys) and packed attention still match the float64 reference."""
+    monkeypatch.setattr(AP, "PIECE_BYTES", pairs * AP.paged_pair_bytes(4, 2, 64, 4))
     g = torch.Generator().manual_seed(3)
     q, k, v, q_lens, k_lens = mixed_batch(g)
     kc, vc, tables, lens = scatter_to_pages(k, v, k_lens, 16, g)
@@ -91,10 +96,8 @@ def test_small_budget_pieces_match_float64(backend, monkeypatch):
     real = kernelforge.kernels.attention.launch
 
     def spy(kdef, *args, **kw):
-        if "paged" in kdef.name and "combine" not in kdef.name:
-            launched.append((args[0].shape[0], args[7].shape[0] * (
-                -(-(args[3].shape[1] * 16) // args[7].shape[0]) if "split" in kdef.name
-                else 1)))
+        if "paged" in kdef.name and "combine" not in kdef.name:   # rows x table positions
+            launched.append(args[0].shape[0] * args[3].shape[1] * 16)
         return real(kdef, *args, **kw)
 
     monkeypatch.setattr(kernelforge.kernels.attention, "launch", spy)
@@ -109,7 +112,7 @@ def test_small_budget_pieces_match_float64(backend, monkeypatch):
                                                       backend=backend)
                 what = f"paged window={window} check_tables={check_tables} splits={splits}"
                 assert_close(out, ref, q.dtype, f"{what} [{backend}]")
-                assert len(launched) > 3, (what, launched)
+                assert len(launched) > 3 and max(launched) <= max(pairs, 16), (what, launched)
         out = kernelforge.ops.attention(q, k, v, cu(q_lens), cu(k_lens), window=window,
                                         backend=backend)
         assert_close(out, ref, q.dtype, f"packed window={window} [{backend}]")
