@@ -103,26 +103,32 @@ def fp32_number(op: str, arg: str, v, positive: bool = False, low=None, high=Non
     """A Python number that a kernel reads as fp32: finite there (10**400 or
     1e300 are not), > 0 after rounding when ``positive`` (1e-50 is 0 in fp32),
     and within ``[low, high]`` when given."""
-    want = ("a finite number > 0 within float32's range" if positive else
-            "a finite number within float32's range") + " (|v| <= 3.4e38)"
+    plain = "a number > 0" if positive else "a finite number"
+    ranged = ("a finite number > 0" if positive else "a finite number") + \
+        " within float32's range (|v| <= 3.4e38)"
     if not isinstance(v, (int, float)) or isinstance(v, bool):
-        fail(op, arg, want, repr(v))
+        fail(op, arg, plain, repr(v))
     if isinstance(v, int) and abs(v) > _F32_MAX:
-        fail(op, arg, want, repr(v))
+        fail(op, arg, ranged, repr(v))
     f = float(v)
-    if f != f or abs(f) > _F32_MAX:
-        fail(op, arg, want, repr(v))
+    if f != f or (positive and not f > 0):
+        fail(op, arg, plain, repr(v))
+    if abs(f) > _F32_MAX:
+        fail(op, arg, ranged, repr(v))
     if positive and not struct.unpack("f", struct.pack("f", f))[0] > 0:
-        fail(op, arg, "a number > 0 (and > 0 once rounded to float32)", repr(v))
+        fail(op, arg, "a number > 0 once rounded to float32", repr(v))
     if (low is not None and f < low) or (high is not None and f > high):
         fail(op, arg, f"a number in [{low}, {high}]", repr(v))
 
 
-def integer(op: str, arg: str, v, low=None, high=None, why: str = "") -> None:
-    """A Python int (not a bool) in ``[low, high]``."""
+def integer(op: str, arg: str, v, low=None, high=None, why: str = "",
+            optional: bool = False) -> None:
+    """A Python int (not a bool) in ``[low, high]`` (``optional``: or None,
+    which the caller has let through)."""
     lo = "" if low is None else f">= {low}"
     hi = "" if high is None else f"<= {high}"
-    want = f"an int {' and '.join(x for x in (lo, hi) if x)}".rstrip() + why
+    want = ("None or " if optional else "") + \
+        f"an int {' and '.join(x for x in (lo, hi) if x)}".rstrip() + why
     if not isinstance(v, int) or isinstance(v, bool):
         fail(op, arg, want, repr(v))
     if (low is not None and v < low) or (high is not None and v > high):

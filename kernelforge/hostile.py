@@ -150,7 +150,7 @@ def classify(spec, call, backend: str) -> tuple[str, str]:
     except Exception as e:       # counted: the kit reports it
         return "unclear error", f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
     try:
-        a = testing.bound(spec, call)
+        a = testing.bound(spec, call, backend)
         ref = spec.reference(a)
     except Exception as e:
         return "silent accept", f"the reference cannot take it ({type(e).__name__})"

@@ -9,11 +9,7 @@ import importlib
 import pkgutil
 
 from . import kernels as _kernels
-from .kernels import attention_kernels as _attention_kernels
-from .kernels import kv_cache as _kv_cache
-from .kernels.attention import attention, paged_attention  # noqa: F401
 from .kernels.attention_plan import PagedAttentionPlan, paged_attention_plan  # noqa: F401
-from .kernels.kv_cache import reshape_and_cache  # noqa: F401
 
 
 def _find_specs() -> dict:
@@ -32,9 +28,4 @@ SPECS = _find_specs()
 globals().update({name: spec.op for name, spec in SPECS.items()})
 
 #: op name -> the IR kernels it launches (for `kernelforge ops`, `show`, `aot-check`)
-KERNELS = {
-    **{name: tuple(s.kernels()) for name, s in SPECS.items()},
-    "reshape_and_cache": (_kv_cache.reshape_and_cache_kernel,),
-    "attention": _attention_kernels.packed_kernels(),
-    "paged_attention": _attention_kernels.paged_kernels() + _attention_kernels.split_kernels(),
-}
+KERNELS = {name: tuple(s.kernels()) for name, s in SPECS.items()}

@@ -105,11 +105,12 @@ class Tensor(Arg):
                                        f"at least {lo} dimension{'s' * (lo != 1)}"
                                        if hi is None else f"{lo} to {hi} dimensions")
                 checks.fail(op, self.name, want, "a 0-d tensor" if t.dim() == 0 else
-                            f"{t.dim()} dims, shape {list(t.shape)}")
+                            list(t.shape))
+        # against another argument only once that one is a tensor (its own check names it)
         ref = self.device_of or a._first_tensor
-        if ref != self.name and getattr(a, ref) is not None:
+        if ref != self.name and isinstance(getattr(a, ref), torch.Tensor):
             checks.same_device(op, self.name, t, ref, getattr(a, ref))
-        if self.dtype_of is not None:
+        if self.dtype_of is not None and isinstance(getattr(a, self.dtype_of), torch.Tensor):
             checks.same_dtype(op, self.name, t, self.dtype_of, getattr(a, self.dtype_of))
         if self.shape is not None:
             checks.shape(op, self.name, t, tuple(self.shape(a)), self.why)
@@ -149,7 +150,7 @@ class Int(Arg):
         v = getattr(a, self.name)
         if v is None and self.optional:
             return
-        checks.integer(op, self.name, v, self.low, self.high, self.why)
+        checks.integer(op, self.name, v, self.low, self.high, self.why, self.optional)
 
 
 class Bool(Arg):

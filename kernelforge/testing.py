@@ -89,9 +89,13 @@ def budget(backend: str, device: torch.device, spec: OpSpec, **kw) -> Budget:
 
 # -- calls -------------------------------------------------------------------------------
 
-def bound(spec: OpSpec, call: Call):
-    """The call's arguments as the spec's namespace, defaults filled in."""
-    b = inspect.signature(spec.op).bind(**call.kwargs)
+def bound(spec: OpSpec, call: Call, backend: str | None = None):
+    """The call's arguments as the spec's namespace, defaults filled in (and
+    ``backend``, for a spec that takes one)."""
+    kw = call.kwargs
+    if backend is not None and "backend" in spec._by_name:
+        kw = {**kw, "backend": backend}
+    b = inspect.signature(spec.op).bind(**kw)
     b.apply_defaults()
     return spec.bind(tuple(b.arguments[n] for n in spec._names))
 
@@ -115,7 +119,7 @@ def check_reference(spec: OpSpec, call: Call, backend: str | None) -> None:
     """Run ``call`` on ``backend`` and compare every output with the spec's
     float64 reference (computed first, from the inputs as given); inputs the
     op does not write must come back bit for bit."""
-    a = bound(spec, call)
+    a = bound(spec, call, backend)
     ref = spec.reference(a)
     extra = spec.allowance(a, ref) if spec.allowance is not None else (None,) * len(ref)
     written = {n for n, _ in spec._mutated(a)}
@@ -311,10 +315,11 @@ def check_poison(spec: OpSpec, call: Call, backend: str) -> None:
         view, buf = _poisoned(target, 123.0)
         changed["out"] = view
         bufs.append(("out", view, buf, 123.0))
-    outs = run(spec, call.with_(**changed), backend)
+    poisoned = call.with_(**changed)
+    outs = run(spec, poisoned, backend)
     what = f"{spec.name}[{backend}] {call.label} (inputs inside NaN-filled buffers)"
     if spec.compare is not None:
-        spec.compare(a, outs, ref)
+        spec.compare(bound(spec, poisoned, backend), outs, ref)
     for i, (o, r, e) in enumerate(zip(outs, ref, extra) if spec.compare is None else ()):
         if o is None:
             continue

@@ -212,8 +212,9 @@ def clamp_ranges(lo, hi, n):
     return lo, torch.maximum(hi.clamp(max=n), lo)
 
 
-#: query rows per launch when the lowering collapses the key loop (CPU: 128
-#: and 256 measured alike at S=1024, 2.7x faster than one launch; 512: 1.2x slower)
+#: query rows per launch when the lowering collapses the key loop: more rows
+#: share a launch's cost, too many make each row walk keys it does not see
+#: (docs/benchmarks.md, "Query tiles for small calls")
 PIECE_ROWS = 128
 #: bytes of temporaries one launch may build on a lowering that collapses the
 #: key loop (``Backend.collapses_loops``): it holds every (query row, key)
