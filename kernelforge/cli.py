@@ -138,8 +138,8 @@ def main(argv=None) -> int:
                    help="limit to these ops (comma-separated; the flag repeats)")
     from . import conformance
     conformance.add_parser(sub)
-    n = sub.add_parser("new-op", help="write kernels/NAME.py (a kernel and its spec) and "
-                       "tests/test_NAME.py (a skeleton for the op's own tests)")
+    n = sub.add_parser("new-op", help="write kernelforge/kernels/NAME.py (a kernel and its "
+                       "spec) and tests/test_NAME.py (a skeleton for the op's own tests)")
     n.add_argument("name", help="the op's name, a Python identifier (e.g. gelu_and_mul)")
     n.add_argument("--root", default=".", help="the checkout to write into (default: here)")
     d = sub.add_parser("demo", help="run the RMSNorm family on every backend")

@@ -1,7 +1,7 @@
 """``kernelforge new-op NAME``: the files of a new op, ready to edit.
 
-Writes kernels/NAME.py (a row-wise kernel and its spec: a working op that
-copies its input, to be replaced by the real computation) and
+Writes kernelforge/kernels/NAME.py (a row-wise kernel and its spec: a
+working op that copies its input, to be replaced by the real computation) and
 tests/test_NAME.py (a place for the op's own tests; the generic ones come
 from the spec). The op is found by kernelforge.ops as soon as the file
 exists; ``pytest tests/test_ops.py -k NAME --kf-backend=eager`` runs its checks.
@@ -98,7 +98,7 @@ def main(name: str, root: str = ".") -> int:
     if name in ops.KERNELS or hasattr(ops, name):
         print(f"new-op: an op named {name!r} exists already", file=sys.stderr)
         return 2
-    paths = {os.path.join(root, "kernels", f"{name}.py"): OP_TEMPLATE,
+    paths = {os.path.join(root, "kernelforge", "kernels", f"{name}.py"): OP_TEMPLATE,
              os.path.join(root, "tests", f"test_{name}.py"): TEST_TEMPLATE}
     for path in paths:
         if os.path.exists(path):

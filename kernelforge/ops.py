@@ -1,7 +1,7 @@
 """The public ops, ``kernelforge.ops.NAME(..., backend=None)``. Each is also
 a torch.library custom op, ``torch.ops.kernelforge.NAME``.
 
-Every op is declared once, by an ``OpSpec`` in a file under kernels/
+Every op is declared once, by an ``OpSpec`` in a file under kernelforge/kernels/
 (installed as ``kernelforge.kernels``) that lists it in its module-level
 ``SPECS``: the files are found here, so adding an op is adding its file.
 """
@@ -17,7 +17,7 @@ def _find_specs() -> dict:
     for mod in sorted(m.name for m in pkgutil.iter_modules(_kernels.__path__)):
         for spec in getattr(importlib.import_module(f"{_kernels.__name__}.{mod}"), "SPECS", ()):
             if spec.name in found:
-                raise RuntimeError(f"op {spec.name!r} is declared twice (kernels/{mod}.py)")
+                raise RuntimeError(f"op {spec.name!r} is declared twice (kernelforge/kernels/{mod}.py)")
             found[spec.name] = spec
     return found
 

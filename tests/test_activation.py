@@ -1,4 +1,4 @@
-"""Gated activations (kernels/activation.py) beyond their specs' generated
+"""Gated activations (kernelforge/kernels/activation.py) beyond their specs' generated
 tests (tests/test_ops.py): torch's own F.silu / F.gelu as a second
 reference, out= with rows that cannot be viewed, the custom op in a graph."""
 import pytest

@@ -188,7 +188,7 @@ def test_decode_equals_prefill(backend):
                                             if b != "inductor" or n == 3])  # compiles per S
 def test_split_keys_match_float64(backend, splits):
     """Flash-decoding (keys cut into splits, merged by a second kernel;
-    kernels/attention_kernels.py) on a mixed batch, with splits longer than some
+    kernelforge/kernels/attention_kernels.py) on a mixed batch, with splits longer than some
     rows (empty splits), a window and softcapping: against float64."""
     g = torch.Generator().manual_seed(20 + splits)
     hkv, group, D, dtype, softcap = INDUCTOR_CASES[1] if backend == "inductor" else \

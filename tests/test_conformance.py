@@ -133,14 +133,14 @@ def test_cli_prints_the_table_and_writes_json(tmp_path):
 
 
 def test_new_op_writes_a_working_op(tmp_path):
-    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernelforge" / "kernels").mkdir(parents=True)
     (tmp_path / "tests").mkdir()
     from kernelforge.new_op import main
     assert main("kit_probe_copy", str(tmp_path)) == 0
     assert main("kit_probe_copy", str(tmp_path)) == 2          # never overwrites
     assert main("not an identifier", str(tmp_path)) == 2
     assert main("rms_norm", str(tmp_path)) == 2                 # exists already
-    path = tmp_path / "kernels" / "kit_probe_copy.py"
+    path = tmp_path / "kernelforge" / "kernels" / "kit_probe_copy.py"
     spec_ = importlib.util.spec_from_file_location("kit_probe_copy", path)
     mod = importlib.util.module_from_spec(spec_)
     spec_.loader.exec_module(mod)

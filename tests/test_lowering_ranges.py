@@ -19,7 +19,7 @@ NAN = float("nan")
 @functools.lru_cache(maxsize=None)
 def ranged_attention(static_n: bool):
     """Flash attention over each query row's own key range [lo, hi), 16 rows
-    per program; a row with an empty range gives 0 (as kernels/attention.py)."""
+    per program; a row with an empty range gives 0 (as kernelforge/kernels/attention.py)."""
     @kl.kernel(static=("D", "N") if static_n else ("D",))
     def ranged_attention(q: kl.In("M", "D"), k: kl.In("N", "D"), v: kl.In("N", "D"),
                          lo: kl.In("M"), hi: kl.In("M"), o: kl.Out("M", "D")):

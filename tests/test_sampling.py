@@ -20,7 +20,7 @@ INDUCTOR_V = 1000
 # -- float64 reference of the kept set ------------------------------------------------
 
 def kept_reference(x, temperature, top_k, top_p, min_p):
-    """The op's spec reference (kernels/sampling_reference.py): the tokens a
+    """The op's spec reference (kernelforge/kernels/sampling_reference.py): the tokens a
     row may produce, from a descending sort, in float64."""
     return sampling_reference.kept(x, temperature, top_k, top_p, min_p)
 

@@ -37,7 +37,7 @@ on Triton >= 80% of copy; attention prefill on Triton >= 1.0x SDPA flash;
 paged decode on Triton >= 80% of copy). Also written to
 ``$OUT/gpu_bench.txt`` when $OUT is set. Without a GPU it says so and exits 0.
 Works from a plain working tree: when kernelforge is not installed it is
-imported from the repository (``kernels/`` is ``kernelforge.kernels``).
+imported from the repository.
 """
 from __future__ import annotations
 
@@ -66,8 +66,7 @@ def log(msg: str) -> None:
 
 
 def import_kernelforge():
-    """The installed package, or the one in this working tree (whose ``kernels/``
-    directory setuptools installs as ``kernelforge.kernels``)."""
+    """The installed package, or the one in this working tree."""
     try:
         import kernelforge
         return kernelforge
@@ -77,8 +76,7 @@ def import_kernelforge():
         del sys.modules[name]
     spec = importlib.util.spec_from_file_location(
         "kernelforge", REPO / "kernelforge" / "__init__.py",
-        # the repo root as a second search location makes `kernelforge.kernels` = kernels/
-        submodule_search_locations=[str(REPO / "kernelforge"), str(REPO)])
+        submodule_search_locations=[str(REPO / "kernelforge")])
     mod = importlib.util.module_from_spec(spec)
     sys.modules["kernelforge"] = mod
     spec.loader.exec_module(mod)

@@ -18,7 +18,7 @@ PREFILL_VARIANTS = (
     dict(kb=128), dict(kb=128, stages=2), dict(stages=4), dict(stages=2), dict(w=4),
     dict(bq=64, w=4), dict(kb=32), dict(bq=64, w=4, kb=128),
 )
-# decode: splits = flash-decoding split count (choose_splits in kernels/attention_plan.py;
+# decode: splits = flash-decoding split count (choose_splits in kernelforge/kernels/attention_plan.py;
 # None = the op's choice), 1 = the single-pass kernel
 # (warps per decode program: fewer than the default 4 spill registers with
 # round_p; docs/gpu-results.md, the "p rounded once" section)

@@ -1,0 +1,25 @@
+"""The checkout does not shadow other packages: the op files live inside the
+kernelforge package (kernelforge/kernels/), so Python started in the
+checkout's root imports Hugging Face's `kernels` (a transformers dependency)
+or nothing, never a directory of this repository."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_no_top_level_package_named_kernels_in_the_checkout():
+    code = ("import importlib.util, sys; s = importlib.util.find_spec('kernels'); "
+            "print(s.origin if s and s.origin else (list(s.submodule_search_locations) "
+            "if s else None))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         timeout=60, env={**os.environ, "PYTHONPATH": ""})
+    assert out.returncode == 0, out.stderr
+    assert str(REPO) not in out.stdout, f"`import kernels` from the checkout: {out.stdout}"
+
+
+def test_the_ops_package_is_kernelforge_kernels():
+    import kernelforge.kernels as k
+    assert Path(k.__path__[0]).resolve() == REPO / "kernelforge" / "kernels"
