@@ -7,7 +7,7 @@ run: the cases come from the specs (``OpSpec.bench``, ``peer``, ``cost``).
 Each case is checked once against the spec's float64 reference before it is
 timed. Bytes moved (``cost``) give GB/s and the fraction of the copy
 bandwidth measured in the same run (bench/conftest.py); the summary prints
-each backend's ratio to the peer. ``-k smoke`` keeps the smallest shape.
+each backend's ratio to the peer. ``-k small`` keeps each op's first shape.
 """
 from __future__ import annotations
 
@@ -32,8 +32,8 @@ CASES = [(spec, label, make, impl)
 
 def _id(case) -> str:
     spec, label, _, impl = case
-    smoke = "smoke-" if label == spec.bench[0][0] else ""
-    return f"{smoke}{spec.name}-{label}-{impl}"
+    small = "small-" if label == spec.bench[0][0] else ""
+    return f"{small}{spec.name}-{label}-{impl}"
 
 
 @pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])

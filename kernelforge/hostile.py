@@ -74,7 +74,7 @@ def mutations(spec, call) -> list[tuple[str, object]]:
                 if d != v.dtype:
                     out.append((f"{x.name} as {d}", call.with_(**{x.name: _cast(v, d)})))
             out.append((f"{x.name} with a leading dim", call.with_(**{x.name: v[None]})))
-            if v.dim() >= 1:
+            if v.dim() >= 1 and v.shape[0]:
                 out.append((f"{x.name} without its first dim", call.with_(**{x.name: v[0]})))
             for i in range(v.dim()):
                 shape = list(v.shape)

@@ -296,7 +296,7 @@ def check_poison(spec: OpSpec, call: Call, backend: str) -> None:
     """Float inputs inside NaN-filled buffers, ``out=`` (where the op has one)
     inside a buffer of 123.0: outputs still match the reference (a read
     outside a view would bring NaN in) and no cell outside a view changes."""
-    a = bound(spec, call)
+    a = bound(spec, call, backend)
     ref = spec.reference(a)
     extra = spec.allowance(a, ref) if spec.allowance is not None else (None,) * len(ref)
     changed, bufs = {}, []
