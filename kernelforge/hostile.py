@@ -148,7 +148,8 @@ def classify(spec, call, backend: str) -> tuple[str, str]:
         named = "`" in msg or msg.startswith("backend:")
         return ("clear error" if named else "unclear error"), f"{type(e).__name__}: {msg[:160]}"
     except Exception as e:       # counted: the kit reports it
-        return "unclear error", f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        first = str(e).splitlines()[0][:160] if str(e) else ""
+        return "unclear error", f"{type(e).__name__}: {first}"
     try:
         a = testing.bound(spec, call, backend)
         ref = spec.reference(a)

@@ -570,3 +570,12 @@ def resize_rows(*names: str) -> Callable[[Call, int], Call]:
                 new[n] = torch.randn(rows, t.shape[-1], device=t.device).to(t.dtype)
         return call.with_(**new)
     return resize
+
+
+def bench(make: Callable, *shapes: tuple) -> tuple:
+    """``OpSpec.bench`` from ``make(device, dtype, *shape) -> kwargs`` at each
+    shape (real models' sizes), labelled by the shape."""
+    def label(shape):
+        return "x".join(str(v) for v in shape)
+    return tuple((label(s), lambda device, dtype, s=s: Call(make(device, dtype, *s), label(s)))
+                 for s in shapes)

@@ -65,6 +65,19 @@ class Budget:
             lead = [min(self.rows, 3)]
         return tuple(lead)
 
+    def row_input(self, draw, sizes, free=None, scales=(1.0,)):
+        """A row-wise input: ``(x, dtype, seed)`` with x of shape [*lead, n], n
+        from ``sizes`` (any size from ``free`` where compiles are free), a
+        dtype, leading dims, a scale and maybe strided rows."""
+        from hypothesis import strategies as st
+        n = draw(self.sizes(sizes, free))
+        dtype = draw(st.sampled_from(self.dtypes))
+        lead = self.lead_dims(draw)
+        seed = draw(st.integers(0, 2 ** 31 - 1))
+        x = self.tensor((*lead, n), dtype, seed, draw(st.sampled_from(list(scales))),
+                        draw(st.booleans()))
+        return x, dtype, seed
+
     def tensor(self, shape, dtype, seed: int, scale: float = 1.0,
                strided: bool = False) -> torch.Tensor:
         """Normal values times ``scale``; ``strided`` puts the rows inside wider

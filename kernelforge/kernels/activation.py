@@ -19,7 +19,8 @@ import torch
 import kernelforge.lang as kl
 from kernelforge import checks
 from kernelforge.dispatch import kernel_factory, launch
-from kernelforge.spec import Backend, Bad, Call, OpSpec, Out, Output, Tensor, resize_rows, rowwise
+from kernelforge.spec import (Backend, Bad, Call, OpSpec, Out, Output, Tensor, bench, resize_rows,
+                              rowwise)
 
 _GELU_BETA = math.sqrt(2.0 / math.pi)
 _GELU_KAPPA = 0.044715
@@ -79,22 +80,10 @@ def reference(x, act: str = "silu"):
 def _samples(st, budget):
     @st.composite
     def draw(draw):
-        d = draw(budget.sizes([1536, 7, 1], st.integers(1, 3000)))
-        dtype = draw(st.sampled_from(budget.dtypes))
-        lead = budget.lead_dims(draw)
-        seed = draw(st.integers(0, 2 ** 31 - 1))
-        scale = draw(st.sampled_from([1e-2, 1.0, 8.0]))
-        strided = draw(st.booleans())
-        x = budget.tensor((*lead, 2 * d), dtype, seed, scale, strided)
-        return Call(dict(x=x), f"{list(x.shape)} {dtype} strided={strided}")
+        x, dtype, _ = budget.row_input(draw, [3072, 14, 2],
+                                       st.integers(1, 3000).map(lambda d: 2 * d), [1e-2, 1.0, 8.0])
+        return Call(dict(x=x), f"{list(x.shape)} {dtype}")
     return draw()
-
-
-def _bench():
-    def make(device, dtype, rows, d):
-        return Call(dict(x=torch.randn(rows, 2 * d, device=device).to(dtype)), f"{rows}x{d}")
-    return tuple((f"{r}x{d}", lambda device, dtype, r=r, d=d: make(device, dtype, r, d))
-                 for r, d in ((1, 1536), (32, 1536), (256, 14336)))
 
 
 def _cost(a):
@@ -129,7 +118,9 @@ def _spec(act: str, doc: str, vllm: str) -> OpSpec:
              Bad("out overlapping x", lambda c: c.with_(
                  out=c.kwargs["x"][..., :c.kwargs["x"].shape[-1] // 2]),
                  ("`out`", "overlaps `x`"))),
-        bench=_bench(), cost=_cost, resize=resize_rows("x"), vllm=vllm, peer=_peer(act))
+        bench=bench(lambda device, dtype, rows, d: dict(
+            x=torch.randn(rows, 2 * d, device=device).to(dtype)), (1, 1536), (32, 1536),
+            (256, 14336)), cost=_cost, resize=resize_rows("x"), vllm=vllm, peer=_peer(act))
 
 
 SILU_AND_MUL = _spec("silu", "``silu(x[..., :d]) * x[..., d:]``, the SwiGLU gate, in one pass.",

@@ -14,7 +14,8 @@ import torch
 from kernelforge import checks
 from kernelforge.backends import registry
 from kernelforge.dispatch import NewTensor, launch
-from kernelforge.spec import Backend, Bad, Bool, Call, Float, Host, Int, OpSpec, Output, Tensor
+from kernelforge.spec import (Backend, Bad, Bool, Call, Float, Host, Int, OpSpec, Output, Tensor,
+                              bench)
 from kernelforge.tolerance import tolerance
 
 from . import attention_plan, attention_reference
@@ -306,14 +307,21 @@ def _paged_samples(st, budget):
     return draw()
 
 
-def _bench_packed():
-    def make(device, dtype, S, hq, hkv, D):
-        q = torch.randn(S, hq, D, device=device).to(dtype)
-        k, v = (torch.randn(S, hkv, D, device=device).to(dtype) for _ in range(2))
-        cu = attention_reference.cu_of([S], device)
-        return Call(dict(q=q, k=k, v=v, cu_seqlens_q=cu, cu_seqlens_k=cu), f"S={S}")
-    return tuple((f"S{S}", lambda device, dtype, S=S: make(device, dtype, S, 8, 2, 64))
-                 for S in (128, 1024))
+def _bench_packed(device, dtype, S, hq, hkv, D):
+    cu = attention_reference.cu_of([S], device)
+    q = torch.randn(S, hq, D, device=device).to(dtype)
+    k, v = (torch.randn(S, hkv, D, device=device).to(dtype) for _ in range(2))
+    return dict(q=q, k=k, v=v, cu_seqlens_q=cu, cu_seqlens_k=cu)
+
+
+def _bench_paged(device, dtype, B, ctx, hq, hkv, D, bs=16):
+    """B decode rows, each over ``ctx`` cached positions in its own blocks."""
+    per = -(-ctx // bs)
+    kc, vc = (torch.randn(B * per, bs, hkv, D, device=device).to(dtype) for _ in range(2))
+    return dict(q=torch.randn(B, hq, D, device=device).to(dtype), key_cache=kc, value_cache=vc,
+                block_tables=torch.arange(B * per, dtype=torch.int32, device=device).view(B, per),
+                seq_lens=torch.full((B,), ctx, dtype=torch.int32, device=device),
+                query_start_loc=attention_reference.cu_of([1] * B, device))
 
 
 def _packed_cost(a):
@@ -384,7 +392,8 @@ ATTENTION = OpSpec(
     kernels=packed_kernels,
     example=">>> o = kernelforge.ops.attention(q, k, v, cu, cu)   # causal prefill",
     reference=lambda a: (_packed_reference(a),), allowance=_allowance(_packed_reference),
-    samples=_packed_samples, bench=_bench_packed(), cost=_packed_cost, peer=_packed_peer,
+    samples=_packed_samples, bench=bench(_bench_packed, (128, 8, 2, 64), (1024, 8, 2, 64)),
+    cost=_packed_cost, peer=_packed_peer,
     bad=(Bad("a head size that is not supported", lambda c: c.with_(
         **{n: c.kwargs[n][..., :-8] for n in ("q", "k", "v")}), ("`q`", "head size in")),
          Bad("cu_seqlens_q not ending at the tokens", lambda c: c.with_(
@@ -434,6 +443,9 @@ PAGED_ATTENTION = OpSpec(
     example=">>> o = kernelforge.ops.paged_attention(q, kc, vc, tables, lens, qsl)",
     reference=lambda a: (_paged_reference(a),), allowance=_allowance(_paged_reference),
     samples=_paged_samples,
+    bench=bench(_bench_paged, (1, 1024, 8, 2, 64), (32, 1024, 8, 2, 64)),
+    cost=lambda a: (2 * int(a.seq_lens.sum()) * a.key_cache.shape[2] * a.q.shape[2] *
+                    a.q.element_size(), 4 * int(a.seq_lens.sum()) * a.q.shape[1] * a.q.shape[2]),
     bad=(Bad("value_cache is key_cache", lambda c: c.with_(value_cache=c.kwargs["key_cache"]),
              ("`value_cache`", "key_cache")),
          Bad("splits of 0", lambda c: c.with_(splits=0), ("`splits`", "[1, 64]")),

@@ -9,7 +9,7 @@ import torch
 import kernelforge.lang as kl
 from kernelforge import checks
 from kernelforge.dispatch import launch
-from kernelforge.spec import INDEX, Backend, Bad, Bool, Call, OpSpec, Tensor
+from kernelforge.spec import INDEX, Backend, Bad, Bool, Call, OpSpec, Tensor, bench
 
 
 @kl.kernel(static=("BS", "H", "D"),
@@ -143,6 +143,14 @@ RESHAPE_AND_CACHE = OpSpec(
     kernels=lambda: (reshape_and_cache_kernel,),
     example=">>> kernelforge.ops.reshape_and_cache(k, v, k_cache, v_cache, slots)",
     reference=reference, samples=_samples, resize=_resize,
+    bench=bench(lambda device, dtype, T, nb, bs, hk, d: dict(
+        key=torch.randn(T, hk, d, device=device).to(dtype),
+        value=torch.randn(T, hk, d, device=device).to(dtype),
+        key_cache=torch.zeros(nb, bs, hk, d, device=device).to(dtype),
+        value_cache=torch.zeros(nb, bs, hk, d, device=device).to(dtype),
+        slot_mapping=torch.randperm(nb * bs, device=device)[:T]),
+        (32, 512, 16, 8, 128), (4096, 512, 16, 8, 128)),
+    cost=lambda a: (4 * a.key.numel() * a.key.element_size() + a.slot_mapping.numel() * 8, None),
     compare=lambda a, outs, ref: _compare(a, ref),
     bad=(Bad("a slot past the cache", lambda c: c.with_(
         slot_mapping=c.kwargs["slot_mapping"].clone().fill_(c.kwargs["key_cache"].shape[0] *

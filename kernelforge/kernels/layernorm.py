@@ -14,8 +14,8 @@ import torch
 
 import kernelforge.lang as kl
 from kernelforge.dispatch import kernel_factory, launch
-from kernelforge.spec import (Backend, Bad, Call, Float, OpSpec, Output, Tensor, resize_rows,
-                              rowwise)
+from kernelforge.spec import (Backend, Bad, Call, Float, OpSpec, Output, Tensor, bench,
+                              resize_rows, rowwise)
 
 
 @kernel_factory
@@ -76,29 +76,15 @@ def _run(a, x, out):
 def _samples(st, budget):
     @st.composite
     def draw(draw):
-        n = draw(budget.sizes([768, 4097, 1], st.integers(1, 5000)))
-        dtype = draw(st.sampled_from(budget.dtypes))
-        lead = budget.lead_dims(draw)
-        seed = draw(st.integers(0, 2 ** 31 - 1))
-        # offsets far larger than the spread: one-pass sums would cancel
-        shift = draw(st.sampled_from([0.0, 3.0, 1000.0]))
-        x = budget.tensor((*lead, n), dtype, seed, draw(st.sampled_from([1e-2, 1.0])),
-                          draw(st.booleans()))
-        x = (x.float() + shift).to(dtype)
+        x, dtype, seed = budget.row_input(draw, [768, 4097, 1], st.integers(1, 5000), [1e-2, 1.0])
+        shift = draw(st.sampled_from([0.0, 3.0, 1000.0]))   # one-pass sums would cancel
+        n = x.shape[-1]
         w = budget.tensor((n,), budget.variant(draw, [dtype, torch.float32]), seed + 1)
         b = None if draw(st.booleans()) else budget.tensor((n,), w.dtype, seed + 2)
-        eps = draw(st.sampled_from([1e-5, 1e-6, 0.1]))
-        return Call(dict(x=x, weight=w, bias=b, eps=eps), f"{list(x.shape)} {dtype} +{shift}")
+        return Call(dict(x=(x.float() + shift).to(dtype), weight=w, bias=b,
+                         eps=draw(st.sampled_from([1e-5, 1e-6, 0.1]))),
+                    f"{list(x.shape)} {dtype} +{shift}")
     return draw()
-
-
-def _bench():
-    def make(device, dtype, rows, n):
-        return Call(dict(x=torch.randn(rows, n, device=device).to(dtype),
-                         weight=torch.randn(n, device=device).to(dtype),
-                         bias=torch.randn(n, device=device).to(dtype), eps=1e-5), f"{rows}x{n}")
-    return tuple((f"{r}x{n}", lambda device, dtype, r=r, n=n: make(device, dtype, r, n))
-                 for r, n in ((1, 4096), (4096, 4096)))
 
 
 def _vector(name: str, optional: bool) -> Tensor:
@@ -125,7 +111,11 @@ LAYER_NORM = OpSpec(
     bad=(Bad("bias of the wrong size", lambda c: c.with_(bias=torch.zeros(
         c.kwargs["x"].shape[-1] + 1, device=c.kwargs["x"].device)),
         ("`bias`", "(the last dim of `x`)")),),
-    bench=_bench(), resize=resize_rows("x"),
+    bench=bench(lambda device, dtype, rows, n: dict(
+        x=torch.randn(rows, n, device=device).to(dtype), eps=1e-5,
+        weight=torch.randn(n, device=device).to(dtype),
+        bias=torch.randn(n, device=device).to(dtype)), (1, 4096), (4096, 4096)),
+    resize=resize_rows("x"),
     peer=lambda a: torch.nn.functional.layer_norm(a.x, (a.x.shape[-1],), a.weight, a.bias, a.eps),
     cost=lambda a: (2 * a.x.numel() * a.x.element_size(), 7 * a.x.numel()),
 )

@@ -13,7 +13,8 @@ import torch
 import kernelforge.lang as kl
 from kernelforge import checks
 from kernelforge.dispatch import NewTensor, kernel_factory, launch
-from kernelforge.spec import Backend, Bad, Bool, Call, Int, OpSpec, Output, Tensor, resize_rows
+from kernelforge.spec import (Backend, Bad, Bool, Call, Int, OpSpec, Output, Tensor, bench,
+                              resize_rows)
 
 
 @kernel_factory
@@ -89,14 +90,6 @@ def _samples(st, budget):
     return draw()
 
 
-def _bench():
-    def make(device, dtype, T, E, k):
-        return Call(dict(gating_logits=torch.randn(T, E, device=device).to(dtype), k=k,
-                         renormalize=True), f"{T}x{E} k={k}")
-    return tuple((f"{T}x{E}k{k}", lambda device, dtype, T=T, E=E, k=k: make(device, dtype, T, E, k))
-                 for T, E, k in ((1, 8, 2), (256, 64, 6), (4096, 128, 8)))
-
-
 def _peer(a):
     """What a model file does without a fused op (Mixtral's router)."""
     w, ids = torch.topk(torch.softmax(a.gating_logits, -1, dtype=torch.float32), a.k, -1)
@@ -126,7 +119,10 @@ TOPK_SOFTMAX = OpSpec(
     samples=_samples,
     bad=(Bad("k larger than the experts", lambda c: c.with_(
         k=c.kwargs["gating_logits"].shape[-1] + 1), ("`k`", "experts")),),
-    bench=_bench(), resize=resize_rows("gating_logits"), peer=_peer,
+    bench=bench(lambda device, dtype, T, E, k: dict(
+        gating_logits=torch.randn(T, E, device=device).to(dtype), k=k, renormalize=True),
+        (1, 8, 2), (256, 64, 6), (4096, 128, 8)),
+    resize=resize_rows("gating_logits"), peer=_peer,
     cost=lambda a: (a.gating_logits.numel() * a.gating_logits.element_size(),
                     (4 + 2 * a.k) * a.gating_logits.numel()),
     vllm="topk_softmax(topk_weights, topk_ids, token_expert_indices, gating_output, "

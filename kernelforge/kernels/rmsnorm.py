@@ -18,7 +18,7 @@ import torch
 import kernelforge.lang as kl
 from kernelforge.dispatch import launch
 from kernelforge.spec import (Backend, Bad, Bool, Call, Float, OpSpec, Out, Output, Tensor,
-                              resize_rows, rowwise)
+                              bench, resize_rows, rowwise)
 
 
 @kl.kernel(static=("N",), examples=({"N": 4096}, {"N": 16384}))
@@ -87,33 +87,25 @@ def fused_reference(x, residual, weight, eps, offset=0.0):
 def _samples(st, budget, fused: bool):
     @st.composite
     def draw(draw):
-        n = draw(budget.sizes([576, 4097, 1, 16384], st.integers(1, 5000)))
-        dtype = draw(st.sampled_from(budget.dtypes))
-        lead = budget.lead_dims(draw)
-        strided = draw(st.booleans())
-        scale = draw(st.sampled_from([1e-3, 1.0, 50.0]))
-        w_dtype = budget.variant(draw, [dtype, torch.float32])
-        seed = draw(st.integers(0, 2 ** 31 - 1))
-        kw = dict(x=budget.tensor((*lead, n), dtype, seed, scale, strided),
-                  weight=budget.tensor((n,), w_dtype, seed + 1),
+        x, dtype, seed = budget.row_input(draw, [576, 4097, 1, 16384], st.integers(1, 5000),
+                                          scales=[1e-3, 1.0, 50.0])
+        kw = dict(x=x, weight=budget.tensor(x.shape[-1:], budget.variant(
+            draw, [dtype, torch.float32]), seed + 1),
                   eps=draw(st.one_of(st.sampled_from([1e-6, 1e-5]), st.floats(1e-8, 1.0))),
                   offset=draw(st.one_of(st.sampled_from([0.0, 1.0]), st.floats(-1.0, 1.0))))
         if fused:
-            kw["residual"] = budget.tensor((*lead, n), dtype, seed + 2, scale, strided)
+            kw["residual"] = budget.tensor(x.shape, dtype, seed + 2, 1.0, draw(st.booleans()))
             kw["inplace"] = draw(st.booleans())
-        return Call(kw, f"{list(kw['x'].shape)} {dtype} strided={strided}")
+        return Call(kw, f"{list(x.shape)} {dtype}")
     return draw()
 
 
 def _bench(fused: bool):
     def make(device, dtype, rows, n):
         x = torch.randn(rows, n, device=device).to(dtype)
-        kw = dict(x=x, weight=torch.randn(n, device=device).to(dtype), eps=1e-6)
-        if fused:
-            kw["residual"] = torch.randn_like(x)
-        return Call(kw, f"{rows}x{n}")
-    return tuple((f"{r}x{n}", lambda device, dtype, r=r, n=n: make(device, dtype, r, n))
-                 for r, n in ((1, 4096), (32, 4096), (4096, 4096), (64, 16384)))
+        return dict(x=x, weight=torch.randn(n, device=device).to(dtype), eps=1e-6,
+                    **({"residual": torch.randn_like(x)} if fused else {}))
+    return bench(make, (1, 4096), (32, 4096), (4096, 4096), (64, 16384))
 
 
 def _cost(a):

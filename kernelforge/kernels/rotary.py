@@ -24,7 +24,7 @@ import torch
 import kernelforge.lang as kl
 from kernelforge import checks
 from kernelforge.dispatch import NewTensor, launch, kernel_factory
-from kernelforge.spec import INDEX, Backend, Bad, Bool, Call, Int, OpSpec, Output, Tensor
+from kernelforge.spec import INDEX, Backend, Bad, Bool, Call, Int, OpSpec, Output, Tensor, bench
 
 STYLES = ("neox", "gptj")
 
@@ -304,16 +304,12 @@ def _resize(call, rows):
     return call.with_(**new)
 
 
-def _bench():
-    def make(device, dtype, T, hq, hk, D):
-        qkv = torch.randn(T, (hq + 2 * hk) * D, device=device).to(dtype)
-        from kernelforge import rope
-        return Call(dict(positions=torch.arange(T, device=device) % 4096,
-                         query=qkv[:, :hq * D], key=qkv[:, hq * D:(hq + hk) * D], head_size=D,
-                         cos_sin_cache=rope.cos_sin_cache(D, 4096).to(device), inplace=True),
-                    f"T={T} {hq}/{hk}x{D}")
-    return tuple((f"T{T}", lambda device, dtype, T=T: make(device, dtype, T, 32, 8, 128))
-                 for T in (1, 32, 4096))
+def _bench_call(device, dtype, T, hq, hk, D):
+    from kernelforge import rope
+    qkv = torch.randn(T, (hq + 2 * hk) * D, device=device).to(dtype)
+    return dict(positions=torch.arange(T, device=device) % 4096, query=qkv[:, :hq * D],
+                key=qkv[:, hq * D:(hq + hk) * D], head_size=D,
+                cos_sin_cache=rope.cos_sin_cache(D, 4096).to(device), inplace=True)
 
 
 def _peer(a):
@@ -369,7 +365,8 @@ ROTARY_EMBEDDING = OpSpec(
     returns=lambda a, res: (res[0], res[1] if a.key is not None else None),
     example=">>> cache = kernelforge.rope.cos_sin_cache(64, 2048, base=10000.0)\n"
             ">>> q, k = kernelforge.ops.rotary_embedding(pos, q, k, 64, cache)",
-    reference=_reference, samples=_samples, resize=_resize, bench=_bench(), peer=_peer,
+    reference=_reference, samples=_samples, resize=_resize, peer=_peer,
+    bench=bench(_bench_call, (1, 32, 8, 128), (32, 32, 8, 128), (4096, 32, 8, 128)),
     bad=(Bad("a position past the cache", lambda c: c.with_(
         positions=c.kwargs["positions"] + c.kwargs["cos_sin_cache"].shape[0]),
         ("`positions`", "values in [0,")),

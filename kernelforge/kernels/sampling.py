@@ -35,7 +35,7 @@ import kernelforge.lang as kl
 from kernelforge import checks
 from kernelforge.dispatch import NewTensor, launch
 from kernelforge.ir import lib
-from kernelforge.spec import Arg, Backend, Bad, Bool, Call, Host, OpSpec, Output, Tensor
+from kernelforge.spec import Arg, Backend, Bad, Bool, Call, Host, OpSpec, Output, Tensor, bench
 
 from . import sampling_reference
 
@@ -519,15 +519,6 @@ def _resize(call, rows):
     return Call(kw, call.label)
 
 
-def _bench():
-    def make(device, dtype, B, V):
-        return Call(dict(logits=torch.randn(B, V, device=device).to(dtype), temperature=0.8,
-                         top_k=50, top_p=0.9, seeds=torch.arange(B, device=device), offsets=1),
-                    f"{B}x{V}")
-    return tuple((f"{B}x{V}", lambda device, dtype, B=B, V=V: make(device, dtype, B, V))
-                 for B, V in ((1, 49152), (32, 128256)))
-
-
 def _peer(a):
     """The sort-based sampler of vLLM's native path: temperature, top-k, top-p
     by sorting, then a multinomial draw."""
@@ -570,7 +561,10 @@ SAMPLE = OpSpec(
     example=">>> tok = kernelforge.ops.sample(logits, temperature=0.8, top_k=50, top_p=0.9,\n"
             "...                              seeds=seeds, offsets=step)",
     reference=sampling_reference.reference, compare=sampling_reference.compare,
-    samples=_samples, resize=_resize, bench=_bench(), peer=_peer,
+    samples=_samples, resize=_resize, peer=_peer,
+    bench=bench(lambda device, dtype, B, V: dict(
+        logits=torch.randn(B, V, device=device).to(dtype), temperature=0.8, top_k=50, top_p=0.9,
+        seeds=torch.arange(B, device=device), offsets=1), (1, 49152), (32, 128256)),
     cost=lambda a: (a.logits.numel() * a.logits.element_size() * (3 + 4 * 32 // RADIX_BITS),
                     None),
     bad=(Bad("a temperature < 0", lambda c: c.with_(temperature=-1.0),
