@@ -17,7 +17,8 @@ def _find_specs() -> dict:
     for mod in sorted(m.name for m in pkgutil.iter_modules(_kernels.__path__)):
         for spec in getattr(importlib.import_module(f"{_kernels.__name__}.{mod}"), "SPECS", ()):
             if spec.name in found:
-                raise RuntimeError(f"op {spec.name!r} is declared twice (kernelforge/kernels/{mod}.py)")
+                raise RuntimeError(f"op {spec.name!r} is declared twice "
+                                   f"(kernelforge/kernels/{mod}.py)")
             found[spec.name] = spec
     return found
 
