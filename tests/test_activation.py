@@ -66,3 +66,14 @@ def test_against_torchs_own_activations(backend):
     assert_close(kernelforge.ops.gelu_tanh_and_mul(x, backend=backend),
                  (f.gelu(g, approximate="tanh") * u).double(), torch.float32,
                  f"gelu_tanh_and_mul[{backend}] vs torch")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_eager_rounds_as_torch_composes_it(dtype):
+    """The reference lowering runs torch's own formula and rounding points
+    (silu = g / (1 + exp(-g)), rounded to the dtype, times up): bit for bit.
+    x * sigmoid(x), used before, differed by 1-2 ulp."""
+    x = (torch.randn(64, 2 * 257) * 4).to(dtype)
+    g, u = x.float().chunk(2, dim=-1)
+    want = ((g / (1 + torch.exp(-g))).to(dtype).float() * u).to(dtype)
+    assert torch.equal(kernelforge.ops.silu_and_mul(x, backend="eager"), want)

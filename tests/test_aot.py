@@ -69,3 +69,15 @@ def test_every_attention_kernel_the_ops_launch_on_triton_is_checked(monkeypatch)
     checked = {k.name for kdefs in KERNELS.values() for k in kdefs}
     assert len(launched) == 13, launched   # (softcap x round_p) x (packed, paged, split) + combine
     assert launched <= checked, sorted(launched - checked)
+
+
+def test_aot_check_op_names_are_checked_and_take_comma_lists(capsys):
+    """An unknown name was a ValueError traceback (max() of nothing); a comma
+    list was taken as one unknown name."""
+    assert cli.main(["aot-check", "--op", "no_such_op"]) == 2
+    assert "unknown op(s) ['no_such_op']" in capsys.readouterr().err
+    pytest.importorskip("triton")
+    assert cli.main(["aot-check", "--targets", "sm_90", "--op", "rms_norm,silu_and_mul",
+                     "--op", "gelu_tanh_and_mul"]) == 0
+    out = capsys.readouterr().out
+    assert "rms_norm [" in out and "silu_and_mul [" in out and "gelu_tanh_and_mul [" in out

@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import kernelforge
+from kernelforge import testing
 from kernelforge.backends import registry
 from kernelforge.kernels import attention as attention_kernels
 from kernelforge.tolerance import assert_close, tolerance
@@ -323,3 +324,21 @@ def test_launch_pieces_cover_each_row_and_its_keys(lens, causal, window, max_row
             a, e = off + int(lo[r]), off + int(hi[r])
             assert a == e or k0 <= a <= e <= k1, (r, a, e, k0, k1)
             assert b0 <= b < b1, (r, b, b0, b1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_nan_key_is_copied_into_the_cache_and_the_check_still_sees_a_wrong_slot(backend):
+    """NaN is data to reshape_and_cache: the spec's bit-for-bit check must take a
+    copied NaN as equal, and still reject a cache with a slot written wrong."""
+    from kernelforge import hostile
+    spec = kernelforge.ops.SPECS["reshape_and_cache"]
+    call = hostile.base_call(spec, backend)
+    key = call.kwargs["key"].clone()
+    key.view(-1)[0] = float("nan")
+    assert hostile.classify(spec, call.with_(key=key), backend) == ("ok", "")
+    a = testing.bound(spec, call.with_(key=key), backend)
+    outs = testing.run(spec, call.with_(key=key), backend)
+    ref = spec.reference(a)
+    a.key_cache.view(-1)[int(a.key_cache.isnan().view(-1).nonzero()[0])] = 0.0
+    with pytest.raises(AssertionError, match="key_cache"):
+        spec.compare(a, outs, ref)

@@ -106,3 +106,24 @@ def test_per_row_numbers_beyond_any_range_are_named():
              f"`{name}`", "float32")
     _err(lambda: kernelforge.ops.apply_penalties(logits, ids, ids, repetition_penalty=1e-50),
          "`repetition_penalty`", "> 0")
+
+
+def test_numbers_a_kernel_reads_as_fp32_are_named():
+    """eps=10**400 raised a bare OverflowError; offset=inf was accepted."""
+    _err(lambda: kernelforge.ops.rms_norm(X, W, 10 ** 400), "`eps`", "float32")
+    _err(lambda: kernelforge.ops.rms_norm(X, W, offset=float("inf")), "`offset`", "inf")
+    _err(lambda: kernelforge.ops.rms_norm(X, W, 1e-50), "`eps`", "float32")
+
+
+def test_aliased_outputs_that_cannot_be_right_are_refused():
+    x = torch.randn(4, 64)
+    _err(lambda: kernelforge.ops.fused_add_rms_norm(x, x, W, inplace=True), "`x`",
+         "overlaps `residual`")
+    qk = torch.randn(3, 2 * 64)
+    cache = kernelforge.rope.cos_sin_cache(64, 8)
+    _err(lambda: kernelforge.ops.rotary_embedding(torch.arange(3), qk, qk, 64, cache,
+                                                  inplace=True), "overlaps")
+    # on inductor this was a NameError from generated code
+    xx = torch.randn(4, 128)
+    _err(lambda: kernelforge.ops.silu_and_mul(xx, out=xx[:, :64], backend="inductor"),
+         "`out`", "overlaps `x`")
