@@ -21,7 +21,7 @@ demo: install
 	$(PY) -m kernelforge.cli demo
 
 test: install
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider --durations=30 tests
 
 bench: install
 	$(PY) -m pytest bench/ --benchmark-only

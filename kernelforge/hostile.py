@@ -182,31 +182,42 @@ def _compare(spec, a, outs, ref) -> None:
 
 # -- the worker and the driver --------------------------------------------------------
 
-def _worker(op: str, backend: str, start: int, stride: int) -> None:
-    """Run cases ``start, start + stride, ...`` of ``op``, one JSON line each."""
+def _worker(backend: str, plan: list[tuple[str, int, int]]) -> None:
+    """For each ``(op, start, stride)``: run cases ``start, start + stride, ...``
+    of ``op``, one JSON line before and one after each."""
     from . import ops
-    spec = ops.SPECS[op]
-    cases = mutations(spec, base_call(spec, backend))
-    for i in range(start, len(cases), stride):
-        label, call = cases[i]
-        print(json.dumps({"i": i, "label": label, "n": len(cases)}), flush=True)
-        outcome, detail = classify(spec, call, backend)
-        print(json.dumps({"i": i, "outcome": outcome, "detail": detail}), flush=True)
-    print(json.dumps({"done": True, "n": len(cases)}), flush=True)
+    for op, start, stride in plan:
+        spec = ops.SPECS[op]
+        cases = mutations(spec, base_call(spec, backend))
+        for i in range(start, len(cases), stride):
+            label, call = cases[i]
+            print(json.dumps({"op": op, "i": i, "label": label}), flush=True)
+            outcome, detail = classify(spec, call, backend)
+            print(json.dumps({"op": op, "i": i, "outcome": outcome, "detail": detail}),
+                  flush=True)
+    print(json.dumps({"done": True}), flush=True)
 
 
 def run(op: str, backend: str, limit: int | None = None, timeout: float = 120.0) -> list[dict]:
-    """Every mutation of ``op`` on ``backend`` (or about ``limit`` of them, spread
-    evenly), in worker processes: one runs the cases in order, and after a
-    crash or a hang a new one resumes after the case that killed it."""
+    """``run_ops`` for one op."""
+    return run_ops([op], backend, limit, timeout)[op]
+
+
+def run_ops(names: list[str], backend: str, limit: int | None = None,
+            timeout: float = 120.0) -> dict[str, list[dict]]:
+    """Every mutation of each op on ``backend`` (or about ``limit`` per op, spread
+    evenly), in worker processes: one runs the ops' cases in order (a process
+    start costs seconds, so one serves them all), and after a crash or a hang a
+    new one resumes after the case that killed it."""
     from . import ops
-    n = len(mutations(ops.SPECS[op], base_call(ops.SPECS[op], backend)))
-    stride = max(1, math.ceil(n / limit)) if limit else 1
-    results: dict[int, dict] = {}
-    start = 0
-    while start < n:
-        cmd = [sys.executable, "-m", "kernelforge.hostile", "--worker", op, backend,
-               str(start), str(stride)]
+    plan = []
+    for op in names:
+        n = len(mutations(ops.SPECS[op], base_call(ops.SPECS[op], backend)))
+        plan.append((op, 0, max(1, math.ceil(n / limit)) if limit else 1))
+    results: dict[str, dict[int, dict]] = {op: {} for op in names}
+    while plan:
+        cmd = [sys.executable, "-m", "kernelforge.hostile", "--worker", backend,
+               json.dumps(plan)]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                 text=True)
         current, finished = None, False
@@ -217,8 +228,9 @@ def run(op: str, backend: str, limit: int | None = None, timeout: float = 120.0)
                     finished = True
                     break
                 if "outcome" in msg:
-                    results[msg["i"]] = {"label": current["label"], "outcome": msg["outcome"],
-                                         "detail": msg["detail"]}
+                    results[msg["op"]][msg["i"]] = {
+                        "label": current["label"], "outcome": msg["outcome"],
+                        "detail": msg["detail"]}
                     current = None
                 else:
                     current = msg
@@ -229,14 +241,17 @@ def run(op: str, backend: str, limit: int | None = None, timeout: float = 120.0)
         if finished:
             break
         if current is None:
-            raise RuntimeError(f"hostile: a worker for {op} on {backend} died outside a case "
+            raise RuntimeError(f"hostile: a worker on {backend} died outside a case "
                                f"(exit {proc.returncode}): {' '.join(cmd)}")
-        results[current["i"]] = {"label": current["label"], "outcome": "crash",
-                                 "detail": f"worker exit {proc.returncode}" if proc.returncode
-                                 and proc.returncode > 0 else
-                                 f"signal {-proc.returncode}" if proc.returncode else "hung"}
-        start = current["i"] + stride
-    return [results[i] for i in sorted(results)]
+        results[current["op"]][current["i"]] = {
+            "label": current["label"], "outcome": "crash",
+            "detail": f"worker exit {proc.returncode}" if proc.returncode
+            and proc.returncode > 0 else
+            f"signal {-proc.returncode}" if proc.returncode else "hung"}
+        k = [op for op, _, _ in plan].index(current["op"])
+        stride = plan[k][2]
+        plan = [(current["op"], current["i"] + stride, stride)] + plan[k + 1:]
+    return {op: [r[i] for i in sorted(r)] for op, r in results.items()}
 
 
 def _lines(proc, timeout: float):
@@ -270,15 +285,15 @@ def main(argv=None) -> int:
     p.add_argument("--backend", default="eager")
     p.add_argument("--ops", default="", help="comma-separated (default: every op with a spec)")
     p.add_argument("--limit", type=int, default=None, help="about this many cases per op")
-    p.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
+    p.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        op, backend, start, stride = args.worker
-        _worker(op, backend, int(start), int(stride))
+        backend, plan = args.worker
+        _worker(backend, [tuple(x) for x in json.loads(plan)])
         return 0
     from . import ops
     names = [o for o in args.ops.split(",") if o] or list(ops.SPECS)
-    per_op = {op: run(op, args.backend, args.limit) for op in names}
+    per_op = run_ops(names, args.backend, args.limit)
     total, text = summary(per_op)
     print(f"hostile inputs on backend {args.backend}:\n{text}")
     for op, results in per_op.items():
