@@ -20,8 +20,10 @@ generate: install
 demo: install
 	$(PY) -m kernelforge.cli demo
 
+# two processes on the 2-core CI machine (pytest-xdist); TEST_WORKERS=0 runs in this one
+TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q -p no:cacheprovider --durations=30 tests
+	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --durations=30 tests
 
 bench: install
 	$(PY) -m pytest bench/ --benchmark-only

@@ -14,6 +14,12 @@ if "KERNELFORGE_CACHE_DIR" not in os.environ:
     os.environ["KERNELFORGE_CACHE_DIR"] = tempfile.mkdtemp(prefix="kernelforge-test-cache-")
     # removed at exit: a run's generated sources and libraries (tens of MB) are its own
     atexit.register(shutil.rmtree, os.environ["KERNELFORGE_CACHE_DIR"], ignore_errors=True)
+# Under pytest-xdist (make test: -n 2 on a 2-core machine) each worker computes on one
+# thread, and so do the processes tests start: two workers of two threads each
+# oversubscribe the cores and the spinning OpenMP threads tripled the model tests' time.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
 # Small Triton chunks, so the interpreter exercises chunked loops on small rows.
 os.environ.setdefault("KERNELFORGE_TRITON_MAX_BLOCK", "1024")
 

@@ -22,8 +22,10 @@ SMOKE_CASES = {"test_rmsnorm[smoke-rms_norm-64x576-fp32-kf_inductor]",
 
 
 def _bench(storage: Path, *extra: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env.pop("PYTEST_ADDOPTS", None)
+    # a clean pytest: no inherited options, and no xdist worker markers (with them
+    # pytest-benchmark believes it runs under xdist and disables itself)
+    env = {k: v for k, v in os.environ.items()
+           if k != "PYTEST_ADDOPTS" and not k.startswith("PYTEST_XDIST")}
     env["KERNELFORGE_CACHE_DIR"] = str(storage.parent / "kf-cache")   # shared by the 3 runs
     cmd = [sys.executable, "-m", "pytest", "bench/", "--benchmark-only", "-k", "smoke",
            "-p", "no:cacheprovider", f"--benchmark-storage={storage}", *extra]
