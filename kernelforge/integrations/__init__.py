@@ -1,0 +1,1 @@
+"""KernelForge ops inside engines people already run (docs/integrations.md)."""
