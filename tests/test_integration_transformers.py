@@ -28,7 +28,7 @@ MODELS = {
               dict(COMMON, tie_word_embeddings=True, num_key_value_heads=1,
                    rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
 }
-OPS = ("rms_norm", "silu_and_mul", "rotary_embedding")
+OPS = ("rms_norm", "silu_and_mul", "rotary_embedding", "attention")
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,8 @@ def _greedy(model, ids, new=24, mask=None):
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_greedy_tokens_and_logits_match_the_stock_model(name, checkpoints, counted):
     stock, kf = _load(checkpoints[name]), kernelize(_load(checkpoints[name]))
-    assert kf.kernelforge_swapped == {"rms_norm": 5, "silu_and_mul": 2, "rotary_embedding": 2}
+    assert kf.kernelforge_swapped == {"rms_norm": 5, "silu_and_mul": 2, "rotary_embedding": 2,
+                                     "attention": 2}
     with torch.no_grad():
         for ids in _prompts(3):
             ids = ids[None]
@@ -90,7 +91,7 @@ def test_greedy_tokens_and_logits_match_the_stock_model(name, checkpoints, count
     assert counted == before
 
 
-def test_a_padded_batch_generates_what_each_prompt_does_alone(checkpoints):
+def test_a_padded_batch_generates_what_each_prompt_does_alone(checkpoints, counted):
     kf = kernelize(_load(checkpoints["llama3"]))
     prompts = _prompts(4, seed=1)
     longest = max(len(p) for p in prompts)
@@ -100,8 +101,23 @@ def test_a_padded_batch_generates_what_each_prompt_does_alone(checkpoints):
         ids[i, longest - len(p):], mask[i, longest - len(p):] = p, 1
     with torch.no_grad():
         batch = _greedy(kf, ids, mask=mask)[:, longest:]
+        assert counted["attention"] > 0            # the padded mask ran kernelforge's attention
         for i, p in enumerate(prompts):
             assert torch.equal(batch[i], _greedy(kf, p[None])[0, len(p):]), i
+
+
+def test_a_mask_that_is_not_left_padding_still_gives_sdpas_answer(checkpoints, counted):
+    """Right padding (or any mask but causal over left padding) runs transformers'
+    sdpa attention for that call: the same logits as the stock model."""
+    stock, kf = _load(checkpoints["llama3"]), kernelize(_load(checkpoints["llama3"]))
+    ids = torch.stack([p[:9] for p in _prompts(2, seed=4, lengths=(9, 9))])
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    with torch.no_grad():
+        got, want = kf(ids, attention_mask=mask).logits, stock(ids, attention_mask=mask).logits
+    for b, n in enumerate((9, 6)):
+        assert_close_rows(got[b, :n], want[b, :n], torch.float32, "right padding")
+    assert counted["attention"] == 0
 
 
 def test_fullgraph_compile_has_no_graph_break(checkpoints, counted):

@@ -17,14 +17,16 @@ forward for that call.
 """
 from __future__ import annotations
 
+import itertools
 import types
 
 import torch
 
 import kernelforge
 from kernelforge.backends import registry
+from kernelforge.kernels.attention_reference import HEAD_SIZES
 
-__all__ = ["kernelize"]
+__all__ = ["kernelize", "register"]
 
 
 def _rms_norm(self, hidden_states, backend=None):
@@ -60,9 +62,83 @@ def _rotary(original, backend):
     return forward
 
 
+def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+               **kwargs):
+    """transformers' attention interface over ``ops.attention``: [B, H, S, D]
+    query, key and value (key and value the whole cache) -> [B, Sq, Hq, D].
+
+    The mask is sdpa's (True = attend; None = causal, no padding). A mask
+    that is causal with left padding becomes variable-length sequences (the
+    padded query rows give 0; nothing reads them); any other mask, dropout,
+    an unsupported head size or a traced call with a mask runs transformers'
+    sdpa attention instead."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    B, Hq, Sq, D = query.shape
+    Skv = key.shape[2]
+    backend = getattr(module, "_kernelforge_backend", None)
+    lens = None if attention_mask is None else _left_padded(attention_mask, B, Sq, Skv)
+    if (dropout and module.training) or D not in HEAD_SIZES or Sq > Skv or \
+            (attention_mask is not None and lens is None) or \
+            kwargs.get("sliding_window") is not None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask,
+                                      dropout=dropout, scaling=scaling, **kwargs)
+    if lens is None:                                  # every row whole
+        q = query.transpose(1, 2).reshape(B * Sq, Hq, D)
+        k = key.transpose(1, 2).reshape(B * Skv, key.shape[1], D)
+        v = value.transpose(1, 2).reshape(B * Skv, key.shape[1], D)
+        ar = torch.arange(B + 1, device=query.device, dtype=torch.int32)
+        out = kernelforge.ops.attention(q, k, v, ar * Sq, ar * Skv, scale=scaling,
+                                        check_seqlens=False, backend=backend)
+        return out.view(B, Sq, Hq, D), None
+    nq, nk = lens
+    q = torch.cat([query[b, :, Sq - nq[b]:].transpose(0, 1) for b in range(B)])
+    k = torch.cat([key[b, :, Skv - nk[b]:].transpose(0, 1) for b in range(B)])
+    v = torch.cat([value[b, :, Skv - nk[b]:].transpose(0, 1) for b in range(B)])
+    cu_q = torch.tensor([0] + list(itertools.accumulate(nq)), dtype=torch.int32,
+                        device=query.device)
+    cu_k = torch.tensor([0] + list(itertools.accumulate(nk)), dtype=torch.int32,
+                        device=query.device)
+    packed = kernelforge.ops.attention(q, k, v, cu_q, cu_k, scale=scaling, check_seqlens=False,
+                                       backend=backend)
+    out = query.new_zeros(B, Sq, Hq, D)
+    for b in range(B):
+        out[b, Sq - nq[b]:] = packed[cu_q[b]:cu_q[b + 1]] if nq[b] else out[b, :0]
+    return out, None
+
+
+def _left_padded(mask, B, Sq, Skv):
+    """(query rows, keys) kept per sequence when ``mask`` [B, 1, Sq, Skv] is
+    causal (bottom-right) over a left-padded batch, else None."""
+    if torch.compiler.is_compiling() or mask.dtype != torch.bool or \
+            mask.shape != (B, 1, Sq, Skv):
+        return None
+    pad = (~mask[:, 0, -1, :]).int().argmin(-1)        # each row's first key seen
+    pad = torch.where(mask[:, 0, -1, :].any(-1), pad, torch.full_like(pad, Skv))
+    j = torch.arange(Skv, device=mask.device)
+    i = torch.arange(Sq, device=mask.device)[:, None] + (Skv - Sq)
+    want = (j[None, None] >= pad[:, None, None]) & (j[None, None] <= i[None])
+    if not torch.equal(want, mask[:, 0]):
+        return None
+    nk = [Skv - int(p) for p in pad.tolist()]
+    nq = [min(Sq, n) for n in nk]
+    return nq, nk
+
+
 def _is_silu(act) -> bool:
     return isinstance(act, torch.nn.SiLU) or type(act).__name__ in ("SiLUActivation",
                                                                    "SiLU")
+
+
+NAME = "kernelforge"
+
+
+def register() -> None:
+    """``attn_implementation="kernelforge"`` for transformers: the attention
+    function and sdpa's mask format, under one name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    AttentionInterface.register(NAME, _attention)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
 
 
 def kernelize(model: torch.nn.Module, backend: str | None = None) -> torch.nn.Module:
@@ -73,7 +149,7 @@ def kernelize(model: torch.nn.Module, backend: str | None = None) -> torch.nn.Mo
     known = registry.backends()
     if backend is not None and backend not in known:
         raise ValueError(f"`backend` expected one of {sorted(known)}, got {backend!r}")
-    swapped = {"rms_norm": 0, "silu_and_mul": 0, "rotary_embedding": 0}
+    swapped = {"rms_norm": 0, "silu_and_mul": 0, "rotary_embedding": 0, "attention": 0}
     for mod in model.modules():
         cls = type(mod)
         if cls.__name__.endswith("RMSNorm") and hasattr(mod, "variance_epsilon") and \
@@ -95,5 +171,11 @@ def kernelize(model: torch.nn.Module, backend: str | None = None) -> torch.nn.Mo
                                             rope)
             funcs["rotary_pos_emb"] = rope
             swapped["rotary_embedding"] += 1
+        if hasattr(mod, "num_key_value_groups") and hasattr(mod, "scaling"):
+            mod._kernelforge_backend = backend
+            swapped["attention"] += 1
+    if swapped["attention"]:
+        register()
+        model.set_attn_implementation(NAME)
     model.kernelforge_swapped = swapped
     return model
