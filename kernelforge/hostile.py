@@ -198,11 +198,6 @@ def _worker(backend: str, plan: list[tuple[str, int, int]]) -> None:
     print(json.dumps({"done": True}), flush=True)
 
 
-def run(op: str, backend: str, limit: int | None = None, timeout: float = 120.0) -> list[dict]:
-    """``run_ops`` for one op."""
-    return run_ops([op], backend, limit, timeout)[op]
-
-
 def run_ops(names: list[str], backend: str, limit: int | None = None,
             timeout: float = 120.0) -> dict[str, list[dict]]:
     """Every mutation of each op on ``backend`` (or about ``limit`` per op, spread

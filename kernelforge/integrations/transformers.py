@@ -11,6 +11,7 @@ do it: one call, the model object kept.
   the ``kernels`` package give every instance) gets the KernelForge forward;
   other models are untouched. It reads the cos/sin transformers computed, so
   every rope scaling is kept.
+- Attention: ``attn_implementation="kernelforge"`` (``register``), ``ops.attention``.
 
 A layer whose dtypes or shapes fall outside what an op takes keeps its own
 forward for that call.
@@ -90,38 +91,46 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         out = kernelforge.ops.attention(q, k, v, ar * Sq, ar * Skv, scale=scaling,
                                         check_seqlens=False, backend=backend)
         return out.view(B, Sq, Hq, D), None
-    nq, nk = lens
+    nq, nk, cu_q, cu_k = lens
     q = torch.cat([query[b, :, Sq - nq[b]:].transpose(0, 1) for b in range(B)])
     k = torch.cat([key[b, :, Skv - nk[b]:].transpose(0, 1) for b in range(B)])
     v = torch.cat([value[b, :, Skv - nk[b]:].transpose(0, 1) for b in range(B)])
-    cu_q = torch.tensor([0] + list(itertools.accumulate(nq)), dtype=torch.int32,
-                        device=query.device)
-    cu_k = torch.tensor([0] + list(itertools.accumulate(nk)), dtype=torch.int32,
-                        device=query.device)
     packed = kernelforge.ops.attention(q, k, v, cu_q, cu_k, scale=scaling, check_seqlens=False,
                                        backend=backend)
     out = query.new_zeros(B, Sq, Hq, D)
+    start = 0
     for b in range(B):
-        out[b, Sq - nq[b]:] = packed[cu_q[b]:cu_q[b + 1]] if nq[b] else out[b, :0]
+        out[b, Sq - nq[b]:] = packed[start:start + nq[b]]
+        start += nq[b]
     return out, None
 
 
+# the last mask read: every layer of a forward gets the same one
+_LAST_MASK: list = [None, None]
+
+
 def _left_padded(mask, B, Sq, Skv):
-    """(query rows, keys) kept per sequence when ``mask`` [B, 1, Sq, Skv] is
-    causal (bottom-right) over a left-padded batch, else None."""
+    """(query rows, keys, cu_seqlens_q, cu_seqlens_k) per sequence when
+    ``mask`` [B, 1, Sq, Skv] is causal (bottom-right) over a left-padded
+    batch, else None. Read on the host once per mask, not once per layer."""
     if torch.compiler.is_compiling() or mask.dtype != torch.bool or \
             mask.shape != (B, 1, Sq, Skv):
         return None
+    if _LAST_MASK[0] is mask:
+        return _LAST_MASK[1]
     pad = (~mask[:, 0, -1, :]).int().argmin(-1)        # each row's first key seen
     pad = torch.where(mask[:, 0, -1, :].any(-1), pad, torch.full_like(pad, Skv))
     j = torch.arange(Skv, device=mask.device)
     i = torch.arange(Sq, device=mask.device)[:, None] + (Skv - Sq)
     want = (j[None, None] >= pad[:, None, None]) & (j[None, None] <= i[None])
-    if not torch.equal(want, mask[:, 0]):
-        return None
-    nk = [Skv - int(p) for p in pad.tolist()]
-    nq = [min(Sq, n) for n in nk]
-    return nq, nk
+    lens = None
+    if torch.equal(want, mask[:, 0]):
+        nk = [Skv - int(p) for p in pad.tolist()]
+        nq = [min(Sq, n) for n in nk]
+        lens = nq, nk, *(torch.tensor([0, *itertools.accumulate(n)], dtype=torch.int32,
+                                      device=mask.device) for n in (nq, nk))
+    _LAST_MASK[:] = mask, lens
+    return lens
 
 
 def _is_silu(act) -> bool:
@@ -142,8 +151,8 @@ def register() -> None:
 
 
 def kernelize(model: torch.nn.Module, backend: str | None = None) -> torch.nn.Module:
-    """Swap the model's RMSNorm, gated-MLP activation and rotary application
-    for KernelForge ops (``backend``: a registered backend, or None to choose
+    """Swap the model's RMSNorm, gated-MLP activation, rotary application and
+    attention for KernelForge ops (``backend``: a registered backend, or None to choose
     for the tensors' device). Returns ``model``; returns what it swapped in
     ``model.kernelforge_swapped`` (a dict of counts)."""
     known = registry.backends()
@@ -162,14 +171,10 @@ def kernelize(model: torch.nn.Module, backend: str | None = None) -> torch.nn.Mo
             mod.forward = types.MethodType(
                 lambda self, x, _b=backend: _gated_mlp(self, x, _b), mod)
             swapped["silu_and_mul"] += 1
-        funcs = getattr(mod, "_kernel_funcs", None)
-        if isinstance(funcs, dict) and isinstance(funcs.get("rotary_pos_emb"), torch.nn.Module):
-            # a fresh wrapper: one already called keeps the forward it first ran
-            old = funcs["rotary_pos_emb"]
-            rope = type(old)()
-            rope.forward = types.MethodType(_rotary(type(old).forward.__get__(rope), backend),
+        rope = getattr(mod, "_kernel_funcs", {}).get("rotary_pos_emb")
+        if isinstance(rope, torch.nn.Module):
+            rope.forward = types.MethodType(_rotary(type(rope).forward.__get__(rope), backend),
                                             rope)
-            funcs["rotary_pos_emb"] = rope
             swapped["rotary_embedding"] += 1
         if hasattr(mod, "num_key_value_groups") and hasattr(mod, "scaling"):
             mod._kernelforge_backend = backend
