@@ -166,20 +166,25 @@ def _extent(t: torch.Tensor) -> tuple[int, int]:
     return start, start + (span + 1) * t.element_size()
 
 
-def _reachable(delta: int, dims: list) -> bool:
+def _reachable(delta: int, dims: list, budget: list | None = None) -> bool:
     """Whether ``delta = sum_k s_k d_k`` for some ``d_k`` in ``[-(nb_k-1), na_k-1]``
-    (an element of one tensor at the offset of one of the other). Exact when
-    each stride exceeds the span of the smaller ones, conservative otherwise."""
+    (an element of one tensor at the offset of one of the other). A search over
+    the digits the remaining strides can still complete: exact, also for
+    interleaved strides (vLLM's CPU KV cache puts each block's keys and values
+    in turn per head); past a few thousand steps it answers "overlaps"."""
+    budget = [4096] if budget is None else budget
     if not dims:
         return delta == 0
     (s, na, nb), rest = dims[0], dims[1:]
     hi = sum(r * (n - 1) for r, n, _ in rest)
     lo = -sum(r * (m - 1) for r, _, m in rest)
-    if hi - lo >= s:
-        return True                      # strides that interleave: not decided exactly
     first = max(-(nb - 1), -((-(delta - hi)) // s))
     last = min(na - 1, (delta - lo) // s)
-    return any(_reachable(delta - d * s, rest) for d in range(first, last + 1))
+    for d in range(first, last + 1):
+        budget[0] -= 1
+        if budget[0] < 0 or _reachable(delta - d * s, rest, budget):
+            return True
+    return False
 
 
 def self_overlaps(t: torch.Tensor) -> bool:

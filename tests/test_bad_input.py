@@ -127,3 +127,25 @@ def test_aliased_outputs_that_cannot_be_right_are_refused():
     xx = torch.randn(4, 128)
     _err(lambda: kernelforge.ops.silu_and_mul(xx, out=xx[:, :64], backend="inductor"),
          "`out`", "overlaps `x`")
+
+
+def test_overlap_is_exact_for_interleaved_views_of_one_buffer():
+    """vLLM's CPU KV cache, [blocks, heads, block_size, 2 * D]: per block and
+    head, block_size key rows then block_size value rows. Its key and value
+    views share no element (exact answer, not the byte-range guess); a value
+    view shifted by one row onto the keys does, and a brute-force count of
+    shared addresses agrees in both cases."""
+    from kernelforge import checks
+    nb, h, bs, d = 4, 2, 8, 16
+    kv = torch.zeros(nb, h, bs, 2 * d)
+    k, v = kv.view(nb, h, 2 * bs, d).chunk(2, dim=2)
+    k, v = k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3)
+    def addresses(t):
+        return {t.storage_offset() + sum(i * s for i, s in zip(ix, t.stride()))
+                for ix in torch.cartesian_prod(*[torch.arange(n) for n in t.shape]).tolist()}
+
+    assert not addresses(k) & addresses(v)
+    assert not checks.overlaps(k, v) and not checks.overlaps(v, k)
+    shifted = torch.as_strided(kv, v.shape, v.stride(), v.storage_offset() - d)
+    assert addresses(k) & addresses(shifted)
+    assert checks.overlaps(k, shifted) and checks.overlaps(shifted, k)
