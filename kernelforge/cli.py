@@ -16,6 +16,9 @@ import sys
 
 import torch
 
+# the runtime extra's modules (pyproject.toml): the ops run without them
+_RUNTIME_EXTRA = ("gguf", "tokenizers", "safetensors", "tqdm")
+
 _DTYPES = {"f32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
            "bfloat16": torch.bfloat16, "f16": torch.float16, "float16": torch.float16}
 
@@ -149,8 +152,15 @@ def main(argv=None) -> int:
     runtime_cli.add_parsers(sub)
     args = p.parse_args(argv)
     if args.cmd in ("generate", "chat"):
-        return {"generate": runtime_cli.cmd_generate,
-                "chat": runtime_cli.cmd_chat}[args.cmd](args)
+        try:
+            return {"generate": runtime_cli.cmd_generate,
+                    "chat": runtime_cli.cmd_chat}[args.cmd](args)
+        except ModuleNotFoundError as e:
+            if e.name not in _RUNTIME_EXTRA:
+                raise
+            print(f"kernelforge {args.cmd}: the engine needs the runtime extra ({e.name} is "
+                  "not installed): pip install 'kernelforge[runtime]'", file=sys.stderr)
+            return 2
     if args.cmd == "demo":
         from .demo import main as demo
         return demo(args.rows, args.hidden)

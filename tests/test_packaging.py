@@ -23,3 +23,27 @@ def test_no_top_level_package_named_kernels_in_the_checkout():
 def test_the_ops_package_is_kernelforge_kernels():
     import kernelforge.kernels as k
     assert Path(k.__path__[0]).resolve() == REPO / "kernelforge" / "kernels"
+
+
+def test_the_ops_and_integrations_import_without_the_runtime_extra():
+    """gguf, tokenizers and safetensors are the runtime extra's: importing the
+    ops, the plugin module and the transformers integration loads none (tqdm,
+    also the extra's, is not checked: torch.hub imports it when present)."""
+    code = ("import sys, kernelforge.ops, kernelforge.integrations.transformers; "
+            "import kernelforge.integrations.vllm; "
+            "print(sorted(m for m in ('gguf', 'tokenizers', 'safetensors') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_the_runtime_command_names_the_missing_extra():
+    """Without the runtime extra the engine's commands say what to install."""
+    code = ("import sys; sys.modules['gguf'] = None; from kernelforge import cli; "
+            "sys.exit(cli.main(['generate', 'hi']))")
+    out = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode != 0
+    assert "kernelforge[runtime]" in out.stderr, out.stderr[-2000:]
