@@ -342,3 +342,34 @@ def test_a_nan_key_is_copied_into_the_cache_and_the_check_still_sees_a_wrong_slo
     a.key_cache.view(-1)[int(a.key_cache.isnan().view(-1).nonzero()[0])] = 0.0
     with pytest.raises(AssertionError, match="key_cache"):
         spec.compare(a, outs, ref)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("softcap,round_p", [(None, None), (30.0, True)])
+def test_one_query_row_per_sequence_matches_float64(backend, softcap, round_p):
+    """Decode-shaped packed calls (at most one query row per sequence: the
+    lowerings that keep the key loop take a kernel without query tiles),
+    including an empty sequence and a row that sees no key, against float64;
+    the same offsets again, and again after an in-place change of their
+    values (the reused key ranges must follow it)."""
+    g = torch.Generator().manual_seed(5)
+    hkv, group, D, dtype, _ = INDUCTOR_CASES[1] if softcap else INDUCTOR_CASES[0]
+    for q_lens, k_lens in (([1], [40]), ([1, 1, 0, 1], [3, 70, 5, 0]), ([1, 1], [129, 1])):
+        q = randn((sum(q_lens), hkv * group, D), dtype, g)
+        k, v = (randn((sum(k_lens), hkv, D), dtype, g) for _ in range(2))
+        cq, ck = cu(q_lens), cu(k_lens)
+        for _ in range(2):
+            out = kernelforge.ops.attention(q, k, v, cq, ck, softcap=softcap, round_p=round_p,
+                                            check_seqlens=False, backend=backend)
+            ref, mag = reference.attention(q, k, v, cq, ck, D ** -0.5, softcap=softcap,
+                                           abs_v=True)
+            check(out, ref, dtype, f"decode rows {q_lens}/{k_lens}[{backend}]", mag,
+                  rounded(round_p, dtype, backend))
+        if len(k_lens) > 1:       # the same offset tensor, its values changed in place
+            ck[1] -= 1
+            out = kernelforge.ops.attention(q, k, v, cq, ck, softcap=softcap, round_p=round_p,
+                                            check_seqlens=False, backend=backend)
+            ref, mag = reference.attention(q, k, v, cq, ck, D ** -0.5, softcap=softcap,
+                                           abs_v=True)
+            check(out, ref, dtype, f"offsets changed in place[{backend}]", mag,
+                  rounded(round_p, dtype, backend))

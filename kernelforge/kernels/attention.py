@@ -19,8 +19,8 @@ from kernelforge.spec import (Backend, Bad, Bool, Call, Float, Host, Int, OpSpec
 from kernelforge.tolerance import tolerance
 
 from . import attention_plan, attention_reference
-from .attention_kernels import (attention_kernel, packed_kernels, paged_attention_kernel,
-                                paged_combine_kernel, paged_kernels, paged_split_kernel,
+from .attention_kernels import (attention_decode_kernel, attention_kernel, packed_kernels,
+                                paged_attention_kernel, paged_combine_kernel, paged_kernels, paged_split_kernel,
                                 split_kernels)
 from .attention_plan import clamp_ranges, lengths, pieces, row_ranges
 from .attention_reference import HEAD_SIZES
@@ -109,18 +109,18 @@ def _run_packed(a):
         return torch.empty_like(q)
     if cq.shape[0] == 1:          # (unchecked) no sequence: no row sees a key
         return torch.zeros_like(q)
-    seq, lo, hi = row_ranges(cq, cq.diff(), ck.diff(), a.causal, a.window, q.device, T)
-    lo, hi = ck[seq] + lo, ck[seq] + hi
-    if a._ck_host is None:
-        # unchecked offsets may name rows outside k: each range is clamped into
-        # [0, Tk] here, so no lowering reads outside k and v or walks an absurd range
-        lo, hi = clamp_ranges(lo, hi, k.shape[0])
-    lo, hi = lo.to(torch.int32), hi.to(torch.int32)
+    lo, hi = _key_ranges(a, cq, ck, T, k.shape[0])
     G = q.shape[1] // hkv
     qg = q.view(T, hkv, G, D) if q.stride(-1) == 1 else q.reshape(T, hkv, G, D)
-    kdef = attention_kernel(a.softcap is not None, _query_block(q, decision.backend),
-                            rounds_p(a.round_p, q.dtype, decision.backend))
+    rp = rounds_p(a.round_p, q.dtype, decision.backend)
     scalars = _scalars(a)
+    if not decision.backend.collapses_loops and T < cq.shape[0]:
+        # at most one query row per sequence (decode): a program per row and
+        # kv head, not a tile of query rows that would be mostly padding
+        (out,) = launch(attention_decode_kernel(a.softcap is not None, rp), qg, k, v, lo, hi,
+                        NewTensor(qg.shape, q.dtype, q.device), *scalars, backend=backend)
+        return out.view(T, hkv * G, D)
+    kdef = attention_kernel(a.softcap is not None, _query_block(q, decision.backend), rp)
     if not decision.backend.collapses_loops:
         (out,) = launch(kdef, qg, k, v, lo, hi, NewTensor(qg.shape, q.dtype, q.device), *scalars,
                         backend=backend)
@@ -137,6 +137,34 @@ def _run_packed(a):
         outs.append(o)
     out = outs[0] if len(outs) == 1 else torch.cat(outs)
     return out.view(T, hkv * G, D)
+
+
+#: the last call's key ranges: (cu_seqlens_q, cu_seqlens_k, their versions, the
+#: other inputs of the ranges, lo, hi). A model's layers pass the same offsets.
+_LAST_RANGES: list = [None]
+
+
+def _key_ranges(a, cq, ck, T, TK):
+    """Each query row's key range [lo, hi) as positions in k (int32); reused
+    while the call passes the very same offset tensors, unmodified, as the
+    last one (every layer of a forward does), else computed on the device."""
+    cu_q, cu_k = a.cu_seqlens_q, a.cu_seqlens_k
+    eager = not torch.compiler.is_compiling()
+    if eager:
+        key = (cu_q._version, cu_k._version, T, TK, a.causal, a.window, a._ck_host is None)
+        last = _LAST_RANGES[0]
+        if last is not None and last[0] is cu_q and last[1] is cu_k and last[2] == key:
+            return last[3], last[4]
+    seq, lo, hi = row_ranges(cq, cq.diff(), ck.diff(), a.causal, a.window, cq.device, T)
+    lo, hi = ck[seq] + lo, ck[seq] + hi
+    if a._ck_host is None:
+        # unchecked offsets may name rows outside k: each range is clamped into
+        # [0, Tk] here, so no lowering reads outside k and v or walks an absurd range
+        lo, hi = clamp_ranges(lo, hi, TK)
+    lo, hi = lo.to(torch.int32), hi.to(torch.int32)
+    if eager:
+        _LAST_RANGES[0] = (cu_q, cu_k, key, lo, hi)
+    return lo, hi
 
 
 # -- paged attention --------------------------------------------------------------------

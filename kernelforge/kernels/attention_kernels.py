@@ -99,6 +99,41 @@ def attention_kernel(softcap: bool, block_q: int = 16, round_p: bool = False) ->
                      example_dtypes={"key_lo": kl.i32, "key_hi": kl.i32})
 
 
+@kernel_factory
+def attention_decode_kernel(softcap: bool, round_p: bool = False) -> kl.KernelDef:
+    """Packed attention for a few query rows (decode: one row per sequence):
+    one program per (query row, kv head) over the group of query heads that
+    share it, as ``paged_attention_kernel`` without the block table, so a row
+    is not padded to a tile of query rows. ``softcap`` and ``round_p`` as in
+    ``attention_kernel``."""
+
+    def attention_decode(q: kl.In("T", "HK", "G", "D"), k: kl.In("TK", "HK", "D"),
+                         v: kl.In("TK", "HK", "D"), key_lo: kl.In("T"), key_hi: kl.In("T"),
+                         out: kl.Out("T", "HK", "G", "D"), scale: kl.f32, cap: kl.f32):
+        t, hk = kl.parallel("T"), kl.parallel("HK")
+        g, d = kl.tile("G"), kl.tile("D")
+        qv = kl.load(q[t, hk, g, d]).to(kl.f32)
+
+        def step(n, m_i, l_i, acc):
+            kn = kl.load(k[n, hk, d]).to(kl.f32)
+            s = _cap(kl.sum(qv * kn, "D") * scale, cap, softcap)           # [G, TK]
+            m_new, l_new, p, alpha = lib.online_softmax_step(m_i, l_i, s, "TK")
+            vn = kl.load(v[n, hk, d]).to(kl.f32)
+            if round_p:
+                p = p.to(v.dtype).to(kl.f32)
+            return m_new, l_new, acc * alpha + kl.sum(p * vn, "TK")        # [G, D]
+
+        o = _flash_loop("TK", step, kl.load(key_lo[t]), kl.load(key_hi[t]))
+        kl.store(out[t, hk, g, d], o.to(out.dtype))
+
+    fn = attention_decode
+    fn.__name__ = fn.__qualname__ = ("attention_decode" + ("_softcap" if softcap else "")
+                                     + ("_p16" if round_p else ""))
+    return kl.kernel(fn, static=("HK", "G", "D"),
+                     examples=({"HK": 8, "G": 4, "D": 128}, {"HK": 8, "G": 1, "D": 64}),
+                     example_dtypes={"key_lo": kl.i32, "key_hi": kl.i32})
+
+
 def paged_step(q, key_cache, value_cache, block_tables, seq_idx, t, hk, scale, cap, softcap,
                round_p=False, axis="N", offset=None):
     """The online-softmax step over the keys of token ``t``'s sequence, read
@@ -227,11 +262,13 @@ paged_combine_kernel = kl.kernel(_combine, static=("HK", "S", "G", "D"),
 
 def packed_kernels() -> tuple:
     """What ``attention`` launches on GPUs (16 or 128 query rows, p kept or
-    rounded, with and without softcap): ``kernelforge ops``, ``show`` and
+    rounded, with and without softcap; the decode form for calls of at most
+    one query row per sequence): ``kernelforge ops``, ``show`` and
     ``aot-check`` list these. The C++ lowering also builds 32- and 64-row
     forms on the host (``attention._query_block``)."""
     both = (False, True)
-    return tuple(attention_kernel(c, b, r) for b in (16, 128) for c in both for r in both)
+    return tuple(attention_kernel(c, b, r) for b in (16, 128) for c in both for r in both) + \
+        tuple(attention_decode_kernel(c, r) for c in both for r in both)
 
 
 def paged_kernels() -> tuple:
