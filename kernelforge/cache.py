@@ -33,6 +33,9 @@ _memory: dict[tuple, object] = {}
 # dispatch's per-call memo: (what the caller controls) -> (callable, backend
 # decision, schedule key); emptied by registry.reset() (and so register())
 launchers: dict[tuple, tuple] = {}
+# spec.OpSpec's checked calls: (op, the arguments' key) of calls whose checks
+# passed, so a repeat skips them; emptied with ``launchers``
+checked: set = set()
 _lock = threading.Lock()
 # configured cache directory -> this process's private stand-in, once the
 # configured one failed a write (a file in its place, read-only, disk full)

@@ -31,7 +31,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from . import checks
+from . import cache, checks, config
 from .backends import registry
 
 REQUIRED = object()
@@ -293,6 +293,13 @@ class OpSpec:
     resize: Callable | None = None
     #: the vLLM op this one stands for and its calling convention, where one exists
     vllm: str = ""
+    #: None: every call is checked in full. A tuple of argument names: the checks
+    #: depend only on ``call_key`` (tensor types, dtypes, devices, shapes and
+    #: strides; the other values) and leave nothing ``run`` reads, so a call with
+    #: the key of one that passed skips them, unless one of these arguments is
+    #: true (a check that reads tensor values); ``out=`` and in-place calls are
+    #: always checked (their checks compare memory)
+    checks_by_key: tuple | None = None
     op: Callable = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -302,6 +309,9 @@ class OpSpec:
         self._tensors = tuple(x.name for x in self.args if isinstance(x, Tensor))
         self._graph = tuple(x for x in self.args if x.graph)
         self._args_class = _args_class(self)
+        # per argument: whether a value other than None / False rules out skipping the checks
+        self._unkeyed = tuple(isinstance(x, Out) or x.name == self.inplace or
+                              x.name in (self.checks_by_key or ()) for x in self.args)
         self.op = _public(self)
         self._custom_ops()
 
@@ -324,18 +334,44 @@ class OpSpec:
         if mutated:
             checks.no_overlap_among(op, mutated, [(n, getattr(a, n)) for n in self._tensors])
 
+    def _call_key(self, values: tuple):
+        """What the checks of a call depend on, or None when they may not be
+        skipped (``checks_by_key``)."""
+        parts = [self.name, config.env_backend()]
+        for v, skip in zip(values, self._unkeyed):
+            if skip and v is not None and v is not False:
+                return None           # out=, in place, or a check of tensor values
+            if isinstance(v, torch.Tensor):
+                parts.append((v.__class__, v.dtype, v.device, v.shape, v.stride()))
+            elif v is None or v.__class__ in _KEYED_SCALARS:
+                parts.append((v.__class__, v))
+            else:
+                return None
+        return tuple(parts)
+
     def _mutated(self, a) -> list:
         on = self.inplace is None or getattr(a, self.inplace)
         return [(n, getattr(a, n)) for n in self.mutates if on and getattr(a, n) is not None]
 
     def call(self, values: tuple):
+        compiling = torch.compiler.is_compiling()
+        key = None
+        if self.checks_by_key is not None and not compiling:
+            key = self._call_key(values)
+            if key is not None and key in cache.checked:
+                a = self.bind(values)
+                res = self.run(a)
+                return self.returns(a, res) if self.returns is not None else res
         a = self.bind(values)
         self.validate(a)
-        compiling = torch.compiler.is_compiling()
         if compiling and (not self.inline or checks.opaque()):
             return self._graph_call(a)
         if not compiling and "backend" in self._by_name:
             registry.select(getattr(a, a._first_tensor).device, a.backend)   # even for 0 rows
+        if key is not None:
+            if len(cache.checked) >= _MAX_CHECKED:
+                cache.checked.clear()
+            cache.checked.add(key)
         res = self.run(a)
         return self.returns(a, res) if self.returns is not None else res
 
@@ -424,6 +460,12 @@ class OpSpec:
         return res
 
 
+#: scalar types a call key holds by value (NaN never equals itself: always checked)
+_KEYED_SCALARS = frozenset((bool, int, float, str))
+#: checked call keys kept before the set starts over
+_MAX_CHECKED = 4096
+
+
 def _words(items: list[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " or " + items[-1]
 
@@ -493,7 +535,26 @@ def rowwise(launch_rows: Callable, inputs: tuple = ("x",), inplace_of: dict | No
     same object both times, so torch.compile sees the aliasing."""
     from .dispatch import NewTensor
 
+    def fresh(a, xs):
+        """No ``out=``, not in place: every output is new."""
+        x0 = xs[0]
+        in_rows = [x if x.dim() == 2 else checks.rows(x)[0] for x in xs]
+        m = in_rows[0].shape[0]
+        lasts = [tuple(o.shape(a))[-1] for o in a._outputs]
+        if m == 0 or 0 in lasts or any(r.shape[-1] == 0 for r in in_rows):
+            return None
+        made = launch_rows(a, *in_rows, *[NewTensor((m, n), o.dtype_of(a), x0.device)
+                                          for o, n in zip(a._outputs, lasts)])
+        lead = x0.shape[:-1]
+        if len(made) == 1:
+            return made[0].view(*lead, lasts[0])
+        return tuple(t.view(*lead, n) for t, n in zip(made, lasts))
+
     def run(a):
+        if getattr(a, "out", None) is None and not (inplace_of and getattr(a, "inplace", False)):
+            res = fresh(a, [getattr(a, n) for n in inputs])
+            if res is not None:
+                return res
         views: dict[int, tuple] = {}
 
         def rows(t):

@@ -83,6 +83,7 @@ def reset() -> None:
     _defaults.clear()
     from .. import cache       # (cache imports only config: no cycle)
     cache.launchers.clear()
+    cache.checked.clear()
 
 
 @dataclass

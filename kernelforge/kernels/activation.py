@@ -120,7 +120,8 @@ def _spec(act: str, doc: str, vllm: str) -> OpSpec:
                  ("`out`", "overlaps `x`"))),
         bench=bench(lambda device, dtype, rows, d: dict(
             x=torch.randn(rows, 2 * d, device=device).to(dtype)), (1, 1536), (32, 1536),
-            (256, 14336)), cost=_cost, resize=resize_rows("x"), vllm=vllm, peer=_peer(act))
+            (256, 14336)), cost=_cost, resize=resize_rows("x"), vllm=vllm, peer=_peer(act),
+        checks_by_key=())
 
 
 SILU_AND_MUL = _spec("silu", "``silu(x[..., :d]) * x[..., d:]``, the SwiGLU gate, in one pass.",

@@ -149,7 +149,7 @@ RMS_NORM = OpSpec(
     samples=lambda st, budget: _samples(st, budget, fused=False),
     bad=_BAD, bench=_bench(False), cost=_cost, resize=resize_rows("x"),
     peer=lambda a: torch.nn.functional.rms_norm(a.x, (a.x.shape[-1],), a.weight, a.eps),
-    vllm="rms_norm(out, input, weight, epsilon)",
+    vllm="rms_norm(out, input, weight, epsilon)", checks_by_key=(),
 )
 
 
@@ -189,7 +189,7 @@ FUSED_ADD_RMS_NORM = OpSpec(
     bench=_bench(True), cost=_cost, resize=resize_rows("x", "residual"),
     peer=lambda a: torch.nn.functional.rms_norm(a.x + a.residual, (a.x.shape[-1],), a.weight,
                                                 a.eps),
-    vllm="fused_add_rms_norm(input, residual, weight, epsilon) (in place)",
+    vllm="fused_add_rms_norm(input, residual, weight, epsilon) (in place)", checks_by_key=(),
 )
 
 rms_norm = RMS_NORM.op

@@ -374,6 +374,7 @@ ROTARY_EMBEDDING = OpSpec(
              key=c.kwargs["query"], inplace=True), ("overlaps",))),
     vllm="rotary_embedding(positions, query, key, head_size, cos_sin_cache, is_neox) "
          "(in place)",
+    checks_by_key=("check_positions",),     # that check reads the positions
 )
 
 rotary_embedding = ROTARY_EMBEDDING.op
