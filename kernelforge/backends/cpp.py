@@ -382,6 +382,12 @@ def _scratch(t: torch.Tensor) -> int:
     return buf.data_ptr()
 
 
+#: a call whose tensors hold fewer elements than this runs on one thread: waking
+#: the OpenMP team costs more than the work (PyTorch's grain size is 32768
+#: elements per op for the same reason)
+PARALLEL_ELEMENTS = 1 << 16
+
+
 class CppBackend(Backend):
     name = "cpp"
     description = "generated C++ compiled by the host compiler (OpenMP; CPU, loops kept)"
@@ -457,9 +463,11 @@ class CppBackend(Backend):
         threads = torch.get_num_threads
 
         def pack(args):
-            """The int64 argument array (and the contiguous copies it points
-            into, kept alive by the caller until the call returns)."""
+            """The int64 argument array, the float array, the contiguous copies
+            it points into (kept alive by the caller until the call returns)
+            and the threads to run on."""
             ptrs, strides, back = [], [], None
+            elems = 0
             for i in tensors:
                 t = args[i]
                 st = t.stride()
@@ -469,17 +477,20 @@ class CppBackend(Backend):
                     back = (back or []) + [(t if i in outs else None, c)]
                     t, st = c, c.stride()
                 strides += st[:-1]
-                ptrs.append(t.data_ptr() if t.numel() else _scratch(t))
+                n = t.numel()
+                elems += n
+                ptrs.append(t.data_ptr() if n else _scratch(t))
             ptrs += strides
             ptrs += [args[i].shape[d] for i, d in size_dims]
             if ints:
                 ptrs += [int(args[i]) for i in ints]
             return ArgA(*ptrs), (FA(*[float(args[i]) for i in floats]) if floats
-                                 else no_floats), back
+                                 else no_floats), back, \
+                (threads() if elems >= PARALLEL_ELEMENTS else 1)
 
         def call(c_fn, args):
-            arr, farr, back = pack(args)
-            c_fn(arr, farr, threads())
+            arr, farr, back, n_threads = pack(args)
+            c_fn(arr, farr, n_threads)
             for t, c in back or ():
                 if t is not None:
                     t.copy_(c)          # an output that was copied to be contiguous
@@ -504,13 +515,16 @@ class CppBackend(Backend):
         def bind(*args):
             """A no-argument call of this kernel on ``args`` (kernelforge.graph):
             the argument array packed and the aliasing decided once, here."""
-            arr, farr, back = pack(args)
+            arr, farr, back, n_threads = pack(args)
             if back:            # strided last dims are copied per call: no shortcut
                 return functools.partial(run, *args)
             c_fn = chosen(args)
-
-            def bound():
-                c_fn(arr, farr, threads())
+            if n_threads == 1:
+                def bound():
+                    c_fn(arr, farr, 1)
+            else:
+                def bound():
+                    c_fn(arr, farr, threads())
             bound.keep = args           # the tensors the array points into stay alive
             bound.kernel = kernel.name  # for profiles of a replay
             return bound
