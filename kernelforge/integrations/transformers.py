@@ -4,7 +4,10 @@ do it: one call, the model object kept.
 
     model = kernelize(AutoModelForCausalLM.from_pretrained(path))
 
-- RMSNorm layers (``*RMSNorm`` with ``variance_epsilon``): ``ops.rms_norm``.
+- RMSNorm layers (``*RMSNorm`` with ``variance_epsilon``): ``ops.rms_norm``;
+  those transformers marks with ``use_kernel_forward_from_hub("RMSNorm")``
+  through the ``kernels`` package's mapping (``hub_kernels``), the others by
+  setting the instance's forward.
 - Gated MLPs (``gate_proj``, ``up_proj``, ``down_proj``, SiLU): ``ops.silu_and_mul``.
 - Rotary application: each attention layer's own ``apply_rotary_pos_emb``
   wrapper (``_kernel_funcs``, which transformers' ``use_kernelized_func`` and
@@ -25,6 +28,7 @@ import torch
 
 import kernelforge
 from kernelforge.backends import registry
+from kernelforge.integrations import hub_kernels
 from kernelforge.kernels.attention_reference import HEAD_SIZES
 
 __all__ = ["kernelize", "register"]
@@ -159,9 +163,14 @@ def kernelize(model: torch.nn.Module, backend: str | None = None) -> torch.nn.Mo
     if backend is not None and backend not in known:
         raise ValueError(f"`backend` expected one of {sorted(known)}, got {backend!r}")
     swapped = {"rms_norm": 0, "silu_and_mul": 0, "rotary_embedding": 0, "attention": 0}
+    # first: kernels.kernelize resets the forward of marked layers it has no mapping for
+    hub = hub_kernels.kernelize(model, backend) if hub_kernels.available() else []
+    swapped["rms_norm"] = len(hub)
     for mod in model.modules():
         cls = type(mod)
-        if cls.__name__.endswith("RMSNorm") and hasattr(mod, "variance_epsilon") and \
+        if hub_kernels.is_hub_rms_norm(mod):
+            pass
+        elif cls.__name__.endswith("RMSNorm") and hasattr(mod, "variance_epsilon") and \
                 isinstance(getattr(mod, "weight", None), torch.Tensor):
             mod.forward = types.MethodType(
                 lambda self, h, _b=backend: _rms_norm(self, h, _b), mod)
