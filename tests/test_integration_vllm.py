@@ -156,6 +156,23 @@ def test_the_kernelforge_ops_ran_and_only_with_the_plugin(runs, dtype):
     assert calls.get("rms_norm", 0) >= steps, calls
 
 
+def test_every_replaced_layer_matches_vllms_forward_native(vllm_python):
+    """The layers SmolLM2 does not use too (LayerNorm, GeluAndMul, the Llama-3
+    and YaRN rotary classes), built as vLLM builds them: each is the plugin's
+    subclass, agrees with vLLM's own forward_native under the fp32 rule
+    (scaled by the output's largest magnitude), and ran KernelForge's op."""
+    result = _run(vllm_python, {"layers": True, "dtype": "float32", "plugin": True})
+    tol = tolerance(torch.float32)
+    for name, r in result["layers"].items():
+        assert r["class"] == f"KernelForge{name}", r
+        bound = tol.atol + tol.rtol * r["scale"]
+        assert r["diff"] <= bound, f"{name}: {r['diff']:.3e} > {bound:.3e}"
+    calls = result["calls"]
+    assert calls["layer_norm"] == 1 and calls["gelu_tanh_and_mul"] == 1
+    assert calls["silu_and_mul"] == 1 and calls["rotary_embedding"] == 3
+    assert calls["rms_norm"] == 1 and calls["fused_add_rms_norm"] == 1
+
+
 def test_a_wrong_op_name_is_refused(vllm_python):
     """KERNELFORGE_VLLM_OPS names what to replace; a typo is an error naming it."""
     proc = subprocess.run(

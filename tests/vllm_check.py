@@ -24,6 +24,53 @@ import sys
 import time
 
 
+def layers() -> dict:
+    """Each replaced layer built the way vLLM builds it, against its own
+    forward_native (vLLM's reference), without an engine: the largest
+    difference and the reference's largest magnitude per layer, and the calls."""
+    import torch
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from kernelforge.integrations import vllm as plugin
+    plugin.register()
+    from vllm.model_executor.layers.activation import GeluAndMul, SiluAndMul
+    from vllm.model_executor.layers.layernorm import LayerNorm, RMSNorm
+    from vllm.model_executor.layers.rotary_embedding import get_rope
+    torch.manual_seed(0)
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
+            "rope_theta": 10000.0}
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+              "high_freq_factor": 4.0, "original_max_position_embeddings": 64,
+              "rope_theta": 500000.0}
+    with set_current_vllm_config(VllmConfig()):
+        made = {"LayerNorm": LayerNorm(64), "RMSNorm": RMSNorm(64),
+                "GeluAndMul": GeluAndMul(approximate="tanh"), "SiluAndMul": SiluAndMul(),
+                "RotaryEmbedding": get_rope(32, 128, True, None, torch.float32),
+                "Llama3RotaryEmbedding": get_rope(32, 128, True, llama3, torch.float32),
+                "YaRNScalingRotaryEmbedding": get_rope(32, 128, True, yarn, torch.float32)}
+    out = {}
+    with torch.no_grad():
+        for name, layer in made.items():
+            for p in layer.parameters():
+                p.normal_()
+            x = torch.randn(5, 64)
+            if "Rotary" in name:
+                pos = torch.tensor([0, 5, 60, 100, 127])
+                q, k = torch.randn(5, 4 * 32), torch.randn(5, 2 * 32)
+                want = torch.cat(layer.forward_native(pos, q.clone(), k.clone()), -1)
+                got = torch.cat(layer(pos, q.clone(), k.clone()), -1)
+            elif name == "RMSNorm":
+                r = torch.randn(5, 64)
+                want = torch.cat(layer.forward_native(x.clone(), r.clone()), -1)
+                got = torch.cat(layer(x.clone(), r.clone()), -1)
+                want = torch.cat([want, layer.forward_native(x)], -1)
+                got = torch.cat([got, layer(x)], -1)
+            else:
+                want, got = layer.forward_native(x), layer(x)
+            out[name] = {"class": type(layer).__name__, "diff": (got - want).abs().max().item(),
+                         "scale": want.abs().max().item()}
+    return {"layers": out, "calls": dict(plugin.CALLS)}
+
+
 def main(cfg: dict) -> dict:
     os.environ["VLLM_PLUGINS"] = "kernelforge" if cfg["plugin"] else ""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -74,6 +121,6 @@ def main(cfg: dict) -> dict:
 
 if __name__ == "__main__":
     cfg = json.loads(sys.argv[1])
-    result = main(cfg)
+    result = layers() if cfg.get("layers") else main(cfg)
     if not cfg.get("serve"):
         print("KF_RESULT " + json.dumps(result), flush=True)
