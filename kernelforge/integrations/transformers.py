@@ -46,18 +46,37 @@ def _gated_mlp(self, x, backend=None):
     return self.down_proj(kernelforge.ops.silu_and_mul(gate_up, backend=backend))
 
 
+# the last cos/sin read: every layer of a forward gets the same position embeddings
+_LAST_ROPE: list = [None]
+
+
+def _rope_rows(cos, sin, B, S, D):
+    """(positions, cos/sin cache) for transformers' cos/sin [1 or B, S, D]
+    ([cos | cos], [sin | sin] per token): one cache row per token. Built
+    once per forward (kept while the same, unmodified tensors come back)."""
+    eager = not torch.compiler.is_compiling()
+    if eager:
+        key = (cos._version, sin._version, B, S, D)
+        last = _LAST_ROPE[0]
+        if last is not None and last[0] is cos and last[1] is sin and last[2] == key:
+            return last[3], last[4]
+    n = cos.shape[0] * S
+    cache = torch.cat([cos[..., :D // 2], sin[..., :D // 2]], -1).reshape(n, D)
+    positions = torch.arange(n, device=cos.device)
+    if cos.shape[0] != B:                    # positions shared by the batch
+        positions = positions.repeat(B)
+    if eager:
+        _LAST_ROPE[0] = (cos, sin, key, positions, cache)
+    return positions, cache
+
+
 def _rotary(original, backend):
     def forward(self, q, k, cos, sin, unsqueeze_dim=1):
         B, H, S, D = q.shape
         if unsqueeze_dim != 1 or cos.dim() != 3 or cos.shape[0] not in (1, B) or \
                 cos.shape[1:] != (S, D) or k.shape[0] != B or k.shape[2] != S or D % 2:
             return original(q, k, cos, sin, unsqueeze_dim)
-        # transformers' cos/sin per token ([cos | cos], [sin | sin]): one cache row each
-        n = cos.shape[0] * S
-        cache = torch.cat([cos[..., :D // 2], sin[..., :D // 2]], -1).reshape(n, D)
-        positions = torch.arange(n, device=q.device)
-        if cos.shape[0] != B:                    # positions shared by the batch
-            positions = positions.repeat(B)
+        positions, cache = _rope_rows(cos, sin, B, S, D)
         qr, kr = kernelforge.ops.rotary_embedding(
             positions, q.transpose(1, 2).reshape(B * S, H, D),
             k.transpose(1, 2).reshape(B * S, k.shape[1], D), D, cache, True,
@@ -65,6 +84,27 @@ def _rotary(original, backend):
         return (qr.view(B, S, H, D).transpose(1, 2),
                 kr.view(B, S, k.shape[1], D).transpose(1, 2))
     return forward
+
+
+# the last sequence offsets made: every layer of a forward passes the same
+# ones, so ops.attention reuses the key ranges it derived from them
+_LAST_OFFSETS: list = [None]
+
+
+def _offsets(B, Sq, Skv, device):
+    """cu_seqlens_q and cu_seqlens_k of B whole sequences of Sq queries and Skv keys."""
+    eager = not torch.compiler.is_compiling()
+    key = (B, Sq, Skv, device)
+    if eager:
+        last = _LAST_OFFSETS[0]
+        if last is not None and last[0] == key and last[1]._version == 0 and \
+                last[2]._version == 0:
+            return last[1], last[2]
+    ar = torch.arange(B + 1, device=device, dtype=torch.int32)
+    cu_q, cu_k = ar * Sq, ar * Skv
+    if eager:
+        _LAST_OFFSETS[0] = (key, cu_q, cu_k)
+    return cu_q, cu_k
 
 
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -91,8 +131,8 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         q = query.transpose(1, 2).reshape(B * Sq, Hq, D)
         k = key.transpose(1, 2).reshape(B * Skv, key.shape[1], D)
         v = value.transpose(1, 2).reshape(B * Skv, key.shape[1], D)
-        ar = torch.arange(B + 1, device=query.device, dtype=torch.int32)
-        out = kernelforge.ops.attention(q, k, v, ar * Sq, ar * Skv, scale=scaling,
+        cu_q, cu_k = _offsets(B, Sq, Skv, query.device)
+        out = kernelforge.ops.attention(q, k, v, cu_q, cu_k, scale=scaling,
                                         check_seqlens=False, backend=backend)
         return out.view(B, Sq, Hq, D), None
     nq, nk, cu_q, cu_k = lens
