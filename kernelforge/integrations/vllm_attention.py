@@ -37,6 +37,17 @@ def cache_views(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3)
 
 
+def _plan(meta):
+    """One ``paged_attention_plan`` per step: vLLM hands every layer the same
+    metadata object, so the tables are checked and the launch derived once."""
+    plan = getattr(meta, "_kernelforge_plan", None)
+    if plan is None:
+        plan = ops.paged_attention_plan(meta.block_table, meta.seq_lens, meta.query_start_loc,
+                                        causal=meta.causal)
+        meta._kernelforge_plan = plan
+    return plan
+
+
 class KernelForgeAttentionImpl(CPUAttentionBackendImpl):
     """vLLM's CPU attention with KernelForge's cache write and paged attention."""
 
@@ -57,7 +68,7 @@ class KernelForgeAttentionImpl(CPUAttentionBackendImpl):
             query[:n], key_cache, value_cache, attn_metadata.block_table,
             attn_metadata.seq_lens, attn_metadata.query_start_loc, scale=self.scale,
             causal=attn_metadata.causal, softcap=self.logits_soft_cap or None,
-            backend=_backend())
+            plan=_plan(attn_metadata), backend=_backend())
         output[:n].view_as(out).copy_(out)
         return output
 
