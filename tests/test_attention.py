@@ -358,18 +358,15 @@ def test_one_query_row_per_sequence_matches_float64(backend, softcap, round_p):
         q = randn((sum(q_lens), hkv * group, D), dtype, g)
         k, v = (randn((sum(k_lens), hkv, D), dtype, g) for _ in range(2))
         cq, ck = cu(q_lens), cu(k_lens)
-        for _ in range(2):
+
+        def compare(what):
             out = kernelforge.ops.attention(q, k, v, cq, ck, softcap=softcap, round_p=round_p,
                                             check_seqlens=False, backend=backend)
             ref, mag = reference.attention(q, k, v, cq, ck, D ** -0.5, softcap=softcap,
                                            abs_v=True)
-            check(out, ref, dtype, f"decode rows {q_lens}/{k_lens}[{backend}]", mag,
-                  rounded(round_p, dtype, backend))
+            check(out, ref, dtype, f"{what}[{backend}]", mag, rounded(round_p, dtype, backend))
+        for _ in range(2):
+            compare(f"decode rows {q_lens}/{k_lens}")
         if len(k_lens) > 1:       # the same offset tensor, its values changed in place
             ck[1] -= 1
-            out = kernelforge.ops.attention(q, k, v, cq, ck, softcap=softcap, round_p=round_p,
-                                            check_seqlens=False, backend=backend)
-            ref, mag = reference.attention(q, k, v, cq, ck, D ** -0.5, softcap=softcap,
-                                           abs_v=True)
-            check(out, ref, dtype, f"offsets changed in place[{backend}]", mag,
-                  rounded(round_p, dtype, backend))
+            compare("offsets changed in place")
