@@ -14,7 +14,7 @@ from . import loader
 from .block_pool import BlockPool
 from .decode_graphs import DecodeGraphs
 from .model import QUANTIZATIONS, AttnMetadata, LlamaModel, kv_bytes_per_block
-from .sampler import sample
+from .sampler import sample_isolated
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .sequence import Sequence
@@ -28,10 +28,13 @@ class RequestOutput:
     prompt_token_ids: list
     text: str
     token_ids: list
-    finish_reason: str          # "stop" (eos or stop string) or "length"
+    # "stop" (eos or stop string), "length", "abort", or "error" (this request
+    # failed alone, e.g. NaN logits: ``error`` says why; the others ran on)
+    finish_reason: str
     # with SamplingParams(logprobs=n): per generated token, (its logprob, {id: logprob}
     # of the top n), from the raw logits (vLLM's default); None otherwise
     logprobs: Optional[list] = None
+    error: Optional[str] = None
 
 
 class InvalidRequestError(ValueError):
@@ -244,16 +247,25 @@ class LLM:
             input_ids, positions, meta, rows = self._prepare(batch)
             logits = self.model.forward(input_ids, positions, meta, self.kv_caches, rows,
                                         float_logits=False)
-        new_tokens = sample(logits, sampled_seqs) if sampled_seqs else []
+        new_tokens, errors = sample_isolated(logits, sampled_seqs) if sampled_seqs else ([], {})
         for seq, n in batch:
             seq.num_computed += n
             self.scheduler.cache_full_blocks(seq, seq.num_computed - n)
         out = []
-        for seq, tok in zip(sampled_seqs, new_tokens):
+        for i, (seq, tok) in enumerate(zip(sampled_seqs, new_tokens)):
+            if i in errors:                 # this request fails alone
+                self.fail(seq, errors[i])
+                out.append((seq, []))
+                continue
             seq.output_ids.append(tok)
             self._check_stop(seq, tok)
             out.append((seq, [tok]))
         return out
+
+    def fail(self, seq: Sequence, error: str) -> None:
+        """Finish ``seq`` with finish_reason "error" and ``error`` as the reason, freeing its blocks."""
+        seq.error = error
+        self.scheduler.finish(seq, "error")
 
     def _check_stop(self, seq: Sequence, tok: int) -> None:
         p = seq.params
@@ -279,7 +291,8 @@ class LLM:
             if cut is not None:
                 text = text[:cut]
         lps = None if seq.params.logprobs is None else list(seq.logprobs[:len(ids)])
-        return RequestOutput(seq.prompt, list(seq.prompt_ids), text, ids, seq.finish_reason, lps)
+        return RequestOutput(seq.prompt, list(seq.prompt_ids), text, ids, seq.finish_reason, lps,
+                             seq.error)
 
     # -- the public entry points -----------------------------------------------------------
 
@@ -293,9 +306,11 @@ class LLM:
         long for max_model_len, token ids outside the vocabulary, parameters
         that are not SamplingParams or no longer valid), ``InvalidRequestError``
         (a ValueError) names each by index and argument, nothing is queued or
-        computed, and the engine is as it was. An error while the batch runs
-        (in the model, say) aborts every request of this call, frees their KV
-        blocks and propagates; the engine stays usable.
+        computed, and the engine is as it was. A request that fails alone (NaN
+        logits, a draw that raises) finishes with finish_reason "error" and its
+        ``error``; the others run on. An error of the whole batch (in the
+        model, say) aborts every request of this call, frees their KV blocks
+        and propagates; the engine stays usable.
         """
         if isinstance(prompts, (str, torch.Tensor)) or (
                 isinstance(prompts, (list, tuple)) and prompts
@@ -368,6 +383,8 @@ class LLM:
                     shown = text
         finally:
             self._abort([seq])
+        if seq.error is not None:
+            raise RuntimeError(f"the request failed: {seq.error}")
         text = self._output(seq).text
         if len(text) > len(shown):
             yield text[len(shown):]

@@ -44,6 +44,33 @@ def sample(logits: torch.Tensor, seqs: "list[Sequence]") -> list[int]:
     return tokens
 
 
+def sample_isolated(logits: torch.Tensor, seqs: "list[Sequence]"
+                    ) -> tuple[list, dict[int, str]]:
+    """``sample``, with a failure confined to its own request: (tokens, errors)
+    where rows with NaN logits, and rows whose draw fails when run alone, get
+    no token (None) and an error message under their row index."""
+    errors = {i: "the model produced NaN logits" for i in
+              torch.isnan(logits).any(dim=-1).nonzero().flatten().tolist()}
+    good = [i for i in range(len(seqs)) if i not in errors]
+    tokens: list = [None] * len(seqs)
+    if not good:
+        return tokens, errors
+    kept = [len(seqs[i].logprobs) for i in good]
+    try:
+        rows = logits if len(good) == len(seqs) else logits[good]
+        for i, t in zip(good, sample(rows, [seqs[i] for i in good])):
+            tokens[i] = t
+    except Exception:                   # find the request(s) at fault, one row at a time
+        for i, n in zip(good, kept):
+            del seqs[i].logprobs[n:]
+            try:
+                tokens[i] = sample(logits[i:i + 1], [seqs[i]])[0]
+            except Exception as e:
+                del seqs[i].logprobs[n:]
+                errors[i] = f"sampling failed: {type(e).__name__}: {e}"
+    return tokens, errors
+
+
 def record_logprobs(logits: torch.Tensor, seqs: "list[Sequence]", tokens: list[int]) -> None:
     """vLLM's default: log-softmax of the model's raw logits (before penalties,
     temperature and filters): the chosen token's, and the top ``logprobs``

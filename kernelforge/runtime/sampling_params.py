@@ -7,6 +7,17 @@ from typing import Optional
 
 from kernelforge.kernels.sampling import SAMPLING_EPS
 
+_FP32_MAX = 3.4028234663852886e38
+_FP32_TINY = 1.401298464324817e-45      # the smallest float32 > 0
+
+
+class SamplingParamsError(ValueError):
+    """A bad SamplingParams field; ``field`` names it (a server reports it as the bad parameter)."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(message)
+
 
 @dataclass
 class SamplingParams:
@@ -32,7 +43,8 @@ class SamplingParams:
 
     def __post_init__(self):
         def bad(name, want):
-            raise ValueError(f"SamplingParams.{name} must be {want}, got {getattr(self, name)!r}")
+            raise SamplingParamsError(
+                name, f"SamplingParams.{name} must be {want}, got {getattr(self, name)!r}")
 
         def num(name):
             v = getattr(self, name)
@@ -63,8 +75,10 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not num(name) or not -2 <= getattr(self, name) <= 2:
                 bad(name, "a number in [-2, 2]")
-        if not num("repetition_penalty") or self.repetition_penalty <= 0:
-            bad("repetition_penalty", "a number > 0")
+        # the penalty is applied in float32: it must stay a finite number > 0 there
+        if not num("repetition_penalty") or not _FP32_TINY <= self.repetition_penalty <= _FP32_MAX:
+            bad("repetition_penalty", f"a number in [{_FP32_TINY:.3g}, {_FP32_MAX:.3g}] "
+                "(> 0 and finite in float32)")
         if not isinstance(self.ignore_eos, bool):
             bad("ignore_eos", "a bool")
         if self.logprobs is not None and (not integer("logprobs") or self.logprobs < 0):

@@ -28,6 +28,7 @@ class Sequence:
         self.block_table: list[int] = []
         self.num_computed = 0          # tokens whose keys and values are in the cache
         self.finish_reason: Optional[str] = None
+        self.error: Optional[str] = None        # why it failed (finish_reason "error")
         self.num_preemptions = 0
         self.seed = request_seed(params.seed)   # the draw's key (sampler.py)
         # per generated token when params.logprobs is set: (its logprob, {id: logprob} top n)
