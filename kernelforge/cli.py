@@ -18,6 +18,9 @@ import torch
 
 # the runtime extra's modules (pyproject.toml): the ops run without them
 _RUNTIME_EXTRA = ("gguf", "tokenizers", "safetensors", "tqdm")
+# and the serve extra's: the HTTP server
+_SERVE_EXTRA = _RUNTIME_EXTRA + ("fastapi", "uvicorn", "prometheus_client", "starlette",
+                                 "pydantic")
 
 _DTYPES = {"f32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
            "bfloat16": torch.bfloat16, "f16": torch.float16, "float16": torch.float16}
@@ -150,7 +153,18 @@ def main(argv=None) -> int:
     d.add_argument("--hidden", type=int, default=4096)
     from .runtime import cli as runtime_cli
     runtime_cli.add_parsers(sub)
+    from .server import cli as server_cli
+    server_cli.add_parser(sub)
     args = p.parse_args(argv)
+    if args.cmd == "serve":
+        try:
+            return server_cli.cmd_serve(args)
+        except ModuleNotFoundError as e:
+            if e.name not in _SERVE_EXTRA:
+                raise
+            print(f"kernelforge serve: the server needs the serve extra ({e.name} is not "
+                  "installed): pip install 'kernelforge[serve]'", file=sys.stderr)
+            return 2
     if args.cmd in ("generate", "chat"):
         try:
             return {"generate": runtime_cli.cmd_generate,
