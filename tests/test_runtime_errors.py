@@ -258,19 +258,17 @@ def test_model_failure_mid_batch_frees_everything(llm, reference, monkeypatch, n
 
 
 def test_sampler_failure_and_interrupt_free_everything(llm, reference, monkeypatch):
-    import kernelforge.runtime.llm as llm_mod
+    import kernelforge.runtime.sampler as sampler_mod
 
-    real, seen = llm_mod.sample, []
+    real, seen = sampler_mod.sample, []
 
     def sample(logits, seqs):
         seen.append(1)
-        if len(seen) == 3:
+        if len(seen) == 3:                  # once, for the whole batch: redrawn row by row
             raise Boom("sampler failed")
         return real(logits, seqs)
-    monkeypatch.setattr(llm_mod, "sample", sample)
-    with pytest.raises(Boom):
-        llm.generate(PROMPTS, GREEDY)
-    _assert_clean(llm)
+    monkeypatch.setattr(sampler_mod, "sample", sample)
+    assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == reference
     monkeypatch.undo()
     _fail_forward_on(llm, monkeypatch, 3, exc=KeyboardInterrupt)
     with pytest.raises(KeyboardInterrupt):
@@ -278,6 +276,42 @@ def test_sampler_failure_and_interrupt_free_everything(llm, reference, monkeypat
     _assert_clean(llm)
     monkeypatch.undo()
     assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == reference
+
+
+def test_a_request_whose_draw_fails_fails_alone(llm, reference):
+    """Parameters broken after the checks (a poison pill) fail their request
+    only: the others in the same steps give their tokens, nothing leaks."""
+    poisoned = llm.add_request(PROMPTS[0], SamplingParams(temperature=0.5, max_tokens=12,
+                                                          repetition_penalty=1.1))
+    poisoned.params.repetition_penalty = float("inf")
+    others = [llm.add_request(p, GREEDY) for p in PROMPTS[1:]]
+    while not all(s.finished for s in [poisoned, *others]):
+        llm.step()
+    assert poisoned.finish_reason == "error" and "repetition_penalty" in poisoned.error
+    assert [s.output_ids for s in others] == reference[1:]
+
+
+def test_nan_logits_fail_their_request_instead_of_sampling_token_0(llm, reference):
+    """A prompt that reaches a NaN weight (its embedding row) gets NaN logits:
+    greedy argmax would say token 0; the request fails, naming why, and the
+    requests batched with it are untouched."""
+    weight = llm.model.embed
+    bad_token, = llm.tokenizer.encode("~")
+    saved = weight[bad_token].clone()
+    weight[bad_token] = float("nan")
+    try:
+        outs = llm.generate([PROMPTS[0], "~" + PROMPTS[1], PROMPTS[2]], GREEDY)
+    finally:
+        weight[bad_token] = saved
+    assert outs[1].finish_reason == "error" and "NaN" in outs[1].error
+    assert outs[1].token_ids == []
+    assert [outs[0].token_ids, outs[2].token_ids] == [reference[0], reference[2]]
+    with pytest.raises(RuntimeError, match="NaN"):
+        weight[bad_token] = float("nan")
+        try:
+            "".join(llm.stream("~x", GREEDY))
+        finally:
+            weight[bad_token] = saved
 
 
 def test_stream_failure_or_early_stop_frees_its_blocks(llm, monkeypatch):
