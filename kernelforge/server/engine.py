@@ -75,7 +75,14 @@ class AsyncEngine:
 
     @property
     def num_waiting(self) -> int:
+        """Requests not in the running batch (queued, or just arrived)."""
         return len(self.llm.scheduler.waiting) + sum(1 for c, _ in list(self._inbox) if c == "add")
+
+    @property
+    def queue_length(self) -> int:
+        """Requests that will wait: those not running beyond the batch's free places."""
+        sched = self.llm.scheduler
+        return max(0, self.num_waiting - max(0, sched.max_num_seqs - len(sched.running)))
 
     @property
     def blocks_in_use(self) -> int:
@@ -99,8 +106,8 @@ class AsyncEngine:
         """Queue ``seq``; its deltas arrive on ``queue`` as ``(tag, Delta)``."""
         if self._stop:
             raise QueueFullError("the server is shutting down")
-        if self.num_waiting >= self.max_waiting:
-            raise QueueFullError(f"{self.num_waiting} requests are waiting already "
+        if self.queue_length >= self.max_waiting:
+            raise QueueFullError(f"{self.queue_length} requests are waiting already "
                                  f"(--max-waiting {self.max_waiting})")
         req = Request(seq, queue, tag)
         self.metrics.prompt_tokens.inc(len(seq.prompt_ids))

@@ -55,7 +55,10 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 def _piece(tokenizer, token_id: int) -> str:
-    return tokenizer.decode([token_id], skip_special_tokens=False) if tokenizer else str(token_id)
+    """A token's text; a token that is part of a UTF-8 character alone is named
+    ``token_id:N`` (vLLM's spelling), so distinct tokens never share a key."""
+    s = tokenizer.decode([token_id], skip_special_tokens=False) if tokenizer else ""
+    return s if s and "\ufffd" not in s else f"token_id:{token_id}"
 
 
 def completion_logprobs(tokenizer, ids: list[int], entries: list, offset: int = 0) -> dict:
