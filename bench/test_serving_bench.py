@@ -25,8 +25,8 @@ on the same two cores as the servers, equally for both.
 
 Environment knobs: KF_SERVE_BENCH_CONCURRENCY (1,8,32,64), _ROUNDS (2),
 _MAX_TOKENS (64), _REQUESTS_PER_CLIENT (2; at least _MIN_REQUESTS, 8, per
-level), _SERVERS (kernelforge,vllm; "vllm" measures vLLM alone),
-_KF_MODEL (a GGUF or HF dir for kernelforge; default the GGUF), _KF_ARGS
+level), _DTYPE (bfloat16, both servers), _SERVERS (kernelforge,vllm; "vllm"
+measures vLLM alone), _KF_MODEL (a GGUF or HF dir for kernelforge; default the GGUF), _KF_ARGS
 (extra ``kernelforge serve`` flags), _VLLM_KV_GB (2: VLLM_CPU_KVCACHE_SPACE),
 _VLLM_RESERVED_CPUS (unset: vLLM's default, one core kept for its
 scheduler on this 2-core machine, as the runtime bench measures it; 0: compute
@@ -67,6 +67,7 @@ REQUESTS_PER_CLIENT = int(_env("REQUESTS_PER_CLIENT", "2"))
 MIN_REQUESTS = int(_env("MIN_REQUESTS", "8"))
 SERVERS = tuple(s.strip() for s in _env("SERVERS", "kernelforge,vllm").split(",") if s.strip())
 MAX_NUM_SEQS = max(64, max(CONCURRENCY))
+DTYPE = _env("DTYPE", "bfloat16")      # both servers (the goals are stated for bfloat16)
 RESULTS = Path(os.environ.get("KF_SERVE_BENCH_JSON")
                or ROOT / "bench" / ".results" / "serving.json")
 STARTUP_S = 900                        # vLLM compiles its graphs at start: ~2.5 min here
@@ -179,7 +180,7 @@ def _start_servers(gguf: Path, hf_dir: Path) -> dict:
             port = _free_port()
             cmd = [sys.executable, "-m", "kernelforge.cli", "serve",
                    "--model", _env("KF_MODEL", str(gguf)), "--host", "127.0.0.1",
-                   "--port", str(port), "--dtype", "bfloat16",
+                   "--port", str(port), "--dtype", DTYPE,
                    "--max-num-seqs", str(MAX_NUM_SEQS), *key_args,
                    *shlex.split(_env("KF_ARGS", ""))]
             servers["kernelforge"] = Server("kernelforge", cmd, base_env, port,
@@ -195,7 +196,7 @@ def _start_servers(gguf: Path, hf_dir: Path) -> dict:
             if reserved is not None:
                 env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = reserved
             cmd = [vllm_python(), "-c", VLLM_CLI, "serve", str(hf_dir),
-                   "--dtype", "bfloat16", "--host", "127.0.0.1", "--port", str(port),
+                   "--dtype", DTYPE, "--host", "127.0.0.1", "--port", str(port),
                    "--max-num-seqs", str(MAX_NUM_SEQS), "--max-model-len", "2048",
                    "--seed", "0", *key_args]
             servers["vllm"] = Server("vllm", cmd, env, port, logs / "vllm.log", api_key)
@@ -257,6 +258,7 @@ def servers(prompts):
         _RUN["meta"] = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "cpu_count": os.cpu_count(),
             "loadavg_start": _loadavg(), "rounds": ROUNDS, "max_tokens": MAX_TOKENS,
+            "dtype": DTYPE,
             "concurrency": list(CONCURRENCY), "requests_per_client": REQUESTS_PER_CLIENT,
             "min_requests": MIN_REQUESTS,
             "prompts": {"seed": PROMPT_SEED, "n": len(prompts),
@@ -347,7 +349,7 @@ def _goals() -> list[tuple[str, str, bool | None]]:
 def summary_lines() -> list[str]:
     ms = lambda s: f"{s * 1e3:9.1f}"  # noqa: E731
     meta = _RUN["meta"]
-    lines = [f"serving bench: {meta.get('max_tokens')} tokens per request, "
+    lines = [f"serving bench: {meta.get('dtype')}, {meta.get('max_tokens')} tokens per request, "
              f"{meta.get('rounds')} rounds, load average {meta.get('loadavg_start')} -> "
              f"{meta.get('loadavg_end')} on {meta.get('cpu_count')} CPUs; latencies in ms",
              f"{'C':>3} {'server':<12} {'done':>9} {'req/s':>7} {'tok/s':>8} "
@@ -398,7 +400,8 @@ def test_serving(benchmark, servers, prompts, concurrency):
                 s.base_url, s.model, prompts, concurrency=concurrency, requests=n,
                 max_tokens=MAX_TOKENS, seed=PROMPT_SEED, api_key=s.api_key or "EMPTY"))
 
-    benchmark.group = f"serving, {concurrency} clients, {n} requests x {MAX_TOKENS} tokens"
+    benchmark.group = (f"serving {DTYPE}, {concurrency} clients, {n} requests x "
+                       f"{MAX_TOKENS} tokens")
     benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1)
     level = {"concurrency": concurrency, "requests": n,
              "servers": {name: {"rounds": rounds[name], "pooled": _pooled(rounds[name])}
