@@ -98,6 +98,8 @@ def load_gguf(path, *, unpermute: bool = True, progress: bool = False,
         config = cfg_mod.from_gguf_metadata(meta, names)
     except (KeyError, TypeError) as e:
         raise ValueError(f"{path} lacks model metadata: {type(e).__name__}: {e}") from e
+    except ValueError as e:
+        raise ValueError(f"{path} has unusable model metadata: {e}") from e
     tokenizer = tok_mod.from_gguf_metadata(meta)
     del meta
     qk_permuted = config.arch in ("llama", "mistral")     # llama.cpp permutes only these
