@@ -117,3 +117,26 @@ def test_gguf_file_with_zero_heads_names_file_and_key(tmp_path):
     with pytest.raises(ValueError, match=r"zero\.gguf has unusable model metadata: llama\."
                                          r"attention\.head_count must be an int >= 1; got 0"):
         load_gguf(path)
+
+
+# -- config.json that is not a flat JSON object -----------------------------------------------
+
+@pytest.mark.parametrize("text", ["[" * 100_000 + "]" * 100_000,
+                                  '{"a": ' * 100_000 + "1" + "}" * 100_000],
+                         ids=["list", "dict"])
+def test_deeply_nested_config_json_names_the_file(tmp_path, text):
+    d = _hf_dir(tmp_path, text)
+    with pytest.raises(ValueError, match=r"config\.json is not a usable model config: "
+                                         r"its JSON nests too deeply"):
+        load_hf_dir(d)
+
+
+@pytest.mark.parametrize("text, where, kind", [
+    ("[1, 2]", "it", "list"), ("3", "it", "int"), ("null", "it", "NoneType"),
+    ('"llama"', "it", "str"), ('{"text_config": [1]}', "its text_config", "list"),
+])
+def test_config_json_that_is_not_an_object(tmp_path, text, where, kind):
+    d = _hf_dir(tmp_path, text)
+    with pytest.raises(ValueError, match=rf"config\.json is not a usable model config: "
+                                         rf"{where} must be a JSON object; got {kind}"):
+        load_hf_dir(d)

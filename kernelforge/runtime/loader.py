@@ -142,13 +142,29 @@ def load_hf_dir(path, *, progress: bool = False, keep_quantized: bool = False):
     from safetensors import safe_open
 
     path = Path(path)
-    if not (path / "config.json").is_file():
+    config_file = path / "config.json"
+    if not config_file.is_file():
         raise FileNotFoundError(f"{path} has no config.json")
     try:
-        raw = json.loads((path / "config.json").read_text())
-        config = cfg_mod.from_hf_dict(raw.get("text_config", raw))
-    except (ValueError, KeyError, TypeError, AttributeError) as e:  # bad JSON, keys, types
-        raise ValueError(f"{path / 'config.json'} is not a usable model config: "
+        raw = json.loads(config_file.read_text())
+    except RecursionError:                  # json recurses once per nesting level
+        raise ValueError(f"{config_file} is not a usable model config: "
+                         f"its JSON nests too deeply to parse") from None
+    except ValueError as e:                 # bad JSON or bad UTF-8
+        raise ValueError(f"{config_file} is not a usable model config: "
+                         f"{type(e).__name__}: {e}") from e
+    if isinstance(raw, dict) and "text_config" in raw:
+        raw = raw["text_config"]            # multimodal configs nest the language model
+        where = "its text_config"
+    else:
+        where = "it"
+    if not isinstance(raw, dict):
+        raise ValueError(f"{config_file} is not a usable model config: {where} must be a "
+                         f"JSON object; got {type(raw).__name__}")
+    try:
+        config = cfg_mod.from_hf_dict(raw)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # missing or bad keys
+        raise ValueError(f"{config_file} is not a usable model config: "
                          f"{type(e).__name__}: {e}") from e
     files = sorted(path.glob("*.safetensors"))
     if not files:
