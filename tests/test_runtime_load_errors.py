@@ -8,14 +8,18 @@ need no model and run in well under a second.
 """
 import json
 import math
+import os
 import re
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
 from kernelforge.runtime import config as cfg_mod
 from kernelforge.runtime.config import ModelConfig
-from kernelforge.runtime.loader import load_gguf, load_hf_dir
+from kernelforge.runtime.loader import load, load_gguf, load_hf_dir
 
 HF = dict(model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=128,
           num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
@@ -34,6 +38,43 @@ def _hf_dir(path, config=HF, tokenizer=False):
     (path / "config.json").write_text(text)
     save_file({"x": torch.zeros(2)}, str(path / "model.safetensors"))
     return path
+
+
+# A watchdog: after a delay it opens the FIFOs for writing, over and over, so a load
+# blocked opening one (as a reader) gets a writer that closes at once, reads EOF and
+# ends. The load itself cannot be interrupted from Python: safetensors' open holds the GIL.
+_UNBLOCK = """
+import os, sys, time
+time.sleep(float(sys.argv[1]))
+while True:
+    for f in sys.argv[2:]:
+        try:
+            os.close(os.open(f, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:             # no reader waiting on this one
+            pass
+    time.sleep(0.05)
+"""
+
+
+def _raises_quickly(fn, fifos, timeout=10.0):
+    """The exception ``fn()`` raises; the test fails if it raises nothing or takes
+    ``timeout`` seconds (it was blocked on a FIFO until the watchdog let it go)."""
+    watchdog = subprocess.Popen([sys.executable, "-S", "-c", _UNBLOCK, str(timeout),
+                                 *map(str, fifos)])
+    t0 = time.monotonic()
+    try:
+        fn()
+    except Exception as e:              # noqa: BLE001 - handed to the test to check
+        exc = e
+    else:
+        exc = None
+    finally:
+        watchdog.kill()
+        watchdog.wait()
+    took = time.monotonic() - t0
+    assert took < timeout, f"loading blocked on a FIFO for {took:.0f} s (then raised {exc!r})"
+    assert exc is not None, "loading a FIFO raised nothing"
+    return exc
 
 
 # -- shape fields ---------------------------------------------------------------------------
@@ -139,4 +180,56 @@ def test_config_json_that_is_not_an_object(tmp_path, text, where, kind):
     d = _hf_dir(tmp_path, text)
     with pytest.raises(ValueError, match=rf"config\.json is not a usable model config: "
                                          rf"{where} must be a JSON object; got {kind}"):
+        load_hf_dir(d)
+
+
+# -- files that are not regular files -----------------------------------------------------------
+
+@pytest.mark.parametrize("name, what", [("model.safetensors", "safetensors file"),
+                                        ("config.json", "model config"),
+                                        ("tokenizer.json", "tokenizer file")])
+def test_fifo_in_hf_dir_is_refused_not_opened(tmp_path, name, what):
+    d = _hf_dir(tmp_path / "m")
+    (d / name).unlink(missing_ok=True)
+    os.mkfifo(d / name)
+    e = _raises_quickly(lambda: load(d), [d / name])
+    assert isinstance(e, ValueError), repr(e)
+    assert str(e) == f"{what} {d / name} must be a regular file; it is a FIFO"
+
+
+def test_fifo_as_gguf_file_is_refused_not_opened(tmp_path):
+    fifo = tmp_path / "model.gguf"
+    os.mkfifo(fifo)
+    for fn in (lambda: load(fifo), lambda: load_gguf(fifo)):
+        e = _raises_quickly(fn, [fifo])
+        assert isinstance(e, ValueError), repr(e)
+        assert str(e) == f"model file {fifo} must be a regular file; it is a FIFO"
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="needs /dev/zero")
+def test_links_to_devices_and_directories_are_refused(tmp_path):
+    d = _hf_dir(tmp_path / "m")
+    (d / "model.safetensors").unlink()
+    (d / "model.safetensors").symlink_to("/dev/zero")
+    with pytest.raises(ValueError, match=r"safetensors file .*model\.safetensors must be a "
+                                         r"regular file; it is a character device"):
+        load_hf_dir(d)
+    (d / "model.safetensors").unlink()
+    (d / "model.safetensors").mkdir()
+    with pytest.raises(ValueError, match="it is a directory"):
+        load_hf_dir(d)
+    (tmp_path / "zero.gguf").symlink_to("/dev/zero")
+    with pytest.raises(ValueError, match="zero.gguf must be a regular file; "
+                                         "it is a character device"):
+        load(tmp_path / "zero.gguf")
+
+
+def test_dangling_links_are_missing_files(tmp_path):
+    d = _hf_dir(tmp_path / "m")
+    (d / "tokenizer.json").symlink_to(tmp_path / "gone.json")
+    with pytest.raises(FileNotFoundError, match=r"no tokenizer file at .*tokenizer\.json"):
+        load_hf_dir(d)
+    (d / "config.json").unlink()
+    (d / "config.json").symlink_to(tmp_path / "gone.json")
+    with pytest.raises(FileNotFoundError, match=r"no model config at .*config\.json"):
         load_hf_dir(d)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import stat
 from pathlib import Path
 from typing import Optional
 
@@ -56,6 +57,27 @@ def unpermute_qk(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.reshape(heads, d // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+               (stat.S_ISSOCK, "a socket"))
+
+
+def _regular_file(path: Path, what: str) -> Path:
+    """``path`` if it is a regular file (after symlinks), else FileNotFoundError or
+    ValueError. Checked before any open: opening a FIFO waits for a writer and a
+    device like /dev/zero never ends, so either would hang the load."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no {what} at {path}") from None
+    except OSError as e:                    # a symlink loop, no permission...
+        raise ValueError(f"cannot stat {what} {path}: {e}") from e
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
+        raise ValueError(f"{what} {path} must be a regular file; it is {kind}")
+    return path
+
+
 def _progress(it, total, desc, show):
     if not show:
         return it
@@ -75,9 +97,7 @@ def load_gguf(path, *, unpermute: bool = True, progress: bool = False,
     """
     import gguf
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no model file at {path}")
+    path = _regular_file(Path(path), "model file")
     with open(path, "rb") as f:
         if f.read(4) != _GGUF_MAGIC:
             raise ValueError(f"{path} is not a GGUF file (bad magic)")
@@ -143,8 +163,9 @@ def load_hf_dir(path, *, progress: bool = False, keep_quantized: bool = False):
 
     path = Path(path)
     config_file = path / "config.json"
-    if not config_file.is_file():
+    if not config_file.exists() and not config_file.is_symlink():
         raise FileNotFoundError(f"{path} has no config.json")
+    _regular_file(config_file, "model config")
     try:
         raw = json.loads(config_file.read_text())
     except RecursionError:                  # json recurses once per nesting level
@@ -169,6 +190,8 @@ def load_hf_dir(path, *, progress: bool = False, keep_quantized: bool = False):
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{path} has no *.safetensors files")
+    for f in files:
+        _regular_file(f, "safetensors file")
     tensors = {}
     for f in _progress(files, len(files), "loading safetensors", progress):
         try:
@@ -178,7 +201,9 @@ def load_hf_dir(path, *, progress: bool = False, keep_quantized: bool = False):
         except Exception as e:  # truncated or corrupt: safetensors' own error types
             raise ValueError(f"cannot read safetensors file {f}: {e}") from e
     tokenizer = None
-    if (path / "tokenizer.json").is_file():
+    tok_file = path / "tokenizer.json"
+    if tok_file.exists() or tok_file.is_symlink():    # optional, but if there, it must be a file
+        _regular_file(tok_file, "tokenizer file")
         try:
             tokenizer = tok_mod.from_hf_dir(path, config.eos_token_ids, config.bos_token_id)
         except Exception as e:  # the tokenizers package's own error types
