@@ -31,3 +31,36 @@ def test_match_register_free_and_evict():
         pool.free(got[:1])
     with pytest.raises(RuntimeError, match="exhausted"):
         pool.allocate(5)
+
+
+def test_cached_tokens_count_admissions_not_tries():
+    """A waiting head whose cached prefix matches but whose remaining blocks do not
+    fit is matched and released again on every step; only its admission counts."""
+    from kernelforge.runtime.sampling_params import SamplingParams
+    from kernelforge.runtime.scheduler import Scheduler
+    from kernelforge.runtime.sequence import Sequence
+
+    sched = Scheduler(BlockPool(4, 4), max_num_seqs=4, max_num_batched_tokens=64)
+
+    def step():
+        # what LLM.step does around the model: computed tokens, full blocks cached,
+        # one new token for each sequence whose prompt and outputs are all computed
+        out = sched.schedule()
+        for seq, n in out:
+            seq.num_computed += n
+            sched.cache_full_blocks(seq, seq.num_computed - n)
+            if seq.num_computed == seq.num_tokens:
+                seq.output_ids.append(200)
+        return out
+
+    a = Sequence(list(range(9)), SamplingParams())          # 3 blocks of the pool's 4
+    sched.add(a)
+    step()
+    b = Sequence(list(range(8)) + list(range(100, 108)), SamplingParams())  # 2 blocks cached
+    sched.add(b)
+    for _ in range(3):                                      # a decodes; b waits at the head
+        assert [s for s, _ in step()] == [a]                # b's 2 uncached blocks: 1 free
+    assert sched.waiting[0] is b and not b.block_table and sched.num_cached_tokens == 0
+    sched.finish(a, "length")
+    assert step() == [(b, 8)]                               # computes only the uncached half
+    assert sched.num_cached_tokens == 8 <= len(a.prompt_ids) + len(b.prompt_ids)

@@ -40,7 +40,6 @@ class Scheduler:
         blocks = self.pool.match(block_hashes(seq.token_ids, bs, (seq.num_tokens - 1) // bs))
         seq.block_table = blocks
         seq.num_computed = len(blocks) * bs
-        self.num_cached_tokens += seq.num_computed
 
     def cache_full_blocks(self, seq: Sequence, before: int) -> None:
         """After a forward took ``seq`` from ``before`` to ``seq.num_computed``
@@ -123,6 +122,8 @@ class Scheduler:
             if not self._reserve(seq, seq.num_computed + n):
                 self._release(seq)              # stays waiting, holding nothing
                 break
+            # counted on admission only: a head that waits matches again each step
+            self.num_cached_tokens += seq.num_computed
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)
