@@ -2,8 +2,10 @@
 (``kernelforge.ops.apply_penalties``, vLLM's rules) and the draw
 (``kernelforge.ops.sample``: temperature, top-k, top-p, min-p, one seed per
 request). A request's draw is keyed by its seed and the number of tokens it
-has generated, so a seeded request gives the same tokens alone or batched,
-and after a preemption recomputes it."""
+has generated, so the draw does not depend on the batch or on a preemption;
+the tokens are then the same alone or batched when the logits are, which
+holds in float32 (in bfloat16 a row's logits change with the batch's matmul
+shapes: docs/serving.md, "Batch invariance")."""
 from __future__ import annotations
 
 import random
