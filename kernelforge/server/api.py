@@ -66,7 +66,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: Optional[str] = Non
 
     @app.get("/health")
     async def health():
-        return Response(status_code=200)
+        return Response(status_code=200 if engine.alive else 503)
 
     @app.get("/metrics")
     async def metrics():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ from typing import Any, Optional
 from ..runtime.llm import LLM
 from ..runtime.sequence import Sequence
 from .metrics import Metrics
+
+log = logging.getLogger("kernelforge.server")
 
 
 class QueueFullError(RuntimeError):
@@ -150,11 +153,15 @@ class AsyncEngine:
                 continue
             try:
                 out = self.llm.step()
+                self.steps += 1
+                self._deliver(out)
             except Exception as e:          # noqa: BLE001  the batch failed: fail its requests
+                log.exception("engine step failed; failing the requests of its batch")
                 self._fail_batch(f"{type(e).__name__}: {e}")
-                continue
-            self.steps += 1
-            self._deliver(out)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     def _fail_batch(self, error: str) -> None:
         """A step raised: fail the requests that were running (or the head of the
