@@ -78,7 +78,8 @@ async def one_request(client, model, rng: random.Random, stats: dict, hang_up: f
     stop_after = rng.randrange(1, max_tokens) if rng.random() < hang_up else None
     kw = dict(model=model, max_tokens=max_tokens, temperature=rng.choice((0, 0.8)),
               stream=True, seed=rng.randrange(1 << 30))
-    for attempt in range(100):
+    deadline = time.monotonic() + 1800         # retries after 503s: a client's patience
+    while time.monotonic() < deadline:
         try:
             if chat:
                 stream = await client.chat.completions.create(
@@ -101,7 +102,8 @@ async def one_request(client, model, rng: random.Random, stats: dict, hang_up: f
                 stats["503"] += 1
                 await asyncio.sleep(float(e.response.headers.get("Retry-After", 1)))
                 continue
-            stats[f"status_{e.status_code}"] += 1
+            key = f"status_{e.status_code}"
+            stats[key] = stats.get(key, 0) + 1
             return
         except openai.APIError as e:                # an error event inside a stream
             stats["stream_error"] += 1
@@ -144,7 +146,7 @@ def main() -> int:
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--kv-cache-blocks", type=int, default=96,
                    help="small enough that long requests preempt each other")
-    p.add_argument("--max-waiting", type=int, default=16)
+    p.add_argument("--max-waiting", type=int, default=24)
     p.add_argument("--disconnect-prob", type=float, default=0.1)
     p.add_argument("--warmup-rounds", type=int, default=2)
     p.add_argument("--rss-tolerance", type=float, default=0.05)

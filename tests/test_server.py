@@ -134,8 +134,9 @@ def tiny_llm(tiny_dir):
 
 @pytest.fixture(scope="module")
 def server(tiny_dir, tmp_path_factory):
+    # 16 running at most: the 64-stream test also queues, and fewer decode graphs are captured
     s = Server(tmp_path_factory.mktemp("logs"), "--model", str(tiny_dir), *ENGINE,
-               "--api-key", KEY, "--served-model-name", "tiny")
+               "--api-key", KEY, "--max-num-seqs", "16")
     yield s
     s.close()
 
