@@ -156,24 +156,19 @@ def main(argv=None) -> int:
     from .server import cli as server_cli
     server_cli.add_parser(sub)
     args = p.parse_args(argv)
-    if args.cmd == "serve":
+    # the commands that need an extra: (how to run them, the extra, its modules)
+    extras = {"generate": (runtime_cli.cmd_generate, "runtime", _RUNTIME_EXTRA),
+              "chat": (runtime_cli.cmd_chat, "runtime", _RUNTIME_EXTRA),
+              "serve": (server_cli.cmd_serve, "serve", _SERVE_EXTRA)}
+    if args.cmd in extras:
+        run, extra, modules = extras[args.cmd]
         try:
-            return server_cli.cmd_serve(args)
+            return run(args)
         except ModuleNotFoundError as e:
-            if e.name not in _SERVE_EXTRA:
+            if e.name not in modules:
                 raise
-            print(f"kernelforge serve: the server needs the serve extra ({e.name} is not "
-                  "installed): pip install 'kernelforge[serve]'", file=sys.stderr)
-            return 2
-    if args.cmd in ("generate", "chat"):
-        try:
-            return {"generate": runtime_cli.cmd_generate,
-                    "chat": runtime_cli.cmd_chat}[args.cmd](args)
-        except ModuleNotFoundError as e:
-            if e.name not in _RUNTIME_EXTRA:
-                raise
-            print(f"kernelforge {args.cmd}: the engine needs the runtime extra ({e.name} is "
-                  "not installed): pip install 'kernelforge[runtime]'", file=sys.stderr)
+            print(f"kernelforge {args.cmd}: needs the {extra} extra ({e.name} is not "
+                  f"installed): pip install 'kernelforge[{extra}]'", file=sys.stderr)
             return 2
     if args.cmd == "demo":
         from .demo import main as demo

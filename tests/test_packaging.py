@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -39,11 +41,14 @@ def test_the_ops_and_integrations_import_without_the_runtime_extra():
     assert out.stdout.strip() == "[]", out.stdout
 
 
-def test_the_runtime_command_names_the_missing_extra():
-    """Without the runtime extra the engine's commands say what to install."""
-    code = ("import sys; sys.modules['gguf'] = None; from kernelforge import cli; "
-            "sys.exit(cli.main(['generate', 'hi']))")
+@pytest.mark.parametrize("missing,argv,extra", [
+    ("gguf", ["generate", "hi"], "runtime"),
+    ("fastapi", ["serve", "--port", "0"], "serve")])
+def test_the_engine_commands_name_the_missing_extra(missing, argv, extra):
+    """Without the runtime (or serve) extra the engine's commands say what to install."""
+    code = (f"import sys; sys.modules[{missing!r}] = None; from kernelforge import cli; "
+            f"sys.exit(cli.main({argv!r}))")
     out = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True,
                          timeout=120)
     assert out.returncode != 0
-    assert "kernelforge[runtime]" in out.stderr, out.stderr[-2000:]
+    assert f"kernelforge[{extra}]" in out.stderr, out.stderr[-2000:]
