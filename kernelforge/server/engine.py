@@ -136,7 +136,6 @@ class AsyncEngine:
                 self._finish(req, "abort")
                 if not req.seq.finished:
                     self.llm.scheduler.finish(req.seq, "abort")
-                self.metrics.finished.labels(reason="abort").inc()
 
     def _run(self) -> None:
         sched = self.llm.scheduler
@@ -200,8 +199,7 @@ class AsyncEngine:
                 toks=(), lps=()) -> None:
         req.done = True
         self._live.pop(req.seq.id, None)
-        if reason != "abort":
-            self.metrics.finished.labels(reason=reason).inc()
+        self.metrics.finished.labels(reason=reason).inc()
         self._put(req, Delta(list(toks), list(lps), True, reason, error))
 
     def _put(self, req: Request, delta: Delta) -> None:

@@ -40,8 +40,9 @@ class TextDelta:
             if text.endswith("\ufffd"):
                 return ""
             text = text[:max(len(self.sent), len(text) - self.hold)]
-        delta = text[len(self.sent):] if text.startswith(self.sent) else ""
-        self.sent = text if text.startswith(self.sent) else self.sent
+        if not text.startswith(self.sent):      # a decode that rewrote sent text: wait
+            return ""
+        delta, self.sent = text[len(self.sent):], text
         return delta
 
     @property
