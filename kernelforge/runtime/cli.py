@@ -18,6 +18,9 @@ def add_parsers(sub) -> None:
                        help="a .gguf file or a Hugging Face directory (default: SmolLM2-135M)")
         g.add_argument("--backend", default=None, help="eager, inductor, triton (default: per device)")
         g.add_argument("--dtype", default=None, help="float32, bfloat16, float16")
+        g.add_argument("--device", default=None,
+                       help="cpu, cuda, cuda:N or a plug-in device's name (default: CUDA if "
+                            "available, else cpu)")
         g.add_argument("--quantization", default=None, choices=["int4"],
                        help="weight-only int4 layers, int8 head (bfloat16; docs/runtime.md)")
         g.add_argument("--max-tokens", type=int, default=128)
@@ -33,9 +36,9 @@ def _engine(args):
         params = SamplingParams(temperature=args.temperature, top_k=args.top_k,
                                 top_p=args.top_p, seed=args.seed, max_tokens=args.max_tokens)
         llm = LLM(args.model, backend=args.backend, dtype=args.dtype, max_num_seqs=1,
-                  quantization=args.quantization,
+                  quantization=args.quantization, device=args.device,
                   progress=sys.stderr.isatty())
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError, ImportError) as e:
         print(f"kernelforge: {e}", file=sys.stderr)
         return None, None
     return llm, params

@@ -40,6 +40,9 @@ class DecodeGraphs:
         max_model_len: longest sequence; sets the block tables' width.
         checks: range-check positions and block ids (in Python, per step)
             instead of the ops' host checks, which a graph cannot run.
+
+    A subclass captures another kind of graph over the same inputs by
+    overriding ``capture`` and ``replay`` (``cuda_graphs.py``).
     """
 
     def __init__(self, model, kv_caches: list, max_batch: int, block_size: int,
@@ -49,28 +52,37 @@ class DecodeGraphs:
         self.max_model_len, self.checks = max_model_len, checks
         self.sizes = capture_sizes(max_batch)
         width = -(-max_model_len // block_size)
-        self.tokens = torch.zeros(3, max_batch, dtype=torch.int64)   # ids, positions, slots
-        self.tables = torch.zeros(max_batch, width, dtype=torch.int32)
-        self.lens = torch.ones(max_batch, dtype=torch.int32)
-        self.starts = torch.arange(max_batch + 1, dtype=torch.int32)   # one row each
+        dev = model.device
+        self.tokens = torch.zeros(3, max_batch, dtype=torch.int64, device=dev)  # ids, pos, slots
+        self.tables = torch.zeros(max_batch, width, dtype=torch.int32, device=dev)
+        self.lens = torch.ones(max_batch, dtype=torch.int32, device=dev)
+        self.starts = torch.arange(max_batch + 1, dtype=torch.int32, device=dev)  # one row each
         self._written: list = [None] * max_batch     # each table row's entries as last written
-        self.graphs: dict[int, graph.Graph] = {}
+        self.graphs: dict = {}
 
     @property
     def max_batch(self) -> int:
         return self.sizes[-1]
 
-    def _graph(self, size: int) -> graph.Graph:
+    def _graph(self, size: int):
         g = self.graphs.get(size)
         if g is None:
             ids, pos, slots = self.tokens[:, :size]
             meta = AttnMetadata(slot_mapping=slots, block_tables=self.tables[:size],
                                 seq_lens=self.lens[:size], query_start_loc=self.starts[:size + 1])
-            with torch.inference_mode():
-                g = graph.capture(self.model.forward, ids, pos, meta, self.kv_caches,
-                                  checks=False, float_logits=False)
-            self.graphs[size] = g
+            g = self.graphs[size] = self.capture(
+                lambda: self.model.forward(ids, pos, meta, self.kv_caches, checks=False,
+                                           float_logits=False))
         return g
+
+    def capture(self, forward):
+        """A graph of ``forward()`` (the step on the current inputs; runs it)."""
+        with torch.inference_mode():
+            return graph.capture(forward)
+
+    def replay(self, g) -> torch.Tensor:
+        """Run graph ``g`` on the inputs' current contents; its logits."""
+        return g.replay()
 
     def run(self, tokens: list[int], positions: list[int], block_tables: list[list[int]]
             ) -> torch.Tensor:
@@ -94,7 +106,7 @@ class DecodeGraphs:
             if written[i] != bt:
                 self.tables[i, :len(bt)] = torch.tensor(bt, dtype=torch.int32)
                 written[i] = list(bt)
-        return self._graph(size).replay()[:n]
+        return self.replay(self._graph(size))[:n]
 
     def _check(self, positions: list[int], block_tables: list[list[int]]) -> None:
         bs, nb = self.block_size, self.num_blocks

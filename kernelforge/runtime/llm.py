@@ -1,6 +1,7 @@
 """The offline engine: ``LLM(model).generate(prompts, SamplingParams(...))``."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import numbers
 import operator
@@ -10,8 +11,11 @@ from typing import Iterator, Optional, Sequence as Seq, Union
 
 import torch
 
+from kernelforge import devices
+
 from . import loader
 from .block_pool import BlockPool
+from .cuda_graphs import CudaDecodeGraphs
 from .decode_graphs import DecodeGraphs
 from .model import QUANTIZATIONS, AttnMetadata, LlamaModel, kv_bytes_per_block
 from .sampler import sample_isolated
@@ -85,8 +89,15 @@ class LLM:
             means bfloat16, and another dtype is a ValueError.
         enforce_eager: run every step op by op. By default (False, as in
             vLLM) a step of decode rows only replays a graph captured once per
-            batch size (``decode_graphs.py``, ``kernelforge.graph``), without
-            the Python of each op call; the tokens are the same.
+            batch size, without the Python of each op call; the tokens are the
+            same. On a CPU the graph is a ``kernelforge.graph`` recording
+            (``decode_graphs.py``), on CUDA a CUDA graph (``cuda_graphs.py``);
+            other devices run every step op by op.
+        device: where the model runs: "cpu", "cuda", "cuda:1", an out-of-tree
+            device's name once its plug-in is imported, or a torch.device;
+            None (default) takes CUDA when torch has it here, else the CPU
+            (``device.py``). Huge pages, ``quantization`` and the recorded
+            graphs are CPU only.
     """
 
     def __init__(self, model: Union[str, Path, None] = None, backend: Optional[str] = None,
@@ -94,7 +105,8 @@ class LLM:
                  kv_cache_gb: float = 0.5, block_size: int = 16,
                  max_num_batched_tokens: int = 512, max_model_len: Optional[int] = None,
                  checks: bool = True, progress: bool = False, prefix_caching: bool = True,
-                 quantization: Optional[str] = None, enforce_eager: bool = False):
+                 quantization: Optional[str] = None, enforce_eager: bool = False,
+                 device: devices.DeviceLike = None):
         for name, v in (("max_num_seqs", max_num_seqs), ("block_size", block_size),
                         ("max_num_batched_tokens", max_num_batched_tokens),
                         ("num_blocks", num_blocks), ("max_model_len", max_model_len)):
@@ -107,6 +119,10 @@ class LLM:
             raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
         if not isinstance(enforce_eager, bool):
             raise ValueError(f"enforce_eager must be a bool, got {enforce_eager!r}")
+        self.device = dev = devices.resolve(device)
+        if quantization is not None and dev.type != "cpu":       # before loading
+            raise ValueError(f"quantization={quantization!r} runs torch's int4/int8 CPU kernels: "
+                             f"it needs device 'cpu', got device={str(dev)!r}")
         if quantization is not None and dtype is None:
             dtype = "bfloat16"          # the int4/int8 kernels take bf16 activations
         torch_dtype = dtype if isinstance(dtype, torch.dtype) else _DTYPES.get(dtype)
@@ -131,7 +147,7 @@ class LLM:
         self.max_model_len = min(max_model_len or min(config.max_position, 8192), cap)
         self.model = LlamaModel(config, weights, dtype=torch_dtype, backend=backend,
                                 max_model_len=self.max_model_len, checks=checks,
-                                quantization=quantization)
+                                quantization=quantization, device=dev)
         del weights
         self.block_size = block_size
         self.kv_caches = self.model.allocate_kv_cache(num_blocks, block_size)
@@ -140,9 +156,11 @@ class LLM:
                                    prefix_caching)
         self.eos_ids = set(self.tokenizer.eos_token_ids if self.tokenizer
                            else config.eos_token_ids)
-        self.graphs = None if enforce_eager else DecodeGraphs(
-            self.model, self.kv_caches, max_num_seqs, block_size, num_blocks,
-            self.max_model_len, checks)
+        self.graphs = None
+        if not enforce_eager and dev.type in ("cpu", "cuda"):
+            graphs = DecodeGraphs if dev.type == "cpu" else CudaDecodeGraphs
+            self.graphs = graphs(self.model, self.kv_caches, max_num_seqs, block_size,
+                                 num_blocks, self.max_model_len, checks)
 
     # -- requests ---------------------------------------------------------------------
 
@@ -221,14 +239,30 @@ class LLM:
         tables = torch.zeros(len(batch), width, dtype=torch.int32)
         for i, (seq, _) in enumerate(batch):
             tables[i, :len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.int32)
-        meta = AttnMetadata(slot_mapping=torch.tensor(slots, dtype=torch.int64),
-                            block_tables=tables, seq_lens=torch.tensor(starts, dtype=torch.int32),
-                            query_start_loc=torch.tensor(lens, dtype=torch.int32))
-        return (torch.tensor(ids, dtype=torch.int64), torch.tensor(pos, dtype=torch.int64), meta,
-                torch.tensor(rows, dtype=torch.int64))
+        dev = self.device
+
+        def put(t):             # built on the host, used where the model runs
+            return t if dev.type == "cpu" else t.to(dev)
+        meta = AttnMetadata(slot_mapping=put(torch.tensor(slots, dtype=torch.int64)),
+                            block_tables=put(tables),
+                            seq_lens=put(torch.tensor(starts, dtype=torch.int32)),
+                            query_start_loc=put(torch.tensor(lens, dtype=torch.int32)))
+        return (put(torch.tensor(ids, dtype=torch.int64)), put(torch.tensor(pos, dtype=torch.int64)),
+                meta, put(torch.tensor(rows, dtype=torch.int64)))
 
     def step(self) -> list[tuple[Sequence, list[int]]]:
         """Run one forward; returns [(sequence, new token ids)] (finished ones included)."""
+        with self._on_device():
+            return self._step()
+
+    def _on_device(self):
+        """CUDA launches on the calling thread's current device: make it this
+        model's (the server steps from its own thread). Nothing elsewhere."""
+        if self.device.type == "cuda":
+            return torch.cuda.device(self.device)
+        return contextlib.nullcontext()
+
+    def _step(self) -> list[tuple[Sequence, list[int]]]:
         batch = self.scheduler.schedule()
         if not batch:
             if self.scheduler.has_work():       # would spin forever: say why instead
@@ -399,7 +433,8 @@ class LLM:
         seq.block_table = self.pool.allocate(self.pool.blocks_for(len(ids)))
         try:
             input_ids, positions, meta, _ = self._prepare([(seq, len(ids))])
-            return self.model.forward(input_ids, positions, meta, self.kv_caches)
+            with self._on_device():
+                return self.model.forward(input_ids, positions, meta, self.kv_caches)
         finally:
             self.pool.free(seq.block_table)
 

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from kernelforge import ops, rope
+from kernelforge import devices, ops, rope
 from kernelforge.kernels.attention import HEAD_SIZES
 
 from . import hugepages
@@ -45,17 +45,18 @@ def _take_raw(w: dict, name: str, shape: tuple):
     return t
 
 
-def _dense(t, dtype) -> torch.Tensor:
-    """A loaded weight as a contiguous ``dtype`` tensor (Q4_1 blocks dequantized)."""
+def _dense(t, dtype, device=None) -> torch.Tensor:
+    """A loaded weight as a contiguous ``dtype`` tensor on ``device`` (default:
+    where it is; Q4_1 blocks dequantized)."""
     if isinstance(t, Q4_1Weight):
         t = t.dequantize()
-    return t.to(dtype).contiguous()
+    return t.to(device=device, dtype=dtype).contiguous()
 
 
-def _take(w: dict, name: str, shape: tuple, dtype) -> torch.Tensor:
+def _take(w: dict, name: str, shape: tuple, dtype, device=None) -> torch.Tensor:
     """Pop ``name`` from ``w``, checked against the shape the config implies,
-    as a dense ``dtype`` tensor."""
-    return _dense(_take_raw(w, name, shape), dtype)
+    as a dense ``dtype`` tensor on ``device``."""
+    return _dense(_take_raw(w, name, shape), dtype, device)
 
 
 def linear(x: torch.Tensor, w, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -93,12 +94,12 @@ class _Layer:
     the qkv layer and ``qkv_bias`` is None); norms and biases stay ``dtype``."""
 
     def __init__(self, w: dict, p: str, c: ModelConfig, dtype,
-                 quantization: Optional[str] = None):
+                 quantization: Optional[str] = None, device=None):
         H, q, kv, inter = (c.hidden_size, c.num_heads * c.head_dim,
                            c.num_kv_heads * c.head_dim, c.intermediate_size)
 
         def get(name, *shape):
-            return _take(w, p + name, shape, dtype)
+            return _take(w, p + name, shape, dtype, device)
 
         def matrix(names, rows, cols, bias=None):
             """The row concatenation of weights ``names`` ([rows_i, cols] each):
@@ -160,13 +161,18 @@ class LlamaModel:
             ``Int8Linear`` (per-row absmax); the embedding table, norms, biases
             and rotary table stay as without quantization.
         huge_pages: the dense weights (and ``allocate_kv_cache``'s caches) on
-            2 MB pages where the OS gives them (``hugepages.py``).
+            2 MB pages where the OS gives them (``hugepages.py``); CPU only
+            (ignored on another device).
+        device: where the weights, the rotary table and the KV cache live and
+            the forward runs (``device.resolve``; default: the best available).
+            ``quantization`` is CPU only.
     """
 
     def __init__(self, config: ModelConfig, weights: dict, *, dtype=torch.float32,
                  backend: Optional[str] = None, rope_interleaved: bool = False,
                  max_model_len: Optional[int] = None, checks: bool = True,
-                 quantization: Optional[str] = None, huge_pages: bool = True):
+                 quantization: Optional[str] = None, huge_pages: bool = True,
+                 device=None):
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, not {dtype}")
         if quantization not in QUANTIZATIONS:
@@ -174,6 +180,11 @@ class LlamaModel:
         if quantization is not None and dtype != torch.bfloat16:
             raise ValueError(f"quantization={quantization!r} needs dtype torch.bfloat16 (torch's "
                              f"int4/int8 CPU kernels take bf16 activations), got {dtype}")
+        self.device = dev = devices.resolve(device)
+        if quantization is not None and dev.type != "cpu":
+            raise ValueError(f"quantization={quantization!r} runs torch's int4/int8 CPU kernels: "
+                             f"it needs device 'cpu', got {str(dev)!r}")
+        huge_pages = huge_pages and dev.type == "cpu"
         self.quantization, self.huge_pages = quantization, huge_pages
         c = self.config = config
         if c.head_dim not in HEAD_SIZES:       # found here, not in the first forward
@@ -185,15 +196,15 @@ class LlamaModel:
         w = weights          # popped as consumed: each source tensor is freed once copied
         V, H = c.vocab_size, c.hidden_size
         embed = _take_raw(w, "model.embed_tokens.weight", (V, H))
-        self.embed = _dense(embed, dtype)
-        self.norm = _take(w, "model.norm.weight", (H,), dtype)
-        self.layers = [_Layer(w, f"model.layers.{i}.", c, dtype, quantization)
+        self.embed = _dense(embed, dtype, dev)
+        self.norm = _take(w, "model.norm.weight", (H,), dtype, dev)
+        self.layers = [_Layer(w, f"model.layers.{i}.", c, dtype, quantization, dev)
                        for i in range(c.num_layers)]
         tied = c.tie_embeddings or "lm_head.weight" not in w
         if tied:
             w.pop("lm_head.weight", None)
         if quantization is None:
-            self.lm_head = self.embed if tied else _take(w, "lm_head.weight", (V, H), dtype)
+            self.lm_head = self.embed if tied else _take(w, "lm_head.weight", (V, H), dtype, dev)
         else:
             # the embedding is a row lookup (one row per token read): it keeps the
             # dense table; the head reads all V x H weights per token, so it is
@@ -206,7 +217,7 @@ class LlamaModel:
             self.lm_head = Int8Linear(src.dequantize() if isinstance(src, Q4_1Weight) else src)
             del src
         del embed
-        self.cos_sin = self._rope_cache(w.pop("rope_freqs", None))
+        self.cos_sin = self._rope_cache(w.pop("rope_freqs", None)).to(dev)
         w = {k: v for k, v in w.items() if not k.endswith("rotary_emb.inv_freq")}
         if w:
             raise ValueError(f"unused weights: {sorted(w)[:5]}...")
@@ -250,8 +261,8 @@ class LlamaModel:
         c = self.config
         shape = (num_blocks, block_size, c.num_kv_heads, c.head_dim)
         if not self.huge_pages:
-            return [(torch.zeros(shape, dtype=self.dtype), torch.zeros(shape, dtype=self.dtype))
-                    for _ in range(c.num_layers)]
+            return [tuple(torch.zeros(shape, dtype=self.dtype, device=self.device)
+                          for _ in range(2)) for _ in range(c.num_layers)]
         caches = hugepages.zeros(shape, self.dtype, 2 * c.num_layers)
         return list(zip(caches[0::2], caches[1::2]))
 

@@ -92,6 +92,7 @@ def record_logprobs(logits: torch.Tensor, seqs: "list[Sequence]", tokens: list[i
 
 def _draw(logits: torch.Tensor, seqs: "list[Sequence]") -> list[int]:
     params = [s.params for s in seqs]
+    dev = logits.device
     if any(p.repetition_penalty != 1 or p.frequency_penalty or p.presence_penalty
            for p in params):
         # penalties in fp32 (the model's bf16 logits are exact in it); a penalised
@@ -99,9 +100,9 @@ def _draw(logits: torch.Tensor, seqs: "list[Sequence]") -> list[int]:
         logits = kernelforge.ops.apply_penalties(
             logits.float(), _padded([s.prompt_ids for s in seqs], logits.device),
             _padded([s.output_ids for s in seqs], logits.device),
-            repetition_penalty=torch.tensor([p.repetition_penalty for p in params]),
-            frequency_penalty=torch.tensor([p.frequency_penalty for p in params]),
-            presence_penalty=torch.tensor([p.presence_penalty for p in params]))
+            repetition_penalty=torch.tensor([p.repetition_penalty for p in params], device=dev),
+            frequency_penalty=torch.tensor([p.frequency_penalty for p in params], device=dev),
+            presence_penalty=torch.tensor([p.presence_penalty for p in params], device=dev))
     if all(p.greedy for p in params):
         # the lowest index on ties, as sample(); max's indices (documented to
         # be the first maximum's), faster than argmax on CPU (docs/runtime.md,
@@ -111,11 +112,11 @@ def _draw(logits: torch.Tensor, seqs: "list[Sequence]") -> list[int]:
     # SAMPLING_EPS, top_p > 0), so they must not be rounded to fp32 first
     f64 = torch.float64
     tokens = kernelforge.ops.sample(
-        logits, temperature=torch.tensor([p.temperature for p in params], dtype=f64),
+        logits, temperature=torch.tensor([p.temperature for p in params], dtype=f64, device=dev),
         # any int is a valid top_k (>= V or <= 0 keeps every token); int64 holds them clamped
-        top_k=torch.tensor([max(min(p.top_k, 2 ** 63 - 1), 0) for p in params]),
-        top_p=torch.tensor([p.top_p for p in params], dtype=f64),
-        min_p=torch.tensor([p.min_p for p in params], dtype=f64),
-        seeds=torch.tensor([s.seed for s in seqs]),
-        offsets=torch.tensor([len(s.output_ids) for s in seqs]))
+        top_k=torch.tensor([max(min(p.top_k, 2 ** 63 - 1), 0) for p in params], device=dev),
+        top_p=torch.tensor([p.top_p for p in params], dtype=f64, device=dev),
+        min_p=torch.tensor([p.min_p for p in params], dtype=f64, device=dev),
+        seeds=torch.tensor([s.seed for s in seqs], device=dev),
+        offsets=torch.tensor([len(s.output_ids) for s in seqs], device=dev))
     return tokens.tolist()

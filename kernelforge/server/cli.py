@@ -22,6 +22,9 @@ def add_parser(sub) -> None:
     s.add_argument("--backend", default=None, help="eager, inductor, triton, cpp (default: per device)")
     s.add_argument("--dtype", default=None, help="float32, bfloat16, float16")
     s.add_argument("--quantization", default=None, choices=["int4"])
+    s.add_argument("--device", default=None,
+                   help="cpu, cuda, cuda:N or a plug-in device's name (default: CUDA if "
+                        "available, else cpu)")
     s.add_argument("--max-num-seqs", type=int, default=64, help="requests in the running batch")
     s.add_argument("--max-num-batched-tokens", type=int, default=512,
                    help="tokens per forward (decode rows + prefill chunks)")
@@ -64,15 +67,17 @@ def cmd_serve(args) -> int:
                   max_num_seqs=args.max_num_seqs, num_blocks=args.kv_cache_blocks,
                   kv_cache_gb=args.kv_cache_gb or 0.5, max_model_len=args.max_model_len,
                   max_num_batched_tokens=args.max_num_batched_tokens,
-                  quantization=args.quantization, progress=sys.stderr.isatty())
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+                  quantization=args.quantization, device=args.device,
+                  progress=sys.stderr.isatty())
+    except (ValueError, FileNotFoundError, RuntimeError, ImportError) as e:
         print(f"kernelforge serve: {e}", file=sys.stderr)
         return 2
     name = args.served_model_name or served_name(args.model)
     app = build_app(AsyncEngine(llm, max_waiting=args.max_waiting), name, api_key=args.api_key,
                     request_timeout=args.request_timeout or None)
     print(f"kernelforge serve: '{name}' on http://{args.host}:{args.port}/v1 "
-          f"({llm.pool.num_blocks} KV blocks, max_model_len {llm.max_model_len})",
+          f"on {llm.device} ({llm.pool.num_blocks} KV blocks, max_model_len "
+          f"{llm.max_model_len})",
           file=sys.stderr, flush=True)
     uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port,
                                   log_level=args.log_level,
