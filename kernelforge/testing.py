@@ -212,7 +212,8 @@ def bad_cases(spec: OpSpec, call: Call) -> list[tuple[str, Call, tuple]]:
                      **{x.name: v.to(wrong)})
             if x.dims is not None and x.dims[0] is not None and x.dims[0] >= 1:
                 case(f"{x.name} 0-d", (q,), **{x.name: v.reshape(-1)[:1].reshape(())
-                                               if v.numel() else torch.zeros((), dtype=v.dtype)})
+                                               if v.numel() else
+                                               torch.zeros((), dtype=v.dtype, device=v.device)})
             if x.dims is not None and x.dims[1] is not None:
                 case(f"{x.name} with an extra dim", (q,), **{x.name: v[None]})
             if x.last_contiguous and v.dim() >= 1 and v.shape[-1] > 1:

@@ -110,9 +110,10 @@ def _resize(call, rows):
     nb, bs = kw["key_cache"].shape[:2]
     slots = (torch.arange(rows) % (nb * bs)).to(kw["slot_mapping"].dtype)
     shape = kw["key"].shape[1:]
+    dev = kw["key"].device
     return call.with_(slot_mapping=slots.to(kw["slot_mapping"].device),
-                      key=torch.randn(rows, *shape).to(kw["key"].dtype),
-                      value=torch.randn(rows, *shape).to(kw["key"].dtype))
+                      key=torch.randn(rows, *shape).to(kw["key"].dtype).to(dev),
+                      value=torch.randn(rows, *shape).to(kw["key"].dtype).to(dev))
 
 
 def _cache(name: str, doc: str) -> Tensor:

@@ -296,11 +296,11 @@ def _resize(call, rows):
     kw = call.kwargs
     idx = torch.arange(rows) % max(kw["positions"].shape[0], 1)
     new = {"positions": kw["positions"][idx] if kw["positions"].numel() else
-           torch.zeros(rows, dtype=kw["positions"].dtype)}
+           torch.zeros(rows, dtype=kw["positions"].dtype, device=kw["positions"].device)}
     for n in ("query", "key"):
         if kw[n] is not None:
             new[n] = kw[n][idx].contiguous() if kw[n].shape[0] else \
-                torch.randn(rows, *kw[n].shape[1:]).to(kw[n].dtype)
+                torch.randn(rows, *kw[n].shape[1:]).to(kw[n].dtype).to(kw[n].device)
     return call.with_(**new)
 
 

@@ -511,7 +511,8 @@ def _resize(call, rows):
     kw = dict(call.kwargs)
     x = kw["logits"]
     idx = torch.arange(rows) % max(x.shape[0], 1)
-    kw["logits"] = x[idx].contiguous() if x.shape[0] else torch.randn(rows, x.shape[1]).to(x.dtype)
+    kw["logits"] = x[idx].contiguous() if x.shape[0] else \
+        torch.randn(rows, x.shape[1]).to(x.dtype).to(x.device)
     for n in _PER_ROW:
         v = kw.get(n)
         if isinstance(v, torch.Tensor) and v.dim():
