@@ -8,6 +8,7 @@ is data, not a recompile.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 
@@ -20,6 +21,25 @@ from .base import Backend
 
 _log = logging.getLogger("kernelforge.inductor")
 
+#: device types Inductor generates code for in every torch build
+_BUILTIN_CODEGEN = ("cpu", "cuda", "xpu", "mps")
+
+
+@functools.lru_cache(maxsize=None)
+def _has_codegen(device_type: str) -> bool:
+    """Whether Inductor has a code generator for ``device_type``: the built-in
+    ones, or one an out-of-tree device registered
+    (torch._inductor.codegen.common.register_backend_for_device)."""
+    if device_type in _BUILTIN_CODEGEN:
+        return True
+    try:
+        from torch._inductor.codegen.common import (get_scheduling_for_device,
+                                                    init_backend_registration)
+        init_backend_registration()
+        return get_scheduling_for_device(device_type) is not None
+    except Exception:        # an Inductor without this API: assume it has none
+        return False
+
 
 class InductorBackend(Backend):
     name = "inductor"
@@ -27,12 +47,18 @@ class InductorBackend(Backend):
     collapses_loops = True      # the torch printer runs each seq_for as one pass
 
     def default_priority(self, device):
+        ok, why = self.can_run(device)
+        if not ok:
+            return None, why
         if device.type == "cuda":
             return 15, "Inductor runs on GPUs, but the Triton lowering is preferred there"
         return 20, f"Inductor compiles for {device.type} tensors"
 
     def can_run(self, device):
-        return True, "torch.compile supports every device type torch has a backend for"
+        if not _has_codegen(device.type):
+            return False, (f"Inductor has no code generator for {device.type} tensors (an "
+                           "out-of-tree device's plug-in registers none)")
+        return True, f"torch.compile generates code for {device.type} tensors"
 
     def source(self, kernel, returns: tuple[str, ...] = (), aliases=()) -> str:
         return torch_printer.print_module(kernel, scalars_as_tensors=True, returns=returns,
