@@ -96,8 +96,9 @@ class Decision:
 
     def __str__(self) -> str:
         lines = [f"backend: {self.backend.name} ({self.reason})"]
+        width = max([10, *(len(name) for name, _, _ in self.candidates)])   # plug-ins' names too
         for name, prio, why in self.candidates:
-            lines.append(f"  {name:<10} {'-' if prio is None else prio:>4}  {why}")
+            lines.append(f"  {name:<{width}} {'-' if prio is None else prio:>4}  {why}")
         return "\n".join(lines)
 
 
