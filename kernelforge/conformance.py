@@ -10,9 +10,15 @@ Every op spec's checks (kernelforge/testing.py) run against the backend:
 Levels: **L1**, every check of every op passes; **L2**, L1 and every op at
 least ``L2_RATIO`` of eager torch's speed on the same device (the spec's
 benchmark shapes, median of timed calls, same process).
+
+Without ``--backend`` the default backend for ``--device`` is judged (what
+``backend=None`` runs there). An out-of-tree device exists once its plug-in
+is imported: ``--import MODULE`` does that first
+(``kernelforge conformance --device hostdev --import kf_hostdev``).
 """
 from __future__ import annotations
 
+import importlib
 import json
 import statistics
 import time
@@ -103,8 +109,16 @@ def check_op(spec, backend: str, device: torch.device, examples: int) -> OpResul
     return res
 
 
+def _sync(device: torch.device):
+    """A call that waits for the device's queued work (nothing to wait for on the CPU)."""
+    sync = getattr(getattr(torch, device.type, None), "synchronize", None)
+    if device.type == "cpu" or not callable(sync):
+        return lambda: None
+    return lambda: sync(device)
+
+
 def _median_time(fn, device, budget_s: float = 0.3) -> float:
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = _sync(device)
     fn()
     sync()
     times, start = [], time.perf_counter()
@@ -133,17 +147,57 @@ def speed(spec, backend: str, device: torch.device, dtype=torch.bfloat16):
     return gm, ", ".join(parts)
 
 
-def run(backend: str, device: str | None = None, ops=None, examples: int = 30,
-        level: int = 1) -> dict:
+def import_plugins(modules) -> None:
+    """Import each module of ``modules`` (a device's plug-in registers the
+    device when imported); ValueError naming the one that fails."""
+    for m in modules or ():
+        try:
+            importlib.import_module(m)
+        except Exception as e:
+            raise ValueError(f"conformance: --import {m} failed: {type(e).__name__}: {e}") \
+                from None
+
+
+def _device_plugins() -> dict:
+    """Device name -> the module that registers it, for every installed
+    package announcing one (entry point group ``kernelforge.devices``)."""
+    from importlib.metadata import entry_points
+    return {ep.name: ep.value.split(":")[0] for ep in entry_points(group="kernelforge.devices")}
+
+
+def resolve_device(device: str) -> torch.device:
+    """``device`` as a torch.device, or a ValueError saying how to get it: an
+    out-of-tree device type exists only once its plug-in is imported."""
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        pass
+    kind = str(device).split(":")[0]
+    module = _device_plugins().get(kind)
+    hint = f"--import {module}" if module else "--import MODULE, MODULE being its package"
+    raise ValueError(f"conformance: {kind} is not a registered torch device: import its "
+                     f"plug-in, e.g. {hint}")
+
+
+def run(backend: str | None = None, device: str | None = None, ops=None, examples: int = 30,
+        level: int = 1, imports=()) -> dict:
+    """Judge ``backend`` on ``device``; ``backend=None`` judges the default
+    backend for the device (registry.select), ``imports`` are imported first."""
     from . import ops as kf_ops
     from .backends import registry
+    import_plugins(imports)
+    dev = resolve_device(device) if device else None
+    if backend is None:
+        if dev is None:
+            dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        backend = registry.select(dev).backend.name
     b = registry.backends().get(backend)
     if b is None:
         raise ValueError(f"conformance: `backend` expected one of {sorted(registry.backends())}, "
                          f"got {backend!r}")
-    dev = torch.device(device) if device else (
-        torch.device("cuda") if torch.cuda.is_available() and b.can_run(torch.device("cuda"))[0]
-        else torch.device("cpu"))
+    if dev is None:
+        dev = torch.device("cuda") if torch.cuda.is_available() and \
+            b.can_run(torch.device("cuda"))[0] else torch.device("cpu")
     ok, why = b.can_run(dev)
     if not ok:
         raise ValueError(f"conformance: backend {backend!r} cannot run on {dev}: {why}")
@@ -198,7 +252,8 @@ def table(report: dict) -> str:
 def main(args) -> int:
     try:
         report = run(args.backend, args.device, [o for v in (args.ops or []) for o in v.split(",")
-                                                 if o], args.examples, args.level)
+                                                 if o], args.examples, args.level,
+                     imports=args.imports or ())
     except ValueError as e:
         print(str(e))
         return 2
@@ -215,9 +270,13 @@ def main(args) -> int:
 def add_parser(sub) -> None:
     p = sub.add_parser("conformance", help="check a backend (built-in or plug-in) against every "
                        "op's spec and print a verdict (L1: correct; L2: and fast)")
-    p.add_argument("--backend", required=True, help="a registered backend (kernelforge ops)")
+    p.add_argument("--backend", default=None, help="a registered backend (kernelforge ops; "
+                   "default: the one chosen by default for --device)")
     p.add_argument("--device", default=None, help="torch device (default: the backend's GPU "
                    "if one is here, else cpu)")
+    p.add_argument("--import", dest="imports", action="append", metavar="MODULE",
+                   help="import MODULE first, e.g. the plug-in that registers an out-of-tree "
+                        "device (--import kf_hostdev); repeatable")
     p.add_argument("--ops", action="append", help="only these ops (comma-separated; repeatable)")
     p.add_argument("--examples", type=int, default=30, help="random calls per op (default 30)")
     p.add_argument("--level", type=int, default=1, choices=(1, 2),
