@@ -8,7 +8,6 @@ is data, not a recompile.
 """
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 
@@ -25,11 +24,12 @@ _log = logging.getLogger("kernelforge.inductor")
 _BUILTIN_CODEGEN = ("cpu", "cuda", "xpu", "mps")
 
 
-@functools.lru_cache(maxsize=None)
 def _has_codegen(device_type: str) -> bool:
     """Whether Inductor has a code generator for ``device_type``: the built-in
     ones, or one an out-of-tree device registered
-    (torch._inductor.codegen.common.register_backend_for_device)."""
+    (torch._inductor.codegen.common.register_backend_for_device). Not cached:
+    a plug-in may register one later (the registry caches its choice per
+    device until registry.reset())."""
     if device_type in _BUILTIN_CODEGEN:
         return True
     try:
