@@ -3,7 +3,7 @@
     kernelforge ops                         ops and the backends available here
     kernelforge show OP --backend triton    generated code (also: ir, inductor, eager, cpp)
     kernelforge aot-check [--targets ...]   compile every kernel for GPU targets
-    kernelforge conformance --backend NAME  check a backend against every op's spec
+    kernelforge conformance [--backend B]   check a backend (default: --device's) against every op's spec
     kernelforge new-op NAME                 write a new op file and its test skeleton
     kernelforge demo                        the RMSNorm family on every backend
     kernelforge generate "prompt"           text from the default model, streamed
