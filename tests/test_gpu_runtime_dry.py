@@ -5,6 +5,7 @@ first: the engines and the token comparison, its criterion (fed wrong tokens
 too), the graph-capture report, the timing harness, the table and its file,
 the skips (no model, no GPU, no time left). The model is the tiny random
 Llama of test_runtime_errors.py, on the eager backend (nothing to compile)."""
+import contextlib
 import os
 import re
 import sys
@@ -147,6 +148,45 @@ def test_a_failed_graph_capture_is_reported_and_fails(gr, tiny_dir, tmp_path, mo
     assert "result: FAIL: CUDA graph capture failed {'float32 cpu': [2]}" in text, text
 
 
+def test_a_decode_forward_that_syncs_is_not_captured_and_fails(gr, tiny_dir, tmp_path,
+                                                               monkeypatch):
+    @contextlib.contextmanager
+    def syncing(dev):            # as torch.cuda.set_sync_debug_mode("error") would raise
+        assert dev.type == "cpu"
+        yield
+        raise RuntimeError("called a synchronizing CUDA operation")
+
+    monkeypatch.setattr(gr, "sync_errors", syncing)
+    monkeypatch.setattr(DecodeGraphs, "replay", lambda self, g: g() if callable(g) else g.replay())
+    monkeypatch.setattr(gr, "CHECK_DTYPES", ("bfloat16",))
+    monkeypatch.setattr(gr, "TIME_DTYPES", ())
+    r, status = gr.run("cpu", tiny_dir, out_dir=tmp_path)
+    assert status == 1 and r["checks"][0]["passed"]
+    assert r["syncs"] == ["batch size 2: the decode forward syncs with the host (RuntimeError: "
+                          "called a synchronizing CUDA operation) at ?; not captured"]
+    assert r["graphs"]["bfloat16 cpu"]["failed"] == [2]
+    assert DecodeGraphs.capture.__name__ == "capture"          # the audit is undone
+    text = (tmp_path / "gpu_runtime.txt").read_text()
+    assert "host syncs in a decode forward" in text and "    batch size 2: the decode" in text
+    assert "result: FAIL: the decode forward syncs with the host, CUDA graph" in text, text
+
+
+def test_an_error_in_the_decode_forward_propagates_through_the_audit(gr, tiny_dir):
+    with gr.sync_errors(torch.device("cpu")):
+        torch.zeros(2).tolist()
+    found = []
+    llm = LLM(tiny_dir, backend="eager", device="cpu", num_blocks=8, max_num_seqs=2)
+
+    def syncs(*a, **k):
+        raise RuntimeError("called a synchronizing CUDA operation")
+    with gr.audited_captures(torch.device("cpu"), found):
+        llm.graphs.model = SimpleNamespace(forward=syncs)      # raises inside graphs' forward
+        with pytest.raises(RuntimeError):
+            llm.graphs._graph(1)
+    assert found == []          # the plain forward raised: no finding; the error propagates
+    assert DecodeGraphs._graph.__name__ == "_graph" and "audited" not in repr(DecodeGraphs.capture)
+
+
 def test_timing_harness_syncs_around_each_timed_call(gr):
     calls = []
 
@@ -277,3 +317,14 @@ def test_default_model_prompts_and_an_engine_without_graphs(gr, tiny_dir, monkey
                              "warnings": ["RuntimeWarning: x"]})
     assert "decode graphs: float32 cpu: none (enforce_eager)" in text
     assert "RuntimeWarnings: \n    RuntimeWarning: x" in text and "result: incomplete" in text
+
+
+def test_sync_errors_sets_and_restores_cudas_debug_mode(gr, monkeypatch):
+    modes = []
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    with pytest.raises(RuntimeError, match="synced"):
+        with gr.sync_errors(torch.device("cuda", 0)):
+            assert modes == ["error"]
+            raise RuntimeError("synced")
+    assert modes == ["error", 0]

