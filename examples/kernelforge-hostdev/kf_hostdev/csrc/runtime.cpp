@@ -158,7 +158,8 @@ HostdevAllocator& HostdevAllocator::instance() {
 
 // ---------------------------------------------------------------------------
 // Device guard: one device and one (synchronous) stream. Every kernel has
-// finished when it returns, so synchronising is a no-op.
+// finished when it returns, so synchronising is a no-op, every stream is
+// that one stream, and an event has happened as soon as it is recorded.
 
 struct HostdevGuardImpl final : public c10::impl::DeviceGuardImplInterface {
   static constexpr c10::DeviceType static_type = c10::DeviceType::PrivateUse1;
@@ -187,9 +188,26 @@ struct HostdevGuardImpl final : public c10::impl::DeviceGuardImplInterface {
   c10::Stream getStreamFromGlobalPool(c10::Device d, bool /*high*/) const override {
     return getStream(d);
   }
+  c10::Stream getNewStream(c10::Device d, int /*priority*/) const override {
+    return getStream(d);
+  }
   c10::Stream exchangeStream(c10::Stream /*unused*/) const override {
     return c10::Stream(c10::Stream::DEFAULT, device());
   }
+  void record(void** event, const c10::Stream& stream, const c10::DeviceIndex index,
+              const c10::EventFlag /*unused*/) const override {
+    check_index(index);
+    check(stream.device());
+    if (*event == nullptr) {
+      *event = &recorded_;   // any non-null handle: nothing to wait for
+    }
+  }
+  void block(void* /*unused*/, const c10::Stream& /*unused*/) const override {}
+  bool queryEvent(void* /*unused*/) const override {
+    return true;
+  }
+  void synchronizeEvent(void* /*unused*/) const override {}
+  void destroyEvent(void* /*unused*/, const c10::DeviceIndex /*unused*/) const noexcept override {}
   c10::DeviceIndex deviceCount() const noexcept override {
     return 1;
   }
@@ -208,6 +226,7 @@ struct HostdevGuardImpl final : public c10::impl::DeviceGuardImplInterface {
         " device");
     check_index(d.index());
   }
+  static inline char recorded_ = 0;
 };
 
 C10_REGISTER_GUARD_IMPL(PrivateUse1, HostdevGuardImpl);
