@@ -14,6 +14,7 @@ and runs op by op from then on; the tokens are the same either way.
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
@@ -21,7 +22,18 @@ import torch
 from .decode_graphs import DecodeGraphs
 
 #: warm-up forwards before a capture (Triton compiles, the allocator settles)
-WARMUP_RUNS = 2
+WARMUP_RUNS = 2        # at least 1: the last one checks for host syncs
+
+
+@contextlib.contextmanager
+def _sync_errors():
+    """Inside, a CUDA call that syncs with the host raises (sync debug mode "error")."""
+    old = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(old)
 
 
 class CudaDecodeGraphs(DecodeGraphs):
@@ -40,8 +52,20 @@ class CudaDecodeGraphs(DecodeGraphs):
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                for _ in range(WARMUP_RUNS):
+                for _ in range(WARMUP_RUNS - 1):
                     forward()      # writes this step's keys and values: the replay rewrites them
+                try:
+                    # the last warm-up with host syncs made errors: a forward that syncs
+                    # cannot be captured, and trying can leave torch 2.11's allocator in
+                    # capture mode (pytorch#180395): found here, outside any capture
+                    with _sync_errors():
+                        forward()
+                except RuntimeError as e:
+                    torch.cuda.synchronize(dev)
+                    warnings.warn(f"kernelforge runtime: a CUDA graph of the decode step could "
+                                  f"not be captured: the step syncs with the host ({e}); this "
+                                  f"batch size runs op by op", RuntimeWarning)
+                    return forward
             torch.cuda.current_stream().wait_stream(side)
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
