@@ -46,7 +46,23 @@ void check_device(std::optional<c10::Device> d) {
   }
 }
 
+// A tensor whose elements lie outside its storage would make a kernel read
+// or write past the memory: refuse it instead of crashing.
+void check_in_storage(const at::Tensor& t, const c10::Storage& storage, const char* what) {
+  if (t.numel() == 0) {
+    return;
+  }
+  int64_t last = t.storage_offset();
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    last += (t.size(d) - 1) * t.stride(d);
+  }
+  const auto need = static_cast<size_t>(last + 1) * t.dtype().itemsize();
+  TORCH_CHECK(t.storage_offset() >= 0 && need <= storage.nbytes(), "hostdev: ", what,
+              " needs ", need, " bytes of its storage, which holds ", storage.nbytes());
+}
+
 at::Tensor with_storage(c10::Storage storage, c10::DispatchKeySet keys, const at::Tensor& like) {
+  check_in_storage(like, storage, "a tensor");
   auto t = at::detail::make_tensor<c10::TensorImpl>(std::move(storage), keys, like.dtype());
   t.unsafeGetTensorImpl()->set_sizes_and_strides(like.sizes(), like.strides(),
                                                  like.storage_offset());
@@ -142,6 +158,20 @@ class HostViews {
     if (same != device_of_tensor_.end()) {
       return same->second;
     }
+    if (cpu._is_zerotensor()) {
+      // a ZeroTensor has no memory behind its elements: hostdev holds real zeros
+      at::Tensor zeros = at::detail::empty_generic(cpu.sizes(), allocator(), kDeviceKeys,
+                                                   cpu.scalar_type(), std::nullopt);
+      if (zeros.nbytes() > 0) {
+        std::memset(zeros.data_ptr(), 0, zeros.nbytes());
+      }
+      return zeros;
+    }
+    TORCH_CHECK(cpu.layout() == c10::kStrided && !cpu.is_quantized() && !cpu.is_nested() &&
+                    cpu.key_set().has_backend(c10::BackendComponent::CPUBit) &&
+                    !cpu.key_set().has(c10::DispatchKey::MkldnnCPU),
+                "hostdev holds dense strided tensors; this op's CPU kernel returned a ",
+                cpu.toString(), " with layout ", cpu.layout());
     return with_storage(device_storage(cpu.storage(), exclusive), kDeviceKeys, cpu);
   }
 
