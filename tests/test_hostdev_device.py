@@ -476,6 +476,31 @@ def mixing_devices_is_an_error():
 
 
 @check
+def unsupported_is_an_error_not_a_crash():
+    """What hostdev cannot hold or run fails with an error naming it."""
+    import warnings
+    import torch
+    x = torch.randn(4, device="hostdev")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")           # quantized tensors are deprecated
+        cases = ((lambda: torch.ops.aten._fused_dropout(x, 0.5), NotImplementedError,
+                  "hostdev runs aten::_fused_dropout on its CPU kernel, and the CPU has none"),
+                 (lambda: x.to_sparse(), RuntimeError, "hostdev holds dense strided tensors"),
+                 (lambda: torch.quantize_per_tensor(x, 0.1, 0, torch.qint8), RuntimeError,
+                  "hostdev holds dense strided tensors"))
+        for fn, kind, words in cases:
+            try:
+                fn()
+            except kind as e:
+                assert words in str(e), e
+            else:
+                raise AssertionError(f"accepted; expected {kind.__name__}: {words}")
+    # a ZeroTensor (autograd's zeros without memory) becomes real zeros
+    z = torch._efficientzerotensor((3, 4), device="hostdev")
+    _same(z + 1, torch.ones(3, 4), "an efficient zero tensor")
+
+
+@check
 def threads():
     import threading
     import torch
