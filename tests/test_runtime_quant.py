@@ -314,7 +314,7 @@ def fp32_reference(gguf_path):
 def int4(gguf_path):
     # dtype None means bfloat16 in int4 mode
     return LLM(gguf_path, backend="eager", quantization="int4", num_blocks=128,
-               max_num_seqs=16, max_num_batched_tokens=64)
+               max_num_seqs=4, max_num_batched_tokens=64)
 
 
 def test_int4_model_is_close_to_float32(int4, fp32_reference):
@@ -346,15 +346,40 @@ def test_int4_weight_bytes(int4):
     assert m.weight_bytes() < 150 * 2 ** 20          # 515 MiB in float32
 
 
-def test_int4_batching_invariance(int4):
-    """A request's greedy tokens alone equal its tokens among 16 others (17
-    requests, 16 running at once, 64-token steps: chunked prefills share
-    forwards with decode rows)."""
+def test_int4_batching_invariance(int4, monkeypatch):
+    """A request's greedy tokens alone equal its tokens among 4 others (5
+    requests, 4 running at once, 64-token steps). The schedule is checked to
+    hold what makes this a test: a prefill chunked across two forwards, a
+    prefill chunk sharing its forward with decode rows, steps of 4 rows and of
+    fewer, and a request that waited for a free slot joining a forward with
+    another's decode row. (It ran 17 requests, 16 at once, before: the same
+    kinds of steps with ~4x the rows through the eager attention.)"""
     prompts = [int4.chat_prompt([{"role": "user", "content":
-                                  f"Tell me a story about the number {i}." + " Please." * (i % 5)}])
-               for i in range(17)]
+                                  f"Tell me a story about the number {i}, and about the numbers "
+                                  "that come after it." + " Please." * (2 * i)}])
+               for i in range(5)]
     alone = int4.generate([prompts[2]], GREEDY)[0].token_ids
+    steps, schedule = [], int4.scheduler.schedule
+
+    def logged():
+        out = schedule()
+        # per row: (request, decoding?, prompt tokens still to compute after this step)
+        steps.append([(s.id, s.num_computed >= len(s.prompt_ids),
+                       len(s.prompt_ids) - s.num_computed - n) for s, n in out])
+        return out
+    monkeypatch.setattr(int4.scheduler, "schedule", logged)
     mixed = int4.generate(prompts, GREEDY)
     assert mixed[2].token_ids == alone
     assert int4.scheduler.num_preemptions == 0
     assert int4.pool.num_free == int4.pool.num_blocks
+    assert any(left > 0 for step in steps for _, _, left in step), "no chunked prefill"
+    assert any(any(d for _, d, _ in step) and not all(d for _, d, _ in step)
+               for step in steps), "no prefill chunk beside decode rows"
+    assert {len(step) for step in steps} >= {4, 1}
+    first = {}
+    for i, step in enumerate(steps):
+        for sid, *_ in step:
+            first.setdefault(sid, i)
+    late = [i for i in first.values() if i > 0]
+    assert len(first) == 5 and late, "no request waited"
+    assert all(any(d for _, d, _ in steps[i]) for i in late), "the late request ran alone"
