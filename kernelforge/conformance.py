@@ -13,8 +13,9 @@ benchmark shapes, median of timed calls, same process).
 
 Without ``--backend`` the default backend for ``--device`` is judged (what
 ``backend=None`` runs there). An out-of-tree device exists once its plug-in
-is imported: ``--import MODULE`` does that first
-(``kernelforge conformance --device hostdev --import kf_hostdev``).
+is imported: the one a package announces under the ``kernelforge.devices``
+entry point group is imported by name (``kernelforge conformance --device
+hostdev``); ``--import MODULE`` imports any other first.
 """
 from __future__ import annotations
 
@@ -158,25 +159,24 @@ def import_plugins(modules) -> None:
                 from None
 
 
-def _device_plugins() -> dict:
-    """Device name -> the module that registers it, for every installed
-    package announcing one (entry point group ``kernelforge.devices``)."""
-    from importlib.metadata import entry_points
-    return {ep.name: ep.value.split(":")[0] for ep in entry_points(group="kernelforge.devices")}
-
-
 def resolve_device(device: str) -> torch.device:
-    """``device`` as a torch.device, or a ValueError saying how to get it: an
-    out-of-tree device type exists only once its plug-in is imported."""
+    """``device`` as a torch.device. An out-of-tree device type exists only
+    once its plug-in is imported: the one its package announces (entry point
+    group ``kernelforge.devices``) is imported here; for any other, a
+    ValueError says how to get it."""
+    from . import devices
+    try:
+        devices.load_plugin(str(device).split(":")[0])
+    except ImportError as e:
+        raise ValueError(f"conformance: {e}") from None
     try:
         return torch.device(device)
     except (RuntimeError, TypeError):
         pass
     kind = str(device).split(":")[0]
-    module = _device_plugins().get(kind)
-    hint = f"--import {module}" if module else "--import MODULE, MODULE being its package"
     raise ValueError(f"conformance: {kind} is not a registered torch device: import its "
-                     f"plug-in, e.g. {hint}")
+                     f"plug-in, e.g. --import MODULE, MODULE being its package (announced "
+                     f"device plug-ins: {sorted(devices.announced()) or 'none'})")
 
 
 def run(backend: str | None = None, device: str | None = None, ops=None, examples: int = 30,
