@@ -8,7 +8,7 @@ backend, run on hostdev tensors.
 Importing kf_hostdev renames PrivateUse1 for the whole process, so every
 check runs in one child process (this file run as a script), which reports
 each check's outcome. References are CPU eager results on the same values.
-Two Inductor compiles in all (about 10-20 s each on a small machine), into a
+Three Inductor compiles in all (about 10 s each on a small machine), into a
 private Inductor cache, so that nothing is served from an earlier run.
 
 The checks load the repository's kf_hostdev/inductor.py (the file under
@@ -127,9 +127,10 @@ def torch_compile_on_hostdev():
 
 def kernelforge_inductor_on_hostdev():
     """kernelforge.ops.rms_norm(..., backend='inductor') on bfloat16 hostdev
-    tensors: Inductor's C++, equal to CPU eager (to bfloat16 tolerance); other row counts reuse the compiled graph; the
-    inductor backend can run on hostdev now, below hostdev_cpp, which stays
-    the default."""
+    tensors: Inductor's C++, equal to CPU eager (to bfloat16 tolerance);
+    other row counts reuse the compiled graph; the inductor backend can run
+    on hostdev now, below hostdev_cpp, which stays the default. (bfloat16:
+    get_current_backend() must name "cpp" for hostdev.)"""
     import torch
     import kernelforge.ops
     from kernelforge.backends import registry
@@ -164,6 +165,25 @@ def kernelforge_inductor_on_hostdev():
             f"{rows} rows, eps {eps}: compiled again"
 
 
+def kernelforge_fused_add_rms_norm_on_hostdev():
+    """kernelforge.ops.fused_add_rms_norm(..., backend='inductor') on float32
+    hostdev tensors equals CPU eager's x + residual and rms_norm of it. (Its
+    graph reaches the scheduler's CPU-only checks, BaseSchedulerNode.is_cpu(),
+    which must count hostdev nodes as CPU ones.)"""
+    import torch
+    import kernelforge.ops
+
+    x, r, w = _data(4, 256, seed=7), _data(4, 256, seed=8), _data(256, seed=9)
+    with _generated_code() as codes:
+        normed, total = kernelforge.ops.fused_add_rms_norm(
+            x.to("hostdev"), r.to("hostdev"), w.to("hostdev"), 1e-6, backend="inductor")
+    assert len(codes) == 1, f"{len(codes)} compiled modules"
+    _is_inductor_cpp(codes[0], "kernelforge fused_add_rms_norm")
+    _on_hostdev_close_to(total, x + r, "fused_add_rms_norm: the sum")
+    _on_hostdev_close_to(normed, torch.nn.functional.rms_norm(x + r, (256,), w, 1e-6),
+                         "fused_add_rms_norm: the normalised sum")
+
+
 def child_main() -> None:
     """Run every check, report ``MARK`` + JSON {check: None or its traceback}."""
     import faulthandler
@@ -186,6 +206,7 @@ def child_main() -> None:
     else:
         run(torch_compile_on_hostdev)
         run(kernelforge_inductor_on_hostdev)
+        run(kernelforge_fused_add_rms_norm_on_hostdev)
     print(MARK + json.dumps(results), flush=True)
 
 
@@ -211,7 +232,8 @@ def test_inductor_on_hostdev(tmp_path):
     if failed:
         pytest.fail(f"{len(failed)} of {len(outcomes)} checks failed: {sorted(failed)}\n\n"
                     + "\n".join(f"--- {k}\n{v}" for k, v in failed.items()), pytrace=False)
-    assert sorted(outcomes) == ["kernelforge_inductor_on_hostdev", "not_registered_before_import",
+    assert sorted(outcomes) == ["kernelforge_fused_add_rms_norm_on_hostdev",
+                                "kernelforge_inductor_on_hostdev", "not_registered_before_import",
                                 "torch_compile_on_hostdev"]
 
 
