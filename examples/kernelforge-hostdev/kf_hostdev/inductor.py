@@ -21,9 +21,17 @@ are. :func:`register` tells torch so:
 Buffers the compiled code allocates are made by ``empty_strided(...,
 device='hostdev')``, the device's own allocator; ops Inductor does not
 generate code for (extern kernels, fallbacks) run through the device's aten
-kernels as in eager mode. Not registered: a C++ wrapper (``cpp_wrapper=True``,
-AOTInductor), whose generated code names devices through ``DEVICE_TO_ATEN``,
-which has no entry for a PrivateUse1 device.
+kernels as in eager mode.
+
+Not registered: a C++ wrapper (``cpp_wrapper=True``, AOTInductor), so that
+option stops at "Device hostdev not supported" (torch/_inductor/graph.py,
+init_wrapper_code). ``CppWrapperCpu`` with two overrides (``codegen_device``:
+``cached_torch_device_type_privateuse1``; ``add_device_include``: the cpu
+header) runs graphs made of Inductor's own kernels, but it calls every extern
+or fallback aten op (mm, topk, sort...) through a C shim named for the
+device, ``aoti_torch_hostdev_<op>`` (cpp_wrapper_cpu.py,
+get_c_shim_func_name), and torch ships those for cpu, cuda, mps and xpu
+only: such graphs fail to compile their C++.
 
 ``import kf_hostdev.inductor`` registers all this (``register()`` again is a
 no-op); ``import kf_hostdev`` alone does not, as importing Inductor's code
