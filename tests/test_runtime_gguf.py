@@ -25,9 +25,13 @@ def gguf_path(default_gguf):
     return default_gguf
 
 
+# max_model_len 256 (the longest sequence here is ~85 tokens; the pool's 1024 by default):
+# decode steps replay graphs whose block tables are max_model_len wide, and the eager
+# attention computes over every slot of them (masked), so 1024 made each step 4x the work
 @pytest.fixture(scope="module")
 def llm(gguf_path):
-    return LLM(gguf_path, backend="eager", num_blocks=64, max_num_batched_tokens=256)
+    return LLM(gguf_path, backend="eager", num_blocks=64, max_num_batched_tokens=256,
+               max_model_len=256)
 
 
 @pytest.fixture(scope="module")

@@ -294,6 +294,10 @@ GREEDY = SamplingParams(temperature=0, max_tokens=AGREE, ignore_eos=True)
 # taken exactly, so the difference is bf16 activations and rounding (logits
 # reach ~30, where a bf16 ulp is 0.125). 0.5 leaves ~2x room.
 LOGSOFTMAX_ATOL = 0.5
+# the longest sequence here is ~75 tokens. Decode steps replay graphs whose block tables
+# are max_model_len wide, and the eager attention computes over every slot of them
+# (masked): the pool's 1024 or 2048 by default made each step 4-8x the work.
+MAX_MODEL_LEN = 256
 
 
 def _last_logprobs_and_greedy(llm):
@@ -304,7 +308,7 @@ def _last_logprobs_and_greedy(llm):
 
 @pytest.fixture(scope="module")
 def fp32_reference(gguf_path):
-    llm = LLM(gguf_path, backend="eager", num_blocks=64)
+    llm = LLM(gguf_path, backend="eager", num_blocks=64, max_model_len=MAX_MODEL_LEN)
     out = _last_logprobs_and_greedy(llm)
     del llm                 # one model resident at a time
     return out
@@ -314,7 +318,7 @@ def fp32_reference(gguf_path):
 def int4(gguf_path):
     # dtype None means bfloat16 in int4 mode
     return LLM(gguf_path, backend="eager", quantization="int4", num_blocks=128,
-               max_num_seqs=4, max_num_batched_tokens=64)
+               max_num_seqs=4, max_num_batched_tokens=64, max_model_len=MAX_MODEL_LEN)
 
 
 def test_int4_model_is_close_to_float32(int4, fp32_reference):
