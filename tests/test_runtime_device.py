@@ -77,10 +77,12 @@ def test_tensors_follow_the_model_device(tiny_dir):
         assert t.device == llm.device
 
 
-def test_generate_cli_rejects_an_unknown_device():
-    res = subprocess.run([sys.executable, "-m", "kernelforge.cli", "generate", "hi",
-                          "--device", "nosuchdevice", "--max-tokens", "1"],
+@pytest.mark.parametrize("cmd, prefix", [(["generate", "hi", "--max-tokens", "1"], "kernelforge"),
+                                         (["serve", "--port", "0"], "kernelforge serve")])
+def test_cli_rejects_an_unknown_device(cmd, prefix):
+    res = subprocess.run([sys.executable, "-m", "kernelforge.cli", *cmd,
+                          "--device", "nosuchdevice"],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2, res.stdout + res.stderr
-    assert "kernelforge: device: 'nosuchdevice' is not a device torch knows" in res.stderr
+    assert f"{prefix}: device: 'nosuchdevice' is not a device torch knows" in res.stderr
     assert "Traceback" not in res.stderr
