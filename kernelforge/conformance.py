@@ -167,7 +167,7 @@ def resolve_device(device: str) -> torch.device:
     from . import devices
     try:
         devices.load_plugin(str(device).split(":")[0])
-    except ImportError as e:
+    except RuntimeError as e:
         raise ValueError(f"conformance: {e}") from None
     try:
         return torch.device(device)

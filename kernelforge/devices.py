@@ -88,7 +88,8 @@ def announced() -> dict:
 def load_plugin(name: str) -> bool:
     """Import the plug-in announced for device ``name`` unless torch knows the
     name already; whether one was imported. A plug-in that fails to import
-    raises ImportError naming its package."""
+    raises RuntimeError naming its package (not ImportError: a missing
+    optional dependency of kernelforge itself is reported differently)."""
     if _privateuse1() == name or name in ("cpu", "cuda", "meta", "xpu", "mps", "hip", "mtia"):
         return False
     ep = announced().get(name)
@@ -98,7 +99,7 @@ def load_plugin(name: str) -> bool:
         importlib.import_module(ep.value.split(":")[0])
     except Exception as e:
         dist = getattr(getattr(ep, "dist", None), "name", "?")
-        raise ImportError(f"the plug-in of device {name!r} ({ep.value}, from {dist}) failed "
+        raise RuntimeError(f"the plug-in of device {name!r} ({ep.value}, from {dist}) failed "
                           f"to import: {type(e).__name__}: {e}") from e
     return True
 

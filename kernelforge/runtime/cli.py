@@ -38,7 +38,7 @@ def _engine(args):
         llm = LLM(args.model, backend=args.backend, dtype=args.dtype, max_num_seqs=1,
                   quantization=args.quantization, device=args.device,
                   progress=sys.stderr.isatty())
-    except (ValueError, FileNotFoundError, RuntimeError, ImportError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"kernelforge: {e}", file=sys.stderr)
         return None, None
     return llm, params

@@ -69,7 +69,7 @@ def cmd_serve(args) -> int:
                   max_num_batched_tokens=args.max_num_batched_tokens,
                   quantization=args.quantization, device=args.device,
                   progress=sys.stderr.isatty())
-    except (ValueError, FileNotFoundError, RuntimeError, ImportError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"kernelforge serve: {e}", file=sys.stderr)
         return 2
     name = args.served_model_name or served_name(args.model)
