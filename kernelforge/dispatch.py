@@ -9,6 +9,7 @@ import warnings
 import torch
 
 from . import cache, config
+from .dynamo_marks import constant_result
 from .backends import registry
 from .ir import dtypes as dt
 
@@ -254,7 +255,7 @@ def kernel_factory(fn):
     key instead of tracing the kernel's construction."""
     cached = functools.lru_cache(maxsize=None)(fn)
 
-    @torch._dynamo.assume_constant_result
+    @constant_result
     def key_of(*args) -> str:
         key = "k" + cache.digest(f"{fn.__module__}.{fn.__qualname__}{args!r}")[:32]
         setattr(_FACTORIES, key, cached(*args))
@@ -269,13 +270,13 @@ def kernel_factory(fn):
     return factory
 
 
-@torch._dynamo.assume_constant_result
+@constant_result
 def _planned(kdef) -> bool:
     _plan(kdef)
     return True
 
 
-@torch._dynamo.assume_constant_result
+@constant_result
 def _torch_lowering(kdef, dtypes: tuple, sizes: tuple) -> str:
     """Build (outside the trace, while tracing) the torch printer's function
     for a specialisation and return its name in _LOWERINGS; the trace then

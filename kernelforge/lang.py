@@ -21,6 +21,7 @@ from typing import Callable
 
 import torch
 
+from .dynamo_marks import constant_result
 from .ir.builder import as_node, caller_loc, node, trace, tracer
 from .ir.dtypes import DType, bf16, bool_, f16, f32, f64, i32, i64, u32  # noqa: F401
 from .ir.errors import KernelError
@@ -139,17 +140,34 @@ class KernelDef:
         return str(self.specialize())
 
 
-class KernelInTraceError(KernelError, torch._dynamo.exc.UserError):
-    """A kernel built while torch.compile traces (a KernelError that Dynamo
-    passes on to the caller as it is, instead of wrapping it as its own)."""
+def _kernel_in_trace_error_class():
+    """``KernelInTraceError``, built on first use: its base is Dynamo's
+    UserError, and importing Dynamo takes seconds that a process which never
+    compiles should not pay (``kernelforge generate``'s start-up)."""
+    cls = globals().get("_KernelInTraceError")
+    if cls is None:
+        import torch._dynamo
 
-    def __init__(self, message: str, loc: SrcLoc):
-        torch._dynamo.exc.UserError.__init__(
-            self, torch._dynamo.exc.UserErrorType.ANTI_PATTERN, f"{loc}: {message}")
-        self.loc, self.reason = loc, message
+        class KernelInTraceError(KernelError, torch._dynamo.exc.UserError):
+            """A kernel built while torch.compile traces (a KernelError that Dynamo
+            passes on to the caller as it is, instead of wrapping it as its own)."""
+
+            def __init__(self, message: str, loc: SrcLoc):
+                torch._dynamo.exc.UserError.__init__(
+                    self, torch._dynamo.exc.UserErrorType.ANTI_PATTERN, f"{loc}: {message}")
+                self.loc, self.reason = loc, message
+
+        KernelInTraceError.__module__ = __name__
+        cls = globals()["_KernelInTraceError"] = KernelInTraceError
+    return cls
 
 
-@torch._dynamo.assume_constant_result
+def __getattr__(name: str):
+    if name == "KernelInTraceError":
+        return _kernel_in_trace_error_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def _refuse_in_trace(name: str, file: str, line: int) -> bool:
     """Run by Dynamo outside the trace when a kernel is built inside one (it
     cannot trace ``inspect``, nor should it trace tracing). Under
@@ -162,11 +180,14 @@ def _refuse_in_trace(name: str, file: str, line: int) -> bool:
         one_graph = True
     if not one_graph:
         return True
-    raise KernelInTraceError(
+    raise _kernel_in_trace_error_class()(
         f"kernel `{name}` is built inside a torch.compile(fullgraph=True) trace; build "
         "kernel variants outside it: define the kernel at module level, or make it in a "
         "factory decorated with kernelforge.dispatch.kernel_factory, which builds it "
         "outside the trace and hands the trace a key", SrcLoc(file, line))
+
+
+constant_result(_refuse_in_trace)      # Dynamo runs it outside the trace
 
 
 def _def_loc(fn) -> SrcLoc:
