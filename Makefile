@@ -1,7 +1,7 @@
 # The two set-up commands of the README. Each installs what it needs first.
 PY ?= python3
 
-.PHONY: install generate demo test bench bench-runtime gpu-check gpu-wheels
+.PHONY: install generate demo test bench bench-runtime report gpu-check gpu-wheels
 install:
 	$(PY) -m pip install -q "torch==2.13.0"
 	$(PY) -m pip install -q -e ".[test]"
@@ -39,6 +39,12 @@ bench: install
 BENCH_ARGS ?=
 bench-runtime: install
 	$(PY) bench/runtime_peers.py $(BENCH_ARGS)
+
+# the charts in docs/images from the benches' JSON in bench/.results (git-ignored):
+# pytest bench/... --benchmark-only --benchmark-json bench/.results/NAME.json, and
+# bench/test_serving_bench.py's bench/.results/serving.json (docs/benchmarks.md, "Charts")
+report:
+	$(PY) -m kernelforge.cli report bench/.results/*.json --out docs/images
 
 gpu-check:
 	bash tools/gpu_check.sh

@@ -246,6 +246,19 @@ def json_safe(x):
     return x
 
 
+def cpu_name() -> Optional[str]:
+    """This machine's CPU model (/proc/cpuinfo), for the results' meta: the charts
+    of ``kernelforge report`` name the machine a run was measured on."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
 def free_port() -> int:
     """A loopback port nobody listens on now (for a server about to start)."""
     with socket.socket() as s:
@@ -356,7 +369,7 @@ def main(argv=None) -> int:
         print(level_line(lv), flush=True)
     if args.json:
         meta = {k: v for k, v in vars(args).items() if k not in ("json", "api_key")}
-        meta.update(model=model, time=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        meta.update(model=model, time=time.strftime("%Y-%m-%dT%H:%M:%S"), cpu=cpu_name())
         with open(args.json, "w") as f:
             json.dump(json_safe({"meta": meta, "levels": levels}), f, indent=1)
     return 1 if any(lv["failed"] for lv in levels) else 0

@@ -2,7 +2,7 @@
 OpenAI client (bench/serving_load.py), on this CPU.
 
     pytest bench/test_serving_bench.py --benchmark-only -s
-    python bench/plot_serving.py bench/.results/serving.json --out docs/images
+    kernelforge report bench/.results/serving.json --out docs/images
 
 Both servers run as subprocesses on free loopback ports, on the same weights
 in bf16: kernelforge on the default GGUF (SmolLM2-135M-Instruct Q4_1), vLLM
@@ -250,8 +250,8 @@ def servers(prompts):
                                 f"{s.tail()}")
         _RUN["meta"] = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "cpu_count": os.cpu_count(),
-            "loadavg_start": _loadavg(), "rounds": ROUNDS, "max_tokens": MAX_TOKENS,
-            "dtype": DTYPE,
+            "cpu": load.cpu_name(), "loadavg_start": _loadavg(), "rounds": ROUNDS,
+            "max_tokens": MAX_TOKENS, "dtype": DTYPE,
             "concurrency": list(CONCURRENCY), "requests_per_client": REQUESTS_PER_CLIENT,
             "min_requests": MIN_REQUESTS,
             "prompts": {"seed": PROMPT_SEED, "n": len(prompts),

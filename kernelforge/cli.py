@@ -8,6 +8,7 @@
     kernelforge demo                        the RMSNorm family on every backend
     kernelforge generate "prompt"           text from the default model, streamed
     kernelforge chat                        a chat with it (its chat template)
+    kernelforge report F.json --out DIR     charts from pytest-benchmark JSON (matplotlib)
 """
 from __future__ import annotations
 
@@ -155,6 +156,8 @@ def main(argv=None) -> int:
     runtime_cli.add_parsers(sub)
     from .server import cli as server_cli
     server_cli.add_parser(sub)
+    from . import report
+    report.add_parser(sub)
     args = p.parse_args(argv)
     # the commands that need an extra: (how to run them, the extra, its modules)
     extras = {"generate": (runtime_cli.cmd_generate, "runtime", _RUNTIME_EXTRA),
@@ -175,6 +178,8 @@ def main(argv=None) -> int:
         return demo(args.rows, args.hidden)
     if args.cmd == "conformance":
         return conformance.main(args)
+    if args.cmd == "report":
+        return report.main(args)
     if args.cmd == "new-op":
         from .new_op import main as new_op
         return new_op(args.name, args.root)
