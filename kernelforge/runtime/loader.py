@@ -8,6 +8,7 @@ read with pickle.
 from __future__ import annotations
 
 import json
+from collections import Counter
 import re
 import stat
 from pathlib import Path
@@ -18,7 +19,8 @@ import torch
 
 from . import config as cfg_mod
 from . import tokenizer as tok_mod
-from .quant import unpack_q4_1
+from . import gguf_file
+from .quant import Q4_TYPES, dequantize_q8_0, unpack_q4
 
 _GGUF_MAGIC = b"GGUF"
 
@@ -85,68 +87,71 @@ def _progress(it, total, desc, show):
     return tqdm(it, total=total, desc=desc, unit="tensor", leave=False)
 
 
+def _dequantize(t: gguf_file.GGUFTensor) -> np.ndarray:
+    """A tensor's values as a fresh, writable, C-contiguous float32 array (the
+    types of common GGUFs decoded here, vectorized; the rest by ``gguf``)."""
+    kind = t.tensor_type.name
+    if kind in Q4_TYPES:
+        return unpack_q4(t.data, t.shape, kind).dequantize().numpy()
+    if kind == "Q8_0":
+        return dequantize_q8_0(t.data, t.shape)
+    if kind in ("F32", "F16"):
+        return np.array(t.data, dtype=np.float32, order="C", copy=True)
+    import gguf
+    a = gguf.quants.dequantize(t.data, t.tensor_type)
+    return np.array(a, dtype=np.float32, order="C", copy=True).reshape(t.shape)
+
+
 def load_gguf(path, *, unpermute: bool = True, progress: bool = False,
               keep_quantized: bool = False):
     """(ModelConfig, {hf_name: float32 tensor}, TextTokenizer) from a GGUF file.
 
     ``unpermute=False`` keeps llama.cpp's interleaved q/k rows (then the model must
     rotate GPT-J style, ``is_neox=False``); the default restores the HF layout.
-    ``keep_quantized=True`` returns Q4_1 tensors as ``quant.Q4_1Weight`` (their
-    q, d and m exactly as stored, rows un-permuted like the float ones) for
-    ``LlamaModel(quantization="int4")``; every other type is dequantized as usual.
+    ``keep_quantized=True`` returns Q4_1 and Q4_0 tensors as ``quant.Q4_1Weight``
+    (their q, d and m exactly as stored, rows un-permuted like the float ones)
+    for ``LlamaModel(quantization="int4")``; every other type is dequantized.
     """
-    import gguf
+    import gguf  # noqa: F401  (here, not in the read: a missing extra is an ImportError)
 
     path = _regular_file(Path(path), "model file")
     with open(path, "rb") as f:
         if f.read(4) != _GGUF_MAGIC:
             raise ValueError(f"{path} is not a GGUF file (bad magic)")
     try:
-        reader = gguf.GGUFReader(path)
-    except Exception as e:  # truncated or corrupt files fail inside the reader
+        meta, gguf_tensors = gguf_file.read(path)
+    except Exception as e:  # truncated or corrupt files
         raise ValueError(f"cannot read GGUF file {path}: {e}") from e
-    meta = {}
-    for name, field in reader.fields.items():
-        if name.startswith("GGUF."):
-            continue
-        meta[name] = field.contents()
-    # the reader keeps every metadata value as small numpy arrays (~160 MB for a
-    # 49k-token vocabulary); they are copied out, so drop them before dequantizing
-    reader.fields.clear()
-    names = {t.name for t in reader.tensors}
+    names = {t.name for t in gguf_tensors}
     try:
         config = cfg_mod.from_gguf_metadata(meta, names)
     except (KeyError, TypeError) as e:
         raise ValueError(f"{path} lacks model metadata: {type(e).__name__}: {e}") from e
     except ValueError as e:
         raise ValueError(f"{path} has unusable model metadata: {e}") from e
+    types = Counter(t.tensor_type.name for t in gguf_tensors
+                    if t.name.startswith("blk.") and len(t.shape) == 2)
+    config.weight_type = types.most_common(1)[0][0] if types else None
     tokenizer = tok_mod.from_gguf_metadata(meta)
     del meta
     qk_permuted = config.arch in ("llama", "mistral")     # llama.cpp permutes only these
     tensors = {}
-    for t in _progress(reader.tensors, len(reader.tensors), "loading GGUF", progress):
+    for t in _progress(gguf_tensors, len(gguf_tensors), "loading GGUF", progress):
         if t.name == "rope_freqs.weight":       # llama3-style per-frequency divisors
             tensors["rope_freqs"] = torch.from_numpy(np.array(t.data, dtype=np.float32))
             continue
         hf = gguf_to_hf_name(t.name)
         if hf is None:
             raise ValueError(f"unexpected tensor {t.name!r} in {path}")
-        if keep_quantized and t.tensor_type == gguf.GGMLQuantizationType.Q4_1:
-            shape = gguf.quants.quant_shape_from_byte_shape(t.data.shape, t.tensor_type)
-            w = unpack_q4_1(t.data, tuple(shape))
+        if keep_quantized and t.tensor_type.name in Q4_TYPES:
+            w = unpack_q4(t.data, t.shape, t.tensor_type.name)
             if qk_permuted and unpermute and (".q_proj." in hf or ".k_proj." in hf):
                 # the blocks run along K: permuting rows moves whole blocks
                 heads = config.num_heads if ".q_proj." in hf else config.num_kv_heads
                 w = w.map_rows(lambda r: unpermute_qk(r, heads))
             tensors[hf] = w
             continue
-        a = gguf.quants.dequantize(t.data, t.tensor_type)
-        if (a.dtype != np.float32 or not a.flags.c_contiguous or not a.flags.writeable
-                or np.may_share_memory(a, reader.data)):
-            # a copy: F32 tensors come back as read-only views of the memory-mapped
-            # file; quantized ones are dequantized into fresh arrays (no second copy)
-            a = np.array(a, dtype=np.float32, order="C", copy=True)
-        w = torch.from_numpy(a)
+        w = torch.from_numpy(_dequantize(t))
         if qk_permuted and unpermute and (".q_proj." in hf or ".k_proj." in hf):
             w = unpermute_qk(w, config.num_heads if ".q_proj." in hf else config.num_kv_heads)
         tensors[hf] = w

@@ -18,10 +18,10 @@ from kernelforge.kernels.attention import HEAD_SIZES
 
 from . import hugepages
 from .config import ModelConfig
-from .quant import Int4Linear, Int8Linear, Q4_1Weight, as_q4_1, tensor_bytes
+from .quant import Int4Linear, Int8Linear, Q4_1Weight, RowSplitLinear, as_q4_1, tensor_bytes
 
 #: values of LlamaModel(quantization=...)
-QUANTIZATIONS = (None, "int4")
+QUANTIZATIONS = (None, "int4", "int8")
 
 
 @dataclass
@@ -90,11 +90,13 @@ def _tensors(*items) -> list:
 
 class _Layer:
     """One decoder layer's weights. The matrices are dense ``dtype`` tensors, or
-    with ``quantization="int4"`` Int4Linear layers (a qkv bias then lives in
+    with ``quantization`` Int4Linear / Int8Linear layers (RowSplitLinear ones
+    with a dense copy when ``dense_from_rows`` is set; a qkv bias then lives in
     the qkv layer and ``qkv_bias`` is None); norms and biases stay ``dtype``."""
 
     def __init__(self, w: dict, p: str, c: ModelConfig, dtype,
-                 quantization: Optional[str] = None, device=None):
+                 quantization: Optional[str] = None, device=None,
+                 dense_from_rows: Optional[int] = None, dense_dtype=None):
         H, q, kv, inter = (c.hidden_size, c.num_heads * c.head_dim,
                            c.num_kv_heads * c.head_dim, c.intermediate_size)
 
@@ -103,14 +105,21 @@ class _Layer:
 
         def matrix(names, rows, cols, bias=None):
             """The row concatenation of weights ``names`` ([rows_i, cols] each):
-            dense, or an Int4Linear holding ``bias``. The Q4_1 blocks run along
-            cols, so concatenating q, d and m row-wise fuses the quantized
+            dense, or a quantized layer holding ``bias``. The Q4_1 blocks run
+            along cols, so concatenating q, d and m row-wise fuses the quantized
             matrices exactly as the dense ones."""
             if quantization is None:
                 ts = [get(n, r, cols) for n, r in zip(names, rows)]
                 return ts[0] if len(ts) == 1 else torch.cat(ts)    # no copy of a single one
-            parts = [as_q4_1(_take_raw(w, p + n, (r, cols))) for n, r in zip(names, rows)]
-            return Int4Linear(Q4_1Weight.cat(parts), bias)
+            parts = [_take_raw(w, p + n, (r, cols)) for n, r in zip(names, rows)]
+            if quantization == "int4":
+                layer = Int4Linear(Q4_1Weight.cat([as_q4_1(t) for t in parts]), bias)
+            else:
+                layer = Int8Linear(torch.cat([_dense(t, torch.float32) for t in parts]), bias)
+            if dense_from_rows is None:
+                return layer
+            return RowSplitLinear(layer, torch.cat([_dense(t, dense_dtype) for t in parts]),
+                                  dense_from_rows)
 
         self.input_norm = get("input_layernorm.weight", H)
         self.post_norm = get("post_attention_layernorm.weight", H)
@@ -152,14 +161,19 @@ class LlamaModel:
             (i, i + d/2); right for llama-arch GGUF q/k rows left permuted.
         max_model_len: positions the rotary cache covers.
         checks: let the ops verify positions, slots and block tables (host syncs).
-        quantization: None (dense ``dtype`` weights) or "int4": weight-only
-            quantization for CPU decode (needs dtype=torch.bfloat16, the
-            activations torch's int4/int8 kernels take). The layer matrices
-            become ``quant.Int4Linear`` (GGUF Q4_1 blocks exactly, when the
-            weights hold ``Q4_1Weight``s, ``load(..., keep_quantized=True)``;
-            other weights quantized with Q4_1's scheme); the lm_head an
-            ``Int8Linear`` (per-row absmax); the embedding table, norms, biases
-            and rotary table stay as without quantization.
+        quantization: None (dense ``dtype`` weights), "int4" or "int8":
+            weight-only quantization for CPU decode (dtype float32 or bfloat16;
+            the kernels compute on bf16 activations). With "int4" the layer
+            matrices become ``quant.Int4Linear`` (GGUF Q4_1/Q4_0 blocks exactly,
+            when the weights hold ``Q4_1Weight``s, ``load(..., keep_quantized=True)``;
+            other weights quantized with Q4_1's scheme), with "int8"
+            ``quant.Int8Linear`` (per-row absmax); the lm_head an Int8Linear
+            either way; the embedding table, norms, biases and rotary table
+            stay as without quantization.
+        dense_from_rows: with ``quantization``, also keep a dense ``dtype`` copy
+            of each quantized matrix, used for inputs of at least this many
+            rows (``quant.RowSplitLinear``); None: quantized only.
+        dense_dtype: the dtype of those copies (default ``dtype``).
         huge_pages: the dense weights (and ``allocate_kv_cache``'s caches) on
             2 MB pages where the OS gives them (``hugepages.py``); CPU only
             (ignored on another device).
@@ -172,14 +186,19 @@ class LlamaModel:
                  backend: Optional[str] = None, rope_interleaved: bool = False,
                  max_model_len: Optional[int] = None, checks: bool = True,
                  quantization: Optional[str] = None, huge_pages: bool = True,
-                 device=None):
+                 device=None, dense_from_rows: Optional[int] = None, dense_dtype=None):
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, not {dtype}")
         if quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
-        if quantization is not None and dtype != torch.bfloat16:
-            raise ValueError(f"quantization={quantization!r} needs dtype torch.bfloat16 (torch's "
-                             f"int4/int8 CPU kernels take bf16 activations), got {dtype}")
+        if quantization is not None and dtype not in (torch.bfloat16, torch.float32):
+            raise ValueError(f"quantization={quantization!r} needs dtype torch.bfloat16 or "
+                             f"torch.float32 (torch's int4/int8 CPU kernels compute on bf16 "
+                             f"activations), got {dtype}")
+        if dense_from_rows is not None and (quantization is None or not isinstance(
+                dense_from_rows, int) or isinstance(dense_from_rows, bool) or dense_from_rows < 1):
+            raise ValueError(f"dense_from_rows must be an int >= 1 with a quantization, got "
+                             f"{dense_from_rows!r} (quantization={quantization!r})")
         self.device = dev = devices.resolve(device)
         if quantization is not None and dev.type != "cpu":
             raise ValueError(f"quantization={quantization!r} runs torch's int4/int8 CPU kernels: "
@@ -198,8 +217,9 @@ class LlamaModel:
         embed = _take_raw(w, "model.embed_tokens.weight", (V, H))
         self.embed = _dense(embed, dtype, dev)
         self.norm = _take(w, "model.norm.weight", (H,), dtype, dev)
-        self.layers = [_Layer(w, f"model.layers.{i}.", c, dtype, quantization, dev)
-                       for i in range(c.num_layers)]
+        dense_dtype = dense_dtype or dtype
+        self.layers = [_Layer(w, f"model.layers.{i}.", c, dtype, quantization, dev,
+                              dense_from_rows, dense_dtype) for i in range(c.num_layers)]
         tied = c.tie_embeddings or "lm_head.weight" not in w
         if tied:
             w.pop("lm_head.weight", None)
@@ -215,6 +235,10 @@ class LlamaModel:
             # prompt (docs/runtime.md, "Weight-only int4")
             src = embed if tied else _take_raw(w, "lm_head.weight", (V, H))
             self.lm_head = Int8Linear(src.dequantize() if isinstance(src, Q4_1Weight) else src)
+            if dense_from_rows is not None:       # a tied head's dense copy is the table
+                dense = (self.embed if tied and self.embed.dtype == dense_dtype
+                         else _dense(src, dense_dtype, dev))
+                self.lm_head = RowSplitLinear(self.lm_head, dense, dense_from_rows)
             del src
         del embed
         self.cos_sin = self._rope_cache(w.pop("rope_freqs", None)).to(dev)

@@ -9,10 +9,14 @@ torch's CPU weight-only kernels on bf16 activations:
   ``Q4_1Weight``: the GGUF's own Q4_1 blocks (taken exactly) or a float weight
   quantized here with Q4_1's scheme (``quantize_q4_1``).
 * ``Int8Linear``: ``torch.ops.aten._weight_int8pack_mm``, int8 weights with one
-  bf16 scale per output row (symmetric absmax), for the lm_head.
+  bf16 scale per output row (symmetric absmax): the lm_head, and the layers of
+  a Q8_0 GGUF.
+* ``RowSplitLinear``: one of those for inputs of few rows and a dense copy of
+  the same weight for many (a batch, a prefill chunk).
 
-Both kernels want bf16 activations (fp32 ones run far slower: docs/runtime.md,
-"Weight-only int4") and give bf16.
+Both kernels compute on bf16 activations (fp32 ones into the kernel itself
+run far slower: docs/runtime.md, "Weight-only int4"); a float32 model's
+activations are rounded to bf16 going in and widened coming out.
 Each output row depends only on its own input row (checked for M = 1..70 in
 tests/test_runtime_quant.py), so batching does not change a request's result.
 """
@@ -90,29 +94,57 @@ def _check_k(K: int, what: str) -> None:
                          f"{GROUP}, got K={K}")
 
 
-def unpack_q4_1(blocks, shape: tuple) -> Q4_1Weight:
-    """A Q4_1Weight from the raw bytes of a GGUF Q4_1 tensor.
+#: GGUF types whose blocks become a Q4_1Weight exactly (Q4_0: w = d * (q - 8), so m = -8d)
+Q4_TYPES = ("Q4_0", "Q4_1")
 
-    A block is 20 bytes: fp16 d, fp16 m, then 16 bytes of nibbles; byte j holds
-    weight j in its low nibble and weight j + 16 in its high nibble (ggml's
-    block_q4_1 layout, as gguf.quants.Q4_1 reads it).
+
+def unpack_q4(blocks, shape: tuple, kind: str = "Q4_1") -> Q4_1Weight:
+    """A Q4_1Weight from the raw bytes of a GGUF Q4_1 or Q4_0 tensor.
+
+    A Q4_1 block is 20 bytes: fp16 d, fp16 m, then 16 bytes of nibbles; byte j
+    holds weight j in its low nibble and weight j + 16 in its high nibble
+    (ggml's block_q4_1 layout, as gguf.quants.Q4_1 reads it). A Q4_0 block is
+    18 bytes, fp16 d and the same nibbles, meaning ``d * (q - 8)``: m = -8d,
+    exact in float32 (d has 11 significant bits), as is every ``d * q + m``.
 
     Args:
         blocks: uint8 numpy array of the tensor's bytes (any shape).
         shape: (N, K), the Hugging Face shape of the weight.
+        kind: "Q4_1" or "Q4_0".
     Returns:
         The tensor's q, d and m, without any rounding.
     """
     import numpy as np
 
+    if kind not in Q4_TYPES:
+        raise ValueError(f"kind must be one of {Q4_TYPES}, got {kind!r}")
     N, K = shape
-    _check_k(K, f"Q4_1 tensor of shape {shape}")
-    b = np.ascontiguousarray(blocks, dtype=np.uint8).reshape(N, K // GROUP, 20)
+    _check_k(K, f"{kind} tensor of shape {shape}")
+    size = 20 if kind == "Q4_1" else 18
+    b = np.ascontiguousarray(blocks, dtype=np.uint8).reshape(N, K // GROUP, size)
     d = np.ascontiguousarray(b[..., 0:2]).view(np.float16)[..., 0].astype(np.float32)
-    m = np.ascontiguousarray(b[..., 2:4]).view(np.float16)[..., 0].astype(np.float32)
-    qs = b[..., 4:]
+    if kind == "Q4_1":
+        m = np.ascontiguousarray(b[..., 2:4]).view(np.float16)[..., 0].astype(np.float32)
+    else:
+        m = -8 * d
+    qs = b[..., size - 16:]
     q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(N, K)
     return Q4_1Weight(torch.from_numpy(q), torch.from_numpy(d), torch.from_numpy(m))
+
+
+def unpack_q4_1(blocks, shape: tuple) -> Q4_1Weight:
+    """``unpack_q4(blocks, shape, "Q4_1")``."""
+    return unpack_q4(blocks, shape, "Q4_1")
+
+
+def dequantize_q8_0(blocks, shape: tuple):
+    """float32 numpy [*shape] from a GGUF Q8_0 tensor's bytes: 34-byte blocks of
+    fp16 d and 32 int8 q, ``w = d * q`` (exact in float32, as gguf computes it)."""
+    import numpy as np
+
+    b = np.ascontiguousarray(blocks, dtype=np.uint8).reshape(-1, 34)
+    d = np.ascontiguousarray(b[:, 0:2]).view(np.float16).astype(np.float32)
+    return (d * b[:, 2:].view(np.int8)).reshape(shape)
 
 
 def quantize_q4_1(w: torch.Tensor) -> Q4_1Weight:
@@ -195,16 +227,15 @@ class Int4Linear:
         self.bias = bias
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., K] bfloat16 -> [..., N] bfloat16 (fp32 accumulation, one rounding,
-        plus one more when a bias is added)."""
-        if x.dtype != torch.bfloat16:
-            raise ValueError(f"Int4Linear input must be bfloat16, got {x.dtype}")
-        x2 = x.reshape(-1, self.in_features).contiguous()
+        """x [..., K] bfloat16 or float32 -> [..., N] in x's dtype: fp32
+        accumulation, one rounding to bf16 (plus one when a bias is added); a
+        float32 x is rounded to bf16 going in (the kernel's input type)."""
+        x2 = _kernel_input(x, "Int4Linear", self.in_features)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, GROUP,
                                                        self.scales_and_zeros)
         if self.bias is not None:
             y = y + self.bias
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def tensors(self) -> list:
         """The tensors this layer holds (for byte counts)."""
@@ -216,37 +247,88 @@ class Int4Linear:
 
 
 class Int8Linear:
-    """``y = x @ w.T`` with w stored as int8, one bf16 scale per output row.
+    """``y = x @ w.T + bias`` with w stored as int8, one bf16 scale per output row.
 
-    Used for the lm_head: per-row symmetric absmax requantization of the
-    (dequantized) head weight, ``scale = max|w_row| / 127``.
+    Per-row symmetric absmax requantization of a (dequantized) weight,
+    ``scale = max|w_row| / 127``: the lm_head of the int4 mode, and the layer
+    matrices of a Q8_0 GGUF (``quantization="int8"``).
 
     Args:
         weight: float tensor [N, K].
+        bias: optional [N] tensor, kept in its dtype (bf16 in the model).
     """
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None):
         w = weight.float()
         self.in_features, self.out_features = w.shape[1], w.shape[0]
+        if bias is not None and tuple(bias.shape) != (self.out_features,):
+            raise ValueError(f"Int8Linear bias must have shape ({self.out_features},), got "
+                             f"{tuple(bias.shape)}")
         # quantize against the bf16 scale the kernel uses, so it computes q * scale exactly
         scale = (w.abs().amax(dim=1) / 127).bfloat16()
         s = scale.float()
         s = torch.where(s > 0, s, torch.ones_like(s))      # an all-zero row: q = 0
         self.q = (w / s[:, None]).round().clamp(-127, 127).to(torch.int8).contiguous()
         self.scales = scale.contiguous()
+        self.bias = bias
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., K] bfloat16 -> [..., N] bfloat16 (fp32 accumulation, one rounding)."""
-        if x.dtype != torch.bfloat16:
-            raise ValueError(f"Int8Linear input must be bfloat16, got {x.dtype}")
-        x2 = x.reshape(-1, self.in_features).contiguous()
+        """x [..., K] bfloat16 or float32 -> [..., N] in x's dtype (fp32
+        accumulation, one rounding to bf16; a float32 x is rounded to bf16 going in)."""
+        x2 = _kernel_input(x, "Int8Linear", self.in_features)
         y = torch.ops.aten._weight_int8pack_mm(x2, self.q, self.scales)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def tensors(self) -> list:
         """The tensors this layer holds (for byte counts)."""
-        return [self.q, self.scales]
+        return [t for t in (self.q, self.scales, self.bias) if t is not None]
 
     def nbytes(self) -> int:
-        """Bytes of the int8 weight and the scales."""
+        """Bytes of the int8 weight, the scales and the bias."""
+        return tensor_bytes(self.tensors())
+
+
+def _kernel_input(x: torch.Tensor, what: str, K: int) -> torch.Tensor:
+    """x as the weight-only kernels take it: bf16, contiguous [M, K]."""
+    if x.dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"{what} input must be bfloat16 or float32, got {x.dtype}")
+    return x.reshape(-1, K).to(torch.bfloat16).contiguous()
+
+
+class RowSplitLinear:
+    """A quantized layer for inputs of few rows, a dense copy for many.
+
+    torch's weight-only CPU kernels run one matrix-vector product per input
+    row: fastest for batch-1 decode, which reads every weight once per token,
+    but slower than a dense matmul once a batch or a prefill chunk has enough
+    rows (docs/runtime.md, "Fast defaults"). Both compute the same weights.
+
+    Args:
+        quantized: an Int4Linear or Int8Linear (holding the bias, if any).
+        dense: the same weight, dequantized, [N, K], in the dtype dense
+            matmuls are fastest in on this CPU (``defaults.dense_dtype``);
+            inputs are cast to it and the result back.
+        dense_from_rows: inputs of at least this many rows take the dense matmul.
+    """
+
+    def __init__(self, quantized, dense: torch.Tensor, dense_from_rows: int):
+        self.quantized, self.dense, self.dense_from_rows = quantized, dense, dense_from_rows
+        self.in_features, self.out_features = quantized.in_features, quantized.out_features
+        self.bias = None if quantized.bias is None else quantized.bias.to(dense.dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, K] -> [T, N] in x's dtype."""
+        if x.shape[0] >= self.dense_from_rows:
+            y = torch.nn.functional.linear(x.to(self.dense.dtype), self.dense, self.bias)
+            return y.to(x.dtype)
+        return self.quantized(x)
+
+    def tensors(self) -> list:
+        """The tensors this layer holds (for byte counts)."""
+        return self.quantized.tensors() + [t for t in (self.dense, self.bias) if t is not None]
+
+    def nbytes(self) -> int:
+        """Bytes of both copies."""
         return tensor_bytes(self.tensors())
