@@ -421,7 +421,7 @@ def test_truncated_default_model_file(tmp_path):
 
 
 @pytest.mark.parametrize("kw, match", [
-    (dict(dtype="int8"), "dtype must be one of"), (dict(max_num_seqs=0), "max_num_seqs"),
+    (dict(dtype="int8"), "dtype must be 'auto' or one of"), (dict(max_num_seqs=0), "max_num_seqs"),
     (dict(num_blocks=0), "num_blocks"), (dict(block_size=0), "block_size"),
     (dict(max_num_batched_tokens=0), "max_num_batched_tokens"),
     (dict(kv_cache_gb=0), "kv_cache_gb"), (dict(max_model_len=-5), "max_model_len"),
