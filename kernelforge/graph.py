@@ -167,6 +167,13 @@ class _Recorder(TorchDispatchMode):
         self.calls: list = []
         self.launches = self.torch_ops = self.skipped = 0
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # torch otherwise wraps __torch_dispatch__ in a Dynamo "disable", which
+        # imports Dynamo (seconds) on the first capture; this one runs aten ops
+        # and launches (compiled code runs with the modes disabled, above)
+        return False
+
     def launch(self, kdef, args, backend) -> tuple:
         """Run one kernel launch and record it bound to its arguments: outputs
         the op left to dispatch are allocated here, once, and reused."""

@@ -24,8 +24,12 @@ def test_constant_result_matches_torch():
     assert vars(ours) == marks
 
 
-def test_import_does_not_load_dynamo():
-    code = ("import sys, kernelforge.ops, kernelforge.runtime; "
+def test_import_and_a_graph_capture_do_not_load_dynamo():
+    code = ("import sys, torch, kernelforge.ops, kernelforge.runtime\n"
+            "from kernelforge import graph, ops\n"
+            "x, w = torch.randn(2, 64), torch.ones(64)\n"
+            "g = graph.capture(lambda: ops.rms_norm(x, w, 1e-6) * 2)\n"
+            "assert torch.equal(g.replay(), ops.rms_norm(x, w, 1e-6) * 2)\n"
             "print(sorted(m for m in sys.modules if m.startswith('torch._dynamo')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.strip()

@@ -63,6 +63,9 @@ class TritonBackend(Backend):
         return (s.max_block, s.dynamic_block)
 
     def default_priority(self, device):
+        if device.type != "cuda":       # decided without importing triton (~0.2 s)
+            return None, (f"Triton has no native {device.type} target here; the interpreter "
+                          "runs CPU tensors for testing (pass backend='triton')")
         err = triton_import_error()
         if err:
             return None, f"triton is not importable ({err})"

@@ -91,8 +91,9 @@ def print_stats(llm, imported_at) -> None:
     now = process_seconds()
     to_first = None if now is None else now - (time.perf_counter() - st.first_token)
     compile_s = su["build"] + st.build_before
+    load_s = su["load"] + su["init"] - su["build"]      # reading the file, building the model
     fmt = (lambda v: "n/a" if v is None else f"{v:.3f} s")
-    print(f"kernelforge stats: import {fmt(imported_at)} | load {fmt(su['load'])} | "
+    print(f"kernelforge stats: import {fmt(imported_at)} | load {fmt(load_s)} | "
           f"compile {fmt(compile_s)} | first token {fmt(st.prompt_seconds)} | "
           f"to first token {fmt(to_first)}", file=sys.stderr)
     gen = st.generated - 1

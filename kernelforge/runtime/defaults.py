@@ -32,7 +32,7 @@ import torch
 QUANTIZED_TYPES = {"Q4_0": "int4", "Q4_1": "int4", "Q8_0": "int8"}
 #: inputs of at least this many rows take the dense copy (measured crossover,
 #: docs/runtime.md, "Fast defaults")
-DENSE_FROM_ROWS = 8
+DENSE_FROM_ROWS = 16
 
 
 @functools.lru_cache(maxsize=None)

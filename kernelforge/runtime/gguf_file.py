@@ -23,6 +23,7 @@ _DEFAULT_ALIGNMENT = 32
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q",
             11: "q", 12: "d"}
 _STRING, _ARRAY = 8, 9
+_U64 = struct.Struct("<Q")
 # tensor types kept as numbers (GGUFReader's choice too); the rest are raw bytes
 _NUMERIC = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I8": np.int8,
             "I16": np.int16, "I32": np.int32, "I64": np.int64}
@@ -57,6 +58,19 @@ class _Cursor:
         self.pos = end
         return s
 
+    def _strings(self, n: int) -> list:
+        buf, pos, size, out = self.buf, self.pos, len(self.buf), []
+        length = _U64.unpack_from
+        for _ in range(n):
+            (m,) = length(buf, pos)
+            pos += 8
+            if pos + m > size:
+                raise ValueError(f"a string of {m} bytes runs past the end of the file")
+            out.append(buf[pos:pos + m].decode("utf-8", errors="replace"))
+            pos += m
+        self.pos = pos
+        return out
+
     def value(self, vtype: int):
         if vtype in _SCALARS:
             return self.take(_SCALARS[vtype])
@@ -71,6 +85,8 @@ class _Cursor:
                 a = np.frombuffer(self.buf, dt, n, self.pos)
                 self.pos += n * dt.itemsize
                 return a.tolist()
+            if etype == _STRING:            # vocabularies: ~100k strings, one tight loop
+                return self._strings(n)
             return [self.value(etype) for _ in range(n)]
         raise ValueError(f"unknown GGUF metadata value type {vtype}")
 

@@ -94,7 +94,7 @@ def _dequantize(t: gguf_file.GGUFTensor) -> np.ndarray:
     if kind in Q4_TYPES:
         return unpack_q4(t.data, t.shape, kind).dequantize().numpy()
     if kind == "Q8_0":
-        return dequantize_q8_0(t.data, t.shape)
+        return dequantize_q8_0(t.data, t.shape).numpy()
     if kind in ("F32", "F16"):
         return np.array(t.data, dtype=np.float32, order="C", copy=True)
     import gguf

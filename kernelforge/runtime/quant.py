@@ -22,9 +22,11 @@ tests/test_runtime_quant.py), so batching does not change a request's result.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
+import numpy as np
 import torch
 
 #: weights per Q4_1 block (and per int4pack group)
@@ -98,6 +100,15 @@ def _check_k(K: int, what: str) -> None:
 Q4_TYPES = ("Q4_0", "Q4_1")
 
 
+def _bytes(blocks) -> torch.Tensor:
+    """A uint8 tensor over ``blocks`` (numpy bytes, often a read-only view of a
+    memory-mapped file) without a copy; only read: every result is a new tensor."""
+    a = np.ascontiguousarray(blocks, dtype=np.uint8)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(a)
+
+
 def unpack_q4(blocks, shape: tuple, kind: str = "Q4_1") -> Q4_1Weight:
     """A Q4_1Weight from the raw bytes of a GGUF Q4_1 or Q4_0 tensor.
 
@@ -114,22 +125,21 @@ def unpack_q4(blocks, shape: tuple, kind: str = "Q4_1") -> Q4_1Weight:
     Returns:
         The tensor's q, d and m, without any rounding.
     """
-    import numpy as np
-
     if kind not in Q4_TYPES:
         raise ValueError(f"kind must be one of {Q4_TYPES}, got {kind!r}")
     N, K = shape
     _check_k(K, f"{kind} tensor of shape {shape}")
     size = 20 if kind == "Q4_1" else 18
-    b = np.ascontiguousarray(blocks, dtype=np.uint8).reshape(N, K // GROUP, size)
-    d = np.ascontiguousarray(b[..., 0:2]).view(np.float16)[..., 0].astype(np.float32)
+    # torch, not numpy: its elementwise ops use every core (a cold start's bulk)
+    b = _bytes(blocks).reshape(N, K // GROUP, size)
+    d = b[..., 0:2].contiguous().view(torch.float16).squeeze(-1).float()
     if kind == "Q4_1":
-        m = np.ascontiguousarray(b[..., 2:4]).view(np.float16)[..., 0].astype(np.float32)
+        m = b[..., 2:4].contiguous().view(torch.float16).squeeze(-1).float()
     else:
         m = -8 * d
     qs = b[..., size - 16:]
-    q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(N, K)
-    return Q4_1Weight(torch.from_numpy(q), torch.from_numpy(d), torch.from_numpy(m))
+    q = torch.cat([qs & 0x0F, qs >> 4], dim=-1).reshape(N, K)
+    return Q4_1Weight(q, d, m)
 
 
 def unpack_q4_1(blocks, shape: tuple) -> Q4_1Weight:
@@ -137,14 +147,12 @@ def unpack_q4_1(blocks, shape: tuple) -> Q4_1Weight:
     return unpack_q4(blocks, shape, "Q4_1")
 
 
-def dequantize_q8_0(blocks, shape: tuple):
-    """float32 numpy [*shape] from a GGUF Q8_0 tensor's bytes: 34-byte blocks of
+def dequantize_q8_0(blocks, shape: tuple) -> torch.Tensor:
+    """float32 [*shape] from a GGUF Q8_0 tensor's bytes: 34-byte blocks of
     fp16 d and 32 int8 q, ``w = d * q`` (exact in float32, as gguf computes it)."""
-    import numpy as np
-
-    b = np.ascontiguousarray(blocks, dtype=np.uint8).reshape(-1, 34)
-    d = np.ascontiguousarray(b[:, 0:2]).view(np.float16).astype(np.float32)
-    return (d * b[:, 2:].view(np.int8)).reshape(shape)
+    b = _bytes(blocks).reshape(-1, 34)
+    d = b[:, 0:2].contiguous().view(torch.float16).float()
+    return (d * b[:, 2:].contiguous().view(torch.int8)).reshape(shape)
 
 
 def quantize_q4_1(w: torch.Tensor) -> Q4_1Weight:
