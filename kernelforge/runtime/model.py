@@ -280,6 +280,23 @@ class LlamaModel:
         ts += [t for layer in self.layers for t in layer.tensors()]
         return tensor_bytes(ts)
 
+    def weight_bytes_read(self, rows: int = 1) -> int:
+        """Bytes of weights one step of ``rows`` rows reads from memory: every
+        matrix once (a quantized layer's copy for that many rows), the norms,
+        and ``rows`` rows of the embedding table. The numerator of a decode
+        step's memory roofline (bench/test_runtime_bench.py)."""
+        def read(m):
+            if isinstance(m, RowSplitLinear):
+                m = m.dense if rows >= m.dense_from_rows else m.quantized
+            return _tensors(m)
+        ts = read(self.norm) + read(self.lm_head)
+        for layer in self.layers:
+            ts += [t for m in (layer.input_norm, layer.post_norm, layer.qkv, layer.qkv_bias,
+                               layer.o, layer.gate_up, layer.down) for t in read(m)]
+        head_is_table = any(t.data_ptr() == self.embed.data_ptr() for t in read(self.lm_head))
+        rows_read = 0 if head_is_table else rows * self.embed[0].nbytes
+        return tensor_bytes(ts) + rows_read
+
     def allocate_kv_cache(self, num_blocks: int, block_size: int = 16) -> list:
         """One (key_cache, value_cache) pair per layer, [num_blocks, block_size, Hkv, D]."""
         c = self.config
