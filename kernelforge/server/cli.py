@@ -20,8 +20,12 @@ def add_parser(sub) -> None:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--backend", default=None, help="eager, inductor, triton, cpp (default: per device)")
-    s.add_argument("--dtype", default=None, help="float32, bfloat16, float16")
-    s.add_argument("--quantization", default=None, choices=["int4"])
+    s.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto (default): the model's own quantization and this device's fast "
+                        "dtype; float32 is exact fp32, dense (docs/runtime.md, 'Fast defaults')")
+    s.add_argument("--quantization", default="auto", choices=["auto", "none", "int4", "int8"],
+                   help="auto (default): a Q4_0/Q4_1 GGUF as int4, Q8_0 as int8, on a CPU with "
+                        "--dtype auto; none: dense")
     s.add_argument("--device", default=None,
                    help="cpu, cuda, cuda:N or a plug-in device's name (default: CUDA if "
                         "available, else cpu)")
@@ -67,7 +71,8 @@ def cmd_serve(args) -> int:
                   max_num_seqs=args.max_num_seqs, num_blocks=args.kv_cache_blocks,
                   kv_cache_gb=args.kv_cache_gb or 0.5, max_model_len=args.max_model_len,
                   max_num_batched_tokens=args.max_num_batched_tokens,
-                  quantization=args.quantization, device=args.device,
+                  quantization=None if args.quantization == "none" else args.quantization,
+                  device=args.device,
                   progress=sys.stderr.isatty())
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"kernelforge serve: {e}", file=sys.stderr)
