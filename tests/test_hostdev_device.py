@@ -22,6 +22,8 @@ import traceback
 
 import pytest
 
+from child_checks import fail_on_failed, run_child_checks
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MARK = "HOSTDEV-CHECKS "
 CHILD_TIMEOUT = 300
@@ -777,23 +779,11 @@ def child_main() -> None:
 def test_device_and_backend_checks():
     """Every check above, in one child process (one test, so that pytest-xdist
     never starts the child twice); a failure lists each failing check."""
-    try:
-        res = subprocess.run([sys.executable, "-X", "faulthandler", os.path.abspath(__file__),
-                              "--child"], capture_output=True, text=True, cwd=ROOT, env=_env(),
-                             timeout=CHILD_TIMEOUT)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"the hostdev checks hung past {CHILD_TIMEOUT} s:\n{(e.stderr or '')[-4000:]}")
-    lines = [ln for ln in res.stdout.splitlines() if ln.startswith(MARK)]
-    if res.returncode != 0 or not lines:
-        pytest.fail(f"the hostdev checks' process died (exit status {res.returncode}; a "
-                    f"negative one is a signal, e.g. -11 a segfault):\n{res.stderr[-6000:]}")
-    outcomes = json.loads(lines[-1][len(MARK):])
+    outcomes = run_child_checks(os.path.abspath(__file__), mark=MARK, env=_env(), cwd=ROOT,
+                                timeout=CHILD_TIMEOUT, what="the hostdev checks")
     expected = ["entry_point_loads_without_the_device", *CHECKS]
     assert sorted(outcomes) == sorted(expected)
-    failed = {k: v for k, v in outcomes.items() if v is not None}
-    if failed:
-        pytest.fail(f"{len(failed)} of {len(outcomes)} hostdev checks failed: {sorted(failed)}\n\n"
-                    + "\n".join(f"--- {k}\n{v}" for k, v in failed.items()), pytrace=False)
+    fail_on_failed(outcomes, "hostdev checks")
 
 
 def _cli(*args, timeout=240):

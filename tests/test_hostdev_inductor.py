@@ -20,11 +20,12 @@ import contextlib
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 import traceback
 
 import pytest
+
+from child_checks import fail_on_failed, run_child_checks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLUGIN = os.path.join(ROOT, "examples", "kernelforge-hostdev", "kf_hostdev", "inductor.py")
@@ -217,21 +218,9 @@ def test_inductor_on_hostdev(tmp_path):
     env["PYTHONPATH"] = os.pathsep.join([ROOT, *filter(None, [env.get("PYTHONPATH")])])
     env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / "inductor-cache")
     env.pop("KERNELFORGE_BACKEND", None)
-    try:
-        res = subprocess.run([sys.executable, "-X", "faulthandler", os.path.abspath(__file__),
-                              "--child"], capture_output=True, text=True, cwd=ROOT, env=env,
-                             timeout=CHILD_TIMEOUT)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"the checks hung past {CHILD_TIMEOUT} s:\n{(e.stderr or '')[-4000:]}")
-    lines = [ln for ln in res.stdout.splitlines() if ln.startswith(MARK)]
-    if res.returncode != 0 or not lines:
-        pytest.fail(f"the checks' process died (exit status {res.returncode}):\n"
-                    f"{res.stderr[-6000:]}")
-    outcomes = json.loads(lines[-1][len(MARK):])
-    failed = {k: v for k, v in outcomes.items() if v is not None}
-    if failed:
-        pytest.fail(f"{len(failed)} of {len(outcomes)} checks failed: {sorted(failed)}\n\n"
-                    + "\n".join(f"--- {k}\n{v}" for k, v in failed.items()), pytrace=False)
+    outcomes = run_child_checks(os.path.abspath(__file__), mark=MARK, env=env, cwd=ROOT,
+                                timeout=CHILD_TIMEOUT, what="the checks")
+    fail_on_failed(outcomes, "checks")
     assert sorted(outcomes) == ["kernelforge_fused_add_rms_norm_on_hostdev",
                                 "kernelforge_inductor_on_hostdev", "not_registered_before_import",
                                 "torch_compile_on_hostdev"]

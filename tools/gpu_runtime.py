@@ -319,20 +319,14 @@ def recorded_warnings(into: list, on_new: Optional[Callable] = None):
         yield
 
 
-@contextlib.contextmanager
 def sync_errors(dev):
     """Inside, a host sync on CUDA device ``dev`` raises
-    (``torch.cuda.set_sync_debug_mode("error")``); elsewhere nothing changes."""
+    (``torch.cuda.set_sync_debug_mode("error")``, the runtime's own guard);
+    elsewhere nothing changes."""
     if dev.type != "cuda":
-        yield
-        return
-    import torch
-    old = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode(old)
+        return contextlib.nullcontext()
+    from kernelforge.runtime.cuda_graphs import sync_errors as cuda_sync_errors
+    return cuda_sync_errors()
 
 
 @contextlib.contextmanager

@@ -26,7 +26,7 @@ WARMUP_RUNS = 2        # at least 1: the last one checks for host syncs
 
 
 @contextlib.contextmanager
-def _sync_errors():
+def sync_errors():
     """Inside, a CUDA call that syncs with the host raises (sync debug mode "error")."""
     old = torch.cuda.get_sync_debug_mode()
     torch.cuda.set_sync_debug_mode("error")
@@ -58,7 +58,7 @@ class CudaDecodeGraphs(DecodeGraphs):
                     # the last warm-up with host syncs made errors: a forward that syncs
                     # cannot be captured, and trying can leave torch 2.11's allocator in
                     # capture mode (pytorch#180395): found here, outside any capture
-                    with _sync_errors():
+                    with sync_errors():
                         forward()
                 except RuntimeError as e:
                     torch.cuda.synchronize(dev)
