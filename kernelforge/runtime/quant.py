@@ -273,10 +273,12 @@ class Int8Linear:
             raise ValueError(f"Int8Linear bias must have shape ({self.out_features},), got "
                              f"{tuple(bias.shape)}")
         # quantize against the bf16 scale the kernel uses, so it computes q * scale exactly
-        scale = (w.abs().amax(dim=1) / 127).bfloat16()
+        lo, hi = torch.aminmax(w, dim=1)
+        scale = (torch.maximum(-lo, hi) / 127).bfloat16()
         s = scale.float()
         s = torch.where(s > 0, s, torch.ones_like(s))      # an all-zero row: q = 0
-        self.q = (w / s[:, None]).round().clamp(-127, 127).to(torch.int8).contiguous()
+        # the rounded scale may sit below max|w| / 127: clamp (in place, one pass less)
+        self.q = (w / s[:, None]).round_().clamp_(-127, 127).to(torch.int8).contiguous()
         self.scales = scale.contiguous()
         self.bias = bias
 
