@@ -8,7 +8,7 @@ from typing import Optional
 
 def process_seconds() -> Optional[float]:
     """Seconds since this process started (Linux: its start time in
-    /proc/self/stat against /proc/uptime, 10 ms resolution); None elsewhere."""
+    /proc/self/stat against /proc/uptime, to a clock tick); None elsewhere."""
     try:
         with open("/proc/self/stat") as f:
             stat = f.read()

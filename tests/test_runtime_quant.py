@@ -205,23 +205,32 @@ def test_rows_do_not_depend_on_the_batch(kind):
         assert torch.equal(layer(X[:M]), alone[:M]), f"M={M}"
 
 
-def test_layer_fuses_quantized_qkv_with_its_bias():
-    """_Layer with quantization: q/k/v concatenated row-wise (blocks intact),
-    the qkv bias inside the Int4Linear, the others Int4Linear too."""
-    c = ModelConfig(arch="qwen2", vocab_size=64, hidden_size=64, intermediate_size=128,
-                    num_layers=1, num_heads=2, num_kv_heads=1, head_dim=32, rms_eps=1e-6,
-                    rope_theta=1e4, max_position=64, qkv_bias=True)
-    g = torch.Generator().manual_seed(6)
+#: one qwen2-style layer (a qkv bias), small enough to check against float64
+QWEN_LAYER = ModelConfig(arch="qwen2", vocab_size=64, hidden_size=64, intermediate_size=128,
+                         num_layers=1, num_heads=2, num_kv_heads=1, head_dim=32, rms_eps=1e-6,
+                         rope_theta=1e4, max_position=64, qkv_bias=True)
+
+
+def _qwen_layer_weights(seed):
+    """(QWEN_LAYER's weights under prefix "p.", the generator after drawing them)."""
+    g = torch.Generator().manual_seed(seed)
     shapes = {"self_attn.q_proj": (64, 64), "self_attn.k_proj": (32, 64),
               "self_attn.v_proj": (32, 64), "self_attn.o_proj": (64, 64),
               "mlp.gate_proj": (128, 64), "mlp.up_proj": (128, 64), "mlp.down_proj": (64, 128)}
     w = {f"p.{n}.weight": torch.randn(*s, generator=g) for n, s in shapes.items()}
     w.update({f"p.self_attn.{n}_proj.bias": torch.randn(s[0], generator=g)
               for n, s in zip("qkv", ((64,), (32,), (32,)))})
-    w.update({"p.input_layernorm.weight": torch.ones(64), "p.post_attention_layernorm.weight":
-              torch.ones(64)})
+    w.update({"p.input_layernorm.weight": torch.ones(64),
+              "p.post_attention_layernorm.weight": torch.ones(64)})
+    return w, g
+
+
+def test_layer_fuses_quantized_qkv_with_its_bias():
+    """_Layer with quantization: q/k/v concatenated row-wise (blocks intact),
+    the qkv bias inside the Int4Linear, the others Int4Linear too."""
+    w, g = _qwen_layer_weights(6)
     src = dict(w)
-    layer = _Layer(w, "p.", c, torch.bfloat16, "int4")
+    layer = _Layer(w, "p.", QWEN_LAYER, torch.bfloat16, "int4")
     assert not w and layer.qkv_bias is None
     assert all(isinstance(m, Int4Linear) for m in (layer.qkv, layer.o, layer.gate_up,
                                                    layer.down))
@@ -239,25 +248,8 @@ def test_layer_int8_and_dense_copies():
     """quantization="int8" (a Q8_0 GGUF's layers): Int8Linear matrices of the
     fused weights, the qkv bias inside; with dense_from_rows, RowSplitLinear
     layers whose dense copy is the fused float weight in dense_dtype."""
-    c = ModelConfig(arch="qwen2", vocab_size=64, hidden_size=64, intermediate_size=128,
-                    num_layers=1, num_heads=2, num_kv_heads=1, head_dim=32, rms_eps=1e-6,
-                    rope_theta=1e4, max_position=64, qkv_bias=True)
-    g = torch.Generator().manual_seed(7)
-    shapes = {"self_attn.q_proj": (64, 64), "self_attn.k_proj": (32, 64),
-              "self_attn.v_proj": (32, 64), "self_attn.o_proj": (64, 64),
-              "mlp.gate_proj": (128, 64), "mlp.up_proj": (128, 64), "mlp.down_proj": (64, 128)}
-
-    def weights():
-        g.manual_seed(7)
-        w = {f"p.{n}.weight": torch.randn(*s, generator=g) for n, s in shapes.items()}
-        w.update({f"p.self_attn.{n}_proj.bias": torch.randn(s[0], generator=g)
-                  for n, s in zip("qkv", ((64,), (32,), (32,)))})
-        w.update({"p.input_layernorm.weight": torch.ones(64),
-                  "p.post_attention_layernorm.weight": torch.ones(64)})
-        return w
-
-    src = weights()
-    layer = _Layer(weights(), "p.", c, torch.bfloat16, "int8")
+    src, g = _qwen_layer_weights(7)
+    layer = _Layer(dict(src), "p.", QWEN_LAYER, torch.bfloat16, "int8")
     assert all(isinstance(m, Int8Linear) for m in (layer.qkv, layer.o, layer.gate_up,
                                                    layer.down))
     fused = torch.cat([src[f"p.self_attn.{n}_proj.weight"] for n in "qkv"])
@@ -270,7 +262,7 @@ def test_layer_int8_and_dense_copies():
     ref = prod + bias.double()
     err = (linear(x, layer.qkv).double() - ref).abs()
     assert bool((err <= BF16.atol + BF16.rtol * (ref.abs() + prod.abs())).all())
-    split = _Layer(weights(), "p.", c, torch.bfloat16, "int8", dense_from_rows=2,
+    split = _Layer(dict(src), "p.", QWEN_LAYER, torch.bfloat16, "int8", dense_from_rows=2,
                    dense_dtype=torch.float32)
     assert isinstance(split.qkv, RowSplitLinear) and torch.equal(split.qkv.dense, fused)
     assert torch.equal(linear(x[:1], split.qkv), linear(x[:1], layer.qkv))

@@ -142,11 +142,6 @@ def unpack_q4(blocks, shape: tuple, kind: str = "Q4_1") -> Q4_1Weight:
     return Q4_1Weight(q, d, m)
 
 
-def unpack_q4_1(blocks, shape: tuple) -> Q4_1Weight:
-    """``unpack_q4(blocks, shape, "Q4_1")``."""
-    return unpack_q4(blocks, shape, "Q4_1")
-
-
 def dequantize_q8_0(blocks, shape: tuple) -> torch.Tensor:
     """float32 [*shape] from a GGUF Q8_0 tensor's bytes: 34-byte blocks of
     fp16 d and 32 int8 q, ``w = d * q`` (exact in float32, as gguf computes it)."""
